@@ -1,0 +1,5 @@
+"""`python -m fastvlm` → the CLI."""
+
+from .cli import main
+
+raise SystemExit(main())

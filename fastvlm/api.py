@@ -1,0 +1,224 @@
+"""The Python API: `fastvlm.load()` → `FastVLM` with describe / chat / stream.
+
+`FastVLM` glues the three parts that must agree on a checkpoint — model, processor (pixels +
+chat template + image placeholders) and tokenizer — and picks device and dtype sensibly:
+CUDA > MPS > CPU, bf16 on CUDA, fp16 on MPS, fp32 on CPU (bf16 matmuls on AVX2 CPUs run about
+150x slower than fp32).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import hub
+from .engine.generate import Chunk, Stats, generate_step, stream_generate
+from .engine.sampling import SamplingParams
+from .processing import ImageInput, Processor, load_image, preprocess_image
+from .tokenization import STOP_TOKENS, load_tokenizer
+from .weights import load_config, load_model
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available")
+    if dev.type == "mps" and not (torch.backends.mps.is_available()):
+        raise ValueError("device='mps' was asked for but MPS is not available")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    elif dtype in (None, "auto"):
+        out = {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    elif str(dtype).lower() in DTYPES:
+        out = DTYPES[str(dtype).lower()]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if device.type == "cpu" and out != torch.float32:
+        warnings.warn(
+            f"{out} on CPU is very slow on most CPUs (no native bf16/fp16 matmul); "
+            "float32 is recommended",
+            stacklevel=3,
+        )
+    return out
+
+
+SAMPLING_KEYS = {f for f in SamplingParams.__slots__}
+
+
+class FastVLM:
+    """A loaded FastVLM: `describe(image)`, `chat(messages)`, `stream(...)`."""
+
+    def __init__(self, model, processor: Processor, tokenizer, path: Path | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.path = path
+        self.config = model.config
+        self.last_stats: Stats | None = None
+        eos = self.config.text.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer is not None:
+            ids |= {i for t in STOP_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
+        self.eos_ids = sorted(ids)
+        # Ids past the tokenizer's vocabulary are padding rows: never sample them.
+        self.vocab_limit = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer else None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def __repr__(self) -> str:
+        return (
+            f"FastVLM(path={str(self.path)!r}, format={self.config.format!r}, "
+            f"device={self.device}, dtype={self.dtype}, image_size={self.image_size})"
+        )
+
+    # ------------------------------------------------------------------ inputs
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """The pixel tensor (1, 3, S, S) the model sees for `image`."""
+        c = self.config
+        px = preprocess_image(
+            load_image(image), c.vision.image_size, c.image_aspect_ratio, c.image_mean, c.image_std
+        )
+        return px[None]
+
+    def encode(self, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
+        ids, pixels, _ = self.processor(messages)
+        return ids, pixels
+
+    @staticmethod
+    def _params(sampling: dict[str, Any]) -> SamplingParams:
+        unknown = set(sampling) - SAMPLING_KEYS
+        if unknown:
+            raise TypeError(f"unknown sampling arguments: {sorted(unknown)}")
+        stop = sampling.get("stop")
+        if isinstance(stop, str):
+            sampling = {**sampling, "stop": [stop]}
+        p = SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+        p.validate()
+        return p
+
+    @staticmethod
+    def _describe_messages(images: list[ImageInput], prompt: str) -> list[dict]:
+        content: list[dict] = [{"type": "image", "image": im} for im in images]
+        content.append({"type": "text", "text": prompt})
+        return [{"role": "user", "content": content}]
+
+    # ------------------------------------------------------------------ generation
+    def stream_chunks(self, messages: list[dict], **sampling) -> Iterator[Chunk]:
+        params = self._params(sampling)
+        ids, pixels = self.encode(messages)
+        if pixels is not None:
+            pixels = pixels.to(self.device)
+        for chunk in stream_generate(
+            self.model, self.tokenizer, ids, pixels, params,
+            eos_ids=self.eos_ids, vocab_limit=self.vocab_limit,
+        ):  # fmt: skip
+            self.last_stats = chunk.stats
+            yield chunk
+
+    def stream_chat(self, messages: list[dict], **sampling) -> Iterator[str]:
+        for chunk in self.stream_chunks(messages, **sampling):
+            if chunk.text:
+                yield chunk.text
+
+    def chat(self, messages: list[dict], **sampling) -> str:
+        return "".join(self.stream_chat(messages, **sampling))
+
+    def stream(
+        self,
+        image: ImageInput | list[ImageInput] | None = None,
+        prompt: str = "Describe this image.",
+        *,
+        messages: list[dict] | None = None,
+        **sampling,
+    ) -> Iterator[str]:
+        """Stream text deltas for one image + prompt (or for `messages`)."""
+        if messages is None:
+            images = [] if image is None else image if isinstance(image, list) else [image]
+            messages = self._describe_messages(images, prompt)
+        return self.stream_chat(messages, **sampling)
+
+    def describe(
+        self,
+        image: ImageInput | list[ImageInput] | None = None,
+        prompt: str = "Describe this image.",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        *,
+        images: list[ImageInput] | None = None,
+        **sampling,
+    ) -> str:
+        imgs = list(images or []) + ([] if image is None else image if isinstance(image, list) else [image])
+        msgs = self._describe_messages(imgs, prompt)
+        return self.chat(msgs, max_tokens=max_tokens, temperature=temperature, **sampling)
+
+    def generate_ids(
+        self, input_ids: list[int], pixel_values: torch.Tensor | None = None, **sampling
+    ) -> list[int]:
+        """Token ids in, generated ids out (reference decoder; stops at EOS unless ignore_eos)."""
+        params = self._params(sampling)
+        px = None if pixel_values is None else pixel_values.to(self.device)
+        return list(
+            generate_step(self.model, input_ids, px, params, eos_ids=self.eos_ids, vocab_limit=self.vocab_limit)
+        )
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    trust_pickle: bool = False,
+    image_size: int | None = None,
+    download: bool = True,
+) -> FastVLM:
+    """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
+
+    Both checkpoint formats load: Apple's `llava_qwen2` repos and transformers' `fast_vlm`.
+    `image_size` overrides the encoder resolution (a multiple of 64; fewer image tokens).
+    """
+    folder = hub.resolve(model, download=download)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    cfg = load_config(folder, image_size)
+    net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
+    tok = load_tokenizer(folder)
+    return FastVLM(net, Processor(net.config, tok), tok, folder)

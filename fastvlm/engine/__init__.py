@@ -1,0 +1,1 @@
+"""Generation: KV cache, sampling, reference decode, and the batching engine."""

@@ -1,0 +1,167 @@
+"""Reference generation: slow, obviously correct, and the oracle for every fast path.
+
+Three levels (as mlx-lm):
+* `generate_step`   — ids in, token ids out (prefill once into a static KV cache, then one token
+                      per step); the host reads each token because it yields it.
+* `stream_generate` — adds incremental detokenization, stop strings, EOS, finish reason and
+                      timing stats; yields `Chunk`s of text deltas.
+* `generate`        — the whole string (used by `FastVLM.describe` / `chat`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tokenization import IncrementalDetokenizer
+from .kv_cache import KVCache
+from .sampling import SamplingParams, make_generator, sample
+
+
+@dataclass(slots=True)
+class Stats:
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    generation_tokens: int = 0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0  # includes the vision encoder: time to first token
+    decode_s: float = 0.0
+
+    @property
+    def ttft_s(self) -> float:
+        return self.prefill_s
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.generation_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass(slots=True)
+class Chunk:
+    text: str
+    token_id: int | None = None
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    stats: Stats = field(default_factory=Stats)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate_step(
+    model,
+    input_ids: list[int] | torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    *,
+    image_embeds: torch.Tensor | None = None,
+    eos_ids: Iterable[int] = (),
+    vocab_limit: int | None = None,
+    stats: Stats | None = None,
+) -> Iterator[int]:
+    """Yield generated token ids (EOS included, then stop). Batch size 1."""
+    params = params or SamplingParams()
+    params.validate()
+    stats = stats if stats is not None else Stats()
+    device = model.lm_head.weight.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
+    t = ids.shape[1]
+    cfg = model.config.text
+    if t + params.max_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({t} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+            f"context of {cfg.max_position_embeddings} tokens"
+        )
+    eos = set() if params.ignore_eos else set(eos_ids)
+    gen = make_generator(params.seed, device)
+    cache = KVCache.for_model(model, 1, t + params.max_tokens)
+    t0 = time.perf_counter()
+    if image_embeds is None and pixel_values is not None:
+        image_embeds = model.embed_images(pixel_values.to(device))
+        _sync(device)
+        stats.vision_s = time.perf_counter() - t0
+    stats.prompt_tokens = t
+    stats.image_tokens = int((ids == model.config.image_token_id).sum())
+    positions = torch.arange(t, device=device)[None]
+    logits = model(ids, image_embeds=image_embeds, positions=positions, cache=cache, last_only=True)
+    seen = ids
+    for i in range(params.max_tokens):
+        tok = sample(logits[:, -1], params, gen, seen if params.repetition_penalty != 1 else None, vocab_limit)
+        token = int(tok)  # the one host sync per step: we yield it
+        if i == 0:
+            stats.prefill_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+        stats.generation_tokens = i + 1
+        stats.decode_s = time.perf_counter() - t1
+        yield token
+        if token in eos or i == params.max_tokens - 1:
+            return
+        if params.repetition_penalty != 1:
+            seen = torch.cat([seen, tok.view(1, 1)], dim=1)
+        pos = torch.full((1, 1), t + i, device=device)
+        logits = model(tok.view(1, 1), positions=pos, cache=cache, last_only=True)
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    input_ids: list[int],
+    pixel_values: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    *,
+    image_embeds: torch.Tensor | None = None,
+    eos_ids: Iterable[int] = (),
+    vocab_limit: int | None = None,
+    step_fn=None,
+) -> Iterator[Chunk]:
+    """Text deltas with stop-string handling; the last chunk carries `finish_reason` and stats."""
+    params = params or SamplingParams()
+    params.validate()
+    stats = Stats()
+    detok = IncrementalDetokenizer(tokenizer)
+    stops = [s for s in params.stop if s]
+    hold = max((len(s) for s in stops), default=1) - 1
+    text, emitted, finish, hit_stop = "", 0, "length", False
+    step = step_fn or generate_step
+    eos = set(eos_ids)
+    for token in step(
+        model, input_ids, pixel_values, params, image_embeds=image_embeds, eos_ids=eos,
+        vocab_limit=vocab_limit, stats=stats,
+    ):  # fmt: skip
+        if token in eos and not params.ignore_eos:
+            finish = "stop"
+            break
+        text += detok.add(token)
+        if stops:
+            cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                if cut > emitted:
+                    yield Chunk(text[emitted:cut], token, stats=stats)
+                text, emitted, finish, hit_stop = text[:cut], cut, "stop", True
+                break
+            safe = max(emitted, len(text) - hold)
+        else:
+            safe = len(text)
+        if safe > emitted:
+            yield Chunk(text[emitted:safe], token, stats=stats)
+            emitted = safe
+    if not hit_stop:
+        text += detok.flush()
+        cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+    yield Chunk(text[emitted:], None, finish, stats)
+
+
+def generate(*args, **kwargs) -> tuple[str, Chunk]:
+    """Full text and the final chunk (finish reason + stats)."""
+    parts, last = [], None
+    for last in stream_generate(*args, **kwargs):
+        parts.append(last.text)
+    return "".join(parts), last

@@ -1,0 +1,1 @@
+"""Model definitions: FastViTHD, Qwen2, and the FastVLM composition."""

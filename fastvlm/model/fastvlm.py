@@ -1,0 +1,95 @@
+"""FastVLM = FastViTHD vision tower + `mlp2x_gelu` projector + Qwen2 decoder + LM head.
+
+The one multimodal seam is `embed_images(pixel_values) -> (N, tokens, D)`. Image placeholders are
+expanded to `num_image_tokens` copies of `image_token_id` *before* the model runs (processing.py),
+so sequence lengths are known up front and merging is a masked scatter whose count is asserted.
+Apple's −200 sentinel and transformers' 256×`<image>` ids both reduce to this form.
+
+Internal parameter names ("our own format") are Apple's with the wrapper prefixes stripped:
+`vision_tower.*`, `mm_projector.{0,2}.*`, `language_model.{embed_tokens,layers,norm}.*`, `lm_head`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import FastVLMConfig
+from .fastvithd import FastViTHD
+from .qwen2 import KVCacheLike, Qwen2Model
+
+
+class FastVLMModel(nn.Module):
+    def __init__(self, config: FastVLMConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d_text = config.text.hidden_size
+        self.vision_tower = FastViTHD(config.vision)
+        self.mm_projector = nn.Sequential(
+            nn.Linear(config.vision.hidden_size, d_text), nn.GELU(), nn.Linear(d_text, d_text)
+        )
+        self.language_model = Qwen2Model(config.text)
+        self.lm_head = nn.Linear(d_text, config.text.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    # ------------------------------------------------------------------ vision
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) → vision features (N, tokens, C) in row-major (h, w) order."""
+        feats = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype))
+        return feats.flatten(2).transpose(1, 2)
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) → projected image embeddings (N, tokens, D)."""
+        return self.mm_projector(self.encode_images(pixel_values))
+
+    # ------------------------------------------------------------------ text
+    def embed(
+        self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with image placeholder rows replaced by `image_embeds` (N, tok, D)."""
+        is_image = input_ids == self.config.image_token_id
+        safe_ids = torch.where(is_image, torch.zeros_like(input_ids), input_ids)
+        embeds = self.language_model.embed_tokens(safe_ids)  # (B, T, D)
+        n_slots = int(is_image.sum())
+        if image_embeds is None:
+            if n_slots:
+                raise ValueError(f"{n_slots} image placeholder tokens but no image was given")
+            return embeds
+        rows = image_embeds.reshape(-1, image_embeds.shape[-1])
+        if rows.shape[0] != n_slots:
+            raise ValueError(
+                f"image features ({rows.shape[0]} rows) and image placeholder tokens "
+                f"({n_slots}) do not match"
+            )
+        return embeds.masked_scatter(is_image[..., None], rows.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        pixel_values: torch.Tensor | None = None,  # (N, 3, S, S)
+        *,
+        image_embeds: torch.Tensor | None = None,  # (N, tokens, D), instead of pixel_values
+        positions: torch.Tensor | None = None,  # (B, T); default 0..T-1
+        mask: torch.Tensor | None = None,
+        cache: KVCacheLike | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) (or (B, 1, V) with `last_only`). No cache unless one is passed."""
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.embed_images(pixel_values)
+        x = self.embed(input_ids, image_embeds)
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        h = self.language_model(x, positions, mask, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

@@ -1,0 +1,285 @@
+"""Everything between user input and token ids / pixels: image loading, pixel preprocessing,
+chat templates and image-placeholder expansion.
+
+Design decisions:
+* Pixels follow each checkpoint format's reference exactly: Apple = pad to square with the mean
+  colour (black), bicubic resize to S; transformers = shortest-edge bicubic resize + centre crop.
+  Both rescale by 1/255 in float64 (as transformers' CLIP processor does) then normalise.
+* Prompts are rendered to a string with literal `<image>` markers, split on them, and each image
+  becomes `num_image_tokens` copies of `image_token_id`, so the model sees final lengths.
+* No network here: URLs are the server's job (server/media.py). Data URLs are decoded locally.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import FastVLMConfig
+from .errors import ImageError, TokenizerError
+
+IMAGE_MARKER = "<image>"
+ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+# ---------------------------------------------------------------------- images
+def load_image(src: ImageInput) -> Image.Image:
+    """Any supported image input → an RGB PIL image (EXIF rotation applied)."""
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        img = _open(io.BytesIO(bytes(src)), "image bytes")
+    elif isinstance(src, np.ndarray) or isinstance(src, torch.Tensor):
+        img = _from_array(src)
+    elif isinstance(src, (str, os.PathLike)):
+        s = str(src)
+        if s.startswith("data:"):
+            img = _open(io.BytesIO(decode_data_url(s)), "data URL")
+        elif s.startswith(("http://", "https://")):
+            raise ImageError(
+                f"{s[:80]}: URLs are not fetched by the library (no network access from here); "
+                "download the image first, or send it to `fastvlm serve`, which fetches safely"
+            )
+        else:
+            p = Path(s).expanduser()
+            if not p.exists():
+                raise ImageError(f"image not found: {p}")
+            if p.is_dir():
+                raise ImageError(f"{p} is a folder, not an image")
+            with open(p, "rb") as f:
+                img = _open(io.BytesIO(f.read()), str(p))
+    else:
+        raise ImageError(f"unsupported image input of type {type(src).__name__}")
+    return to_rgb(img)
+
+
+def _open(fp: io.BytesIO, name: str) -> Image.Image:
+    try:
+        img = Image.open(fp)
+        img.load()  # decode now so truncation errors surface here
+        return img
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refused, too many pixels (decompression bomb guard): {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: not a readable image ({e})") from e
+
+
+def decode_data_url(url: str) -> bytes:
+    head, _, data = url.partition(",")
+    if not head.startswith("data:") or ";base64" not in head:
+        raise ImageError("data URL must look like data:image/<type>;base64,<data>")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (ValueError, base64.binascii.Error) as e:
+        raise ImageError(f"data URL has invalid base64: {e}") from e
+
+
+def _from_array(a) -> Image.Image:
+    arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # CHW → HWC
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ImageError(f"array image must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB conversion for every PIL mode: 16-bit/float greys are rescaled (PIL would clip), alpha
+    is composited onto black (the pad colour), palette transparency honoured."""
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        if mode.startswith("I;16") or (mode == "I" and hi > 255):
+            scale = 255.0 / 65535.0
+        elif mode == "F" and hi <= 1.0:
+            scale = 255.0
+        else:
+            scale = 1.0
+        arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def expand2square(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Apple's pad-to-square: centre with floor offsets on a background-coloured canvas."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess_image(
+    img: Image.Image,
+    size: int,
+    mode: str = "pad",
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """RGB PIL image → float32 (3, size, size)."""
+    if mode == "pad":
+        img = expand2square(img, tuple(int(m * 255) for m in mean))
+        img = img.resize((size, size), Image.BICUBIC)
+    else:  # shortest edge → size, then centre crop (transformers' CLIPImageProcessor)
+        w, h = img.size
+        if w <= h:
+            nw, nh = size, int(size * h / w)
+        else:
+            nw, nh = int(size * w / h), size
+        img = img.resize((nw, nh), Image.BICUBIC)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.float64) * (1 / 255)
+    arr = ((arr - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+# ---------------------------------------------------------------------- chat templates
+def _parts(content: Any) -> list[dict]:
+    """Normalise message content (str or OpenAI-style list) into [{"type": "text"|"image", ...}]."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    out = []
+    for p in content:
+        if isinstance(p, str):
+            out.append({"type": "text", "text": p})
+            continue
+        if not isinstance(p, dict) or "type" not in p:
+            raise ValueError(f"content part must be a dict with a 'type', got {p!r:.80}")
+        t = p["type"]
+        if t in ("text", "input_text"):
+            out.append({"type": "text", "text": str(p.get("text", ""))})
+        elif t in ("image", "image_url", "input_image"):
+            src = p.get("image", p.get("image_url", p.get("url")))
+            if isinstance(src, dict):
+                src = src.get("url")
+            out.append({"type": "image", "image": src})
+        else:
+            raise ValueError(f"unsupported content part type {t!r}")
+    return out
+
+
+def render_chat(
+    messages: list[dict],
+    style: str = "apple",
+    system_prompt: str | None = "You are a helpful assistant.",
+    add_generation_prompt: bool = True,
+) -> tuple[str, list[Any]]:
+    """Messages → (prompt string with `<image>` markers, image sources in marker order).
+
+    "apple" = Apple's conv_qwen_2: images as "<image>\\n" before the text of their message.
+    "hf"    = transformers' FastVLM template: images first, each text part prefixed by "\\n".
+    """
+    if not messages:
+        raise ValueError("messages is empty")
+    images: list[Any] = []
+    out = []
+    if messages[0].get("role") != "system" and system_prompt is not None:
+        out.append(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
+    for m in messages:
+        role = m.get("role")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message role must be system, user or assistant, got {role!r}")
+        parts = _parts(m.get("content"))
+        texts = [p["text"] for p in parts if p["type"] == "text"]
+        imgs = [p["image"] for p in parts if p["type"] == "image"]
+        if imgs and role != "user":
+            raise ValueError("images are only allowed in user messages")
+        images.extend(imgs)
+        if style == "hf":
+            body = IMAGE_MARKER * len(imgs) + "".join("\n" + t for t in texts)
+        else:
+            body = f"{IMAGE_MARKER}\n" * len(imgs) + "\n".join(texts)
+        out.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out), images
+
+
+class Processor:
+    """Prompt + images → (input_ids, pixel_values) for one FastVLM config and tokenizer."""
+
+    def __init__(self, config: FastVLMConfig, tokenizer=None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    def encode_text(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(
+                "this model folder has no tokenizer (tokenizer.json or vocab.json + merges.txt); "
+                "copy the tokenizer files of its base model into it to use text prompts"
+            )
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize(self, prompt: str, n_images: int) -> list[int]:
+        """Split on `<image>` markers and expand each into the image placeholder run."""
+        chunks = prompt.split(IMAGE_MARKER)
+        if len(chunks) - 1 != n_images:
+            raise ValueError(
+                f"the prompt has {len(chunks) - 1} <image> markers but {n_images} images were given"
+            )
+        ids: list[int] = []
+        run = [self.config.image_token_id] * self.num_image_tokens
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids.extend(run)
+            if chunk:
+                ids.extend(self.encode_text(chunk))
+        return ids
+
+    def pixels(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
+        if not images:
+            return None
+        c = self.config
+        return torch.stack(
+            [
+                preprocess_image(
+                    load_image(im), c.vision.image_size, c.image_aspect_ratio, c.image_mean, c.image_std
+                )
+                for im in images
+            ]
+        )
+
+    def __call__(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> tuple[list[int], torch.Tensor | None, str]:
+        prompt, images = render_chat(
+            messages, self.config.chat_template, self.config.system_prompt, add_generation_prompt
+        )
+        pixel_values = self.pixels(images)  # images first: a bad image fails before tokenizing
+        return self.tokenize(prompt, len(images)), pixel_values, prompt

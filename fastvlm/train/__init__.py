@@ -1,0 +1,1 @@
+"""Training utilities: the procedural shapes dataset, tokenizer building and training loops."""

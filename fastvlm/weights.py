@@ -1,0 +1,425 @@
+"""Checkpoint formats: detect, rename, load strictly, save.
+
+Three formats map onto one internal naming (Apple's names minus wrapper prefixes, see
+model/fastvlm.py):
+* "apple"   — `llava_qwen2` repos: `model.vision_tower.vision_tower.model.*`, `model.mm_projector.*`,
+              `model.{embed_tokens,layers,norm}.*`, `lm_head.*`. Pure prefix stripping.
+* "hf"      — transformers `fast_vlm`: timm FastViT names under `model.vision_tower.timm_model.*`,
+              `model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*`.
+* "fastvlm" — our own: the internal names as they are.
+
+Each format has one declarative, idempotent rule table (ordered regex rewrites, applied to a key
+until none matches) and its inverse. The only config-dependent piece is the stage ↔ flat
+`network.N` index map of FastViT, derived from the vision config (`network_index`).
+Loading builds the model on the meta device and assigns tensors read from safetensors (no double
+memory), after checking that the key sets and shapes match exactly. Pickle checkpoints are
+refused unless the caller opts in with `trust_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .config import FastVLMConfig, VisionConfig, from_apple_dict, from_hf_dict
+from .errors import CheckpointError, ConfigError
+
+JUNK = (
+    re.compile(r"(^|\.)num_batches_tracked$"),
+    re.compile(r"rotary_emb\.inv_freq$"),
+    re.compile(r"^vision_tower\.head\."),  # MobileCLIP projection, unused by the VLM
+)
+
+# (pattern, replacement) pairs: format key -> internal key.
+APPLE_RULES: list[tuple[str, str]] = [
+    (r"^model\.vision_tower\.vision_tower\.model\.", "vision_tower."),
+    (r"^model\.mm_projector\.", "mm_projector."),
+    (r"^model\.(embed_tokens|layers|norm)\.", r"language_model.\1."),
+]
+APPLE_INVERSE: list[tuple[str, str]] = [
+    (r"^vision_tower\.", "model.vision_tower.vision_tower.model."),
+    (r"^mm_projector\.", "model.mm_projector."),
+    (r"^language_model\.", "model."),
+]
+
+HF_RULES: list[tuple[str, str]] = [
+    (r"^model\.language_model\.", "language_model."),
+    (r"^model\.multi_modal_projector\.linear_1\.", "mm_projector.0."),
+    (r"^model\.multi_modal_projector\.linear_2\.", "mm_projector.2."),
+    (r"^model\.vision_tower\.timm_model\.", "vision_tower."),
+    (r"^vision_tower\.stages\.(\d+)\.(downsample|pos_emb|blocks)\.", "<network>"),
+    (r"^vision_tower\.stem\.", "vision_tower.patch_embed."),
+    (r"^vision_tower\.final_conv\.", "vision_tower.conv_exp."),
+    (r"^(vision_tower\.conv_exp\.se)\.fc1\.", r"\1.reduce."),
+    (r"^(vision_tower\.conv_exp\.se)\.fc2\.", r"\1.expand."),
+    (r"^(vision_tower\.network\.\d+\.\d+)\.mlp\.", r"\1.convffn."),
+    (r"^(vision_tower\.network\.\d+\.\d+\.layer_scale(_1|_2)?)\.gamma$", r"\1"),
+    (r"^(vision_tower\.network\.\d+\.proj\.0)\.reparam_conv\.", r"\1.lkb_reparam."),
+]
+HF_INVERSE: list[tuple[str, str]] = [
+    (r"^language_model\.", "model.language_model."),
+    (r"^mm_projector\.0\.", "model.multi_modal_projector.linear_1."),
+    (r"^mm_projector\.2\.", "model.multi_modal_projector.linear_2."),
+    (r"^vision_tower\.patch_embed\.", "vision_tower.stem."),
+    (r"^vision_tower\.conv_exp\.se\.reduce\.", "vision_tower.conv_exp.se.fc1."),
+    (r"^vision_tower\.conv_exp\.se\.expand\.", "vision_tower.conv_exp.se.fc2."),
+    (r"^vision_tower\.conv_exp\.", "vision_tower.final_conv."),
+    (r"^(vision_tower\.network\.\d+\.\d+)\.convffn\.", r"\1.mlp."),
+    (r"^(vision_tower\.network\.\d+\.\d+\.layer_scale(_1|_2)?)$", r"\1.gamma"),
+    (r"^(vision_tower\.network\.\d+\.proj\.0)\.lkb_reparam\.", r"\1.reparam_conv."),
+    (r"^vision_tower\.network\.(\d+)\.", "<stage>"),
+    (r"^vision_tower\.", "model.vision_tower.timm_model."),
+]
+
+
+def network_index(vc: VisionConfig) -> dict[tuple[str, int], int]:
+    """timm (part, stage) → Apple flat `network` index, mirroring FastViTHD.__init__."""
+    out, n = {}, 0
+    for s in range(len(vc.layers)):
+        parts = (["downsample"] if s > 0 else []) + (["pos_emb"] if vc.pos_embs[s] else [])
+        for part in [*parts, "blocks"]:
+            out[(part, s)] = n
+            n += 1
+    return out
+
+
+def _apply(rules: list[tuple[str, str]], key: str, callback=None) -> str:
+    """Apply ordered regex rewrites; "<...>" replacements are delegated to `callback`."""
+    for pat, rep in rules:
+        key = re.sub(pat, callback if rep.startswith("<") else rep, key)
+    return key
+
+
+class KeyMap:
+    """Bidirectional key renaming for one checkpoint format and vision config."""
+
+    def __init__(self, fmt: str, vc: VisionConfig) -> None:
+        if fmt not in ("apple", "hf", "fastvlm"):
+            raise ValueError(f"unknown format {fmt!r}")
+        self.fmt = fmt
+        self.net = network_index(vc)  # (part, stage) -> flat index
+        self.rev = {v: k for k, v in self.net.items()}
+
+    def to_internal(self, key: str) -> str | None:
+        """Format key → internal key, or None for known junk to drop."""
+        if self.fmt == "apple":
+            key = _apply(APPLE_RULES, key)
+        elif self.fmt == "hf":
+            key = _apply(HF_RULES, key, self._stage)
+        if any(p.search(key) for p in JUNK):
+            return None
+        return key
+
+    def from_internal(self, key: str) -> str:
+        if self.fmt == "apple":
+            return _apply(APPLE_INVERSE, key)
+        if self.fmt == "hf":
+            return _apply(HF_INVERSE, key, self._network)
+        return key
+
+    def _stage(self, m: re.Match) -> str:
+        part, s = m.group(2), int(m.group(1))
+        if (part, s) not in self.net:
+            raise CheckpointError(f"checkpoint has stages.{s}.{part}, which the config lacks")
+        return f"vision_tower.network.{self.net[(part, s)]}."
+
+    def _network(self, m: re.Match) -> str:
+        part, s = self.rev[int(m.group(1))]
+        return f"vision_tower.stages.{s}.{part}."
+
+
+# ---------------------------------------------------------------------- config
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from e
+
+
+def detect_format(config: dict, keys: list[str] | None = None) -> str:
+    mt = config.get("model_type", "")
+    if mt == "fast_vlm" or (keys and any(k.startswith("model.vision_tower.timm_model.") for k in keys)):
+        return "hf"
+    if mt in ("llava_qwen2", "llava_qwen") or (
+        keys and any(k.startswith("model.vision_tower.vision_tower.") for k in keys)
+    ):
+        return "apple"
+    if mt == "fastvlm":
+        return "fastvlm"
+    raise ConfigError(
+        f"config.json model_type {mt!r} is not a FastVLM checkpoint "
+        "(expected 'llava_qwen2', 'fast_vlm' or 'fastvlm')"
+    )
+
+
+def load_config(folder: Path, image_size: int | None = None) -> FastVLMConfig:
+    path = folder / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{folder} has no config.json: is this a FastVLM model folder?")
+    d = read_json(path)
+    fmt = detect_format(d)
+    if fmt == "apple":
+        cfg = from_apple_dict(d)
+    elif fmt == "hf":
+        pre = folder / "preprocessor_config.json"
+        cfg = from_hf_dict(d, read_json(pre) if pre.exists() else None)
+    else:
+        cfg = FastVLMConfig.from_dict(d)
+    if image_size:
+        cfg.vision.image_size = int(image_size)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------- tensors
+def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(read_json(index).get("weight_map", {}).values()))
+        paths = [folder / f for f in files]
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise CheckpointError(f"sharded checkpoint is incomplete, missing: {missing}")
+        return paths
+    st = sorted(folder.glob("*.safetensors"))
+    if st:
+        return st
+    pickles = sorted([*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")])
+    if pickles and not trust_pickle:
+        raise CheckpointError(
+            f"{folder} only has pickle weights ({pickles[0].name}); pickle can run arbitrary code. "
+            "Convert them to safetensors, or pass trust_pickle=True (CLI: --trust-pickle) if you "
+            "trust the source."
+        )
+    if pickles:
+        return pickles
+    raise CheckpointError(f"{folder} has no weights (*.safetensors)")
+
+
+def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        if f.suffix != ".safetensors":
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            yield from sd.items()
+            continue
+        try:
+            with safe_open(str(f), framework="pt", device=device) as h:
+                for k in h.keys():
+                    yield k, h.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
+
+
+def peek_keys_and_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    out[k] = tuple(h.get_slice(k).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
+    return out
+
+
+def load_model(
+    folder: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_pickle: bool = False,
+    image_size: int | None = None,
+    config: FastVLMConfig | None = None,
+):
+    """Build a FastVLMModel from a checkpoint folder: meta init, strict key check, assign."""
+    from .model.fastvlm import FastVLMModel
+
+    folder = Path(folder)
+    cfg = config or load_config(folder, image_size)
+    files = weight_files(folder, trust_pickle)
+    shapes = peek_keys_and_shapes(files)
+    keymap = KeyMap(cfg.format, cfg.vision)
+    # The embedding row count is the checkpoint's (vocab rows are padded differently per format).
+    for k, shape in shapes.items():
+        if keymap.to_internal(k) == "language_model.embed_tokens.weight":
+            cfg.text.vocab_size = shape[0]
+    with torch.device("meta"):
+        model = FastVLMModel(cfg)
+    expected = dict(model.state_dict())
+    tied = cfg.text.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+    state: dict[str, torch.Tensor] = {}
+    unexpected, stored_head = [], None
+    dev = str(torch.device(device)) if str(device) != "mps" else "cpu"
+    for k, t in iter_tensors(files, dev):
+        ik = keymap.to_internal(k)
+        if ik is None:
+            continue
+        if tied and ik == "lm_head.weight":
+            stored_head = t
+            continue
+        if ik not in expected:
+            unexpected.append(k)
+            continue
+        if tuple(t.shape) != tuple(expected[ik].shape):
+            raise CheckpointError(
+                f"{k}: checkpoint shape {tuple(t.shape)} != model shape "
+                f"{tuple(expected[ik].shape)} (config.json does not match the weights)"
+            )
+        state[ik] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match the {cfg.format!r} FastVLM layout: "
+            f"{len(missing)} missing keys {_short(missing)}, "
+            f"{len(unexpected)} unexpected keys {_short(unexpected)}"
+        )
+    if stored_head is not None:
+        emb = state["language_model.embed_tokens.weight"]
+        if stored_head.shape != emb.shape or not torch.equal(stored_head.to(emb), emb):
+            warnings.warn(
+                "tie_word_embeddings is set but the stored lm_head.weight differs from the "
+                "embedding; using the embedding (Apple's reference behaviour)",
+                stacklevel=2,
+            )
+    for k in expected:
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = torch.zeros((), dtype=torch.long, device=device)
+    if tied:
+        state["lm_head.weight"] = state["language_model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def _short(keys: list[str], n: int = 5) -> str:
+    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+
+
+# ---------------------------------------------------------------------- saving
+def config_to_format(cfg: FastVLMConfig, fmt: str) -> dict:
+    """Our config → the config.json dict of `fmt` (keeps non-default vision dims readable)."""
+    import dataclasses
+
+    from .config import VisionConfig as _VC
+
+    t = dataclasses.asdict(cfg.text)
+    t.pop("attention_bias")
+    t = {k: v for k, v in t.items() if v is not None}
+    vdef = _VC()
+    overrides = {
+        f.name: list(getattr(cfg.vision, f.name))
+        if isinstance(getattr(cfg.vision, f.name), tuple)
+        else getattr(cfg.vision, f.name)
+        for f in dataclasses.fields(_VC)
+        if f.name not in ("image_size", "inference_mode")
+        and getattr(cfg.vision, f.name) != getattr(vdef, f.name)
+    }
+    if fmt == "apple":
+        d = {
+            "model_type": "llava_qwen2",
+            "architectures": ["LlavaQwen2ForCausalLM"],
+            **t,
+            "mm_hidden_size": cfg.vision.hidden_size,
+            "mm_projector_type": cfg.mm_projector_type,
+            "mm_vision_tower": f"mobileclip_l_{cfg.vision.image_size}",
+            "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch",
+            "mm_patch_merge_type": "flat",
+            "mm_use_im_start_end": False,
+            "mm_use_im_patch_token": False,
+            "image_aspect_ratio": "pad" if cfg.image_aspect_ratio == "pad" else "square",
+            "tokenizer_model_max_length": 8192,
+            "tokenizer_padding_side": "right",
+            "image_token_index": cfg.image_token_id,
+        }
+        if overrides:
+            d["vision_config"] = {**overrides, "image_size": cfg.vision.image_size}
+        return d
+    if fmt == "hf":
+        return {
+            "model_type": "fast_vlm",
+            "architectures": ["FastVlmForConditionalGeneration"],
+            "image_token_id": cfg.image_token_id,
+            "image_seq_length": cfg.num_image_tokens,
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": True,
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "tie_word_embeddings": cfg.text.tie_word_embeddings,
+            "text_config": {"model_type": "qwen2", **t},
+            "vision_config": {
+                "model_type": "timm_wrapper",
+                "architecture": "fastvit_mci3",
+                "hidden_size": cfg.vision.hidden_size,
+                "do_pooling": True,
+                "global_pool": "avg",
+                "model_args": {"inference_mode": True, **overrides},
+            },
+        }
+    return cfg.to_dict()
+
+
+def preprocessor_config(cfg: FastVLMConfig) -> dict:
+    s = cfg.vision.image_size
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "LlavaProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": s},
+        "do_center_crop": True,
+        "crop_size": {"height": s, "width": s},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(cfg.image_mean),
+        "image_std": list(cfg.image_std),
+        "do_convert_rgb": True,
+    }
+
+
+def save_checkpoint(
+    state: dict[str, torch.Tensor], cfg: FastVLMConfig, folder: Path, fmt: str = "fastvlm"
+) -> None:
+    """Write internal-named tensors + config in `fmt` to `folder` (tied lm_head not stored)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keymap = KeyMap(fmt, cfg.vision)
+    out = {}
+    for k, t in state.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k == "lm_head.weight" and cfg.text.tie_word_embeddings:
+            continue
+        out[keymap.from_internal(k)] = t.detach().contiguous().cpu()
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config_to_format(cfg, fmt), indent=2) + "\n")
+    if fmt == "hf":
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps(preprocessor_config(cfg), indent=2) + "\n"
+        )
+        proc = {
+            "image_token": "<image>",
+            "num_additional_image_tokens": 0,
+            "patch_size": cfg.vision.patch_size,
+            "processor_class": "LlavaProcessor",
+            "vision_feature_select_strategy": "full",
+        }
+        (folder / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
