@@ -215,7 +215,7 @@ def from_apple_dict(d: dict[str, Any], image_size: int | None = None) -> FastVLM
         chat_template="apple",
         format="apple",
     )
-    return cfg
+    return _with_extras(cfg, d)
 
 
 def from_hf_dict(d: dict[str, Any], preprocessor: dict[str, Any] | None) -> FastVLMConfig:
@@ -245,7 +245,7 @@ def from_hf_dict(d: dict[str, Any], preprocessor: dict[str, Any] | None) -> Fast
     mean = tuple((preprocessor or {}).get("image_mean", (0.0, 0.0, 0.0)))
     std = tuple((preprocessor or {}).get("image_std", (1.0, 1.0, 1.0)))
     image_token = d.get("image_token_id", d.get("image_token_index", QWEN2_IMAGE_TOKEN_ID))
-    return FastVLMConfig(
+    cfg = FastVLMConfig(
         vision=vision,
         text=text,
         image_token_id=int(image_token),
@@ -255,3 +255,12 @@ def from_hf_dict(d: dict[str, Any], preprocessor: dict[str, Any] | None) -> Fast
         chat_template="hf",
         format="hf",
     )
+    return _with_extras(cfg, d)
+
+
+def _with_extras(cfg: FastVLMConfig, d: dict[str, Any]) -> FastVLMConfig:
+    """Apply `fastvlm_extras` (settings a format cannot express, written by our converter)."""
+    for k, v in (d.get("fastvlm_extras") or {}).items():
+        if k in ("image_aspect_ratio", "chat_template", "system_prompt"):
+            setattr(cfg, k, v)
+    return cfg

@@ -190,25 +190,27 @@ def _parts(content: Any) -> list[dict]:
     return out
 
 
-def render_chat(
+def render_segments(
     messages: list[dict],
     style: str = "apple",
     system_prompt: str | None = "You are a helpful assistant.",
     add_generation_prompt: bool = True,
-) -> tuple[str, list[Any]]:
-    """Messages → (prompt string with `<image>` markers, image sources in marker order).
+) -> tuple[list[tuple[str, bool]], list[Any]]:
+    """Messages → ([(text, is_assistant_output)], image sources in marker order).
 
-    "apple" = Apple's conv_qwen_2: images as "<image>\\n" before the text of their message.
-    "hf"    = transformers' FastVLM template: images first, each text part prefixed by "\\n".
+    Concatenating the texts gives the prompt (with `<image>` markers). The flag marks the
+    assistant replies and their `<|im_end|>`: the tokens a fine-tune computes loss on.
+    "apple" = Apple's conv_qwen_2: images as "<image>\n" before the text of their message.
+    "hf"    = transformers' FastVLM template: images first, each text part prefixed by "\n".
     """
     if not messages:
         raise ValueError("messages is empty")
     images: list[Any] = []
-    out = []
+    segs: list[tuple[str, bool]] = []
     if messages[0].get("role") != "system" and system_prompt is not None:
-        out.append(f"<|im_start|>system\n{system_prompt}<|im_end|>\n")
+        segs.append((f"<|im_start|>system\n{system_prompt}<|im_end|>\n", False))
     for m in messages:
-        role = m.get("role")
+        role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"message role must be system, user or assistant, got {role!r}")
         parts = _parts(m.get("content"))
@@ -221,10 +223,24 @@ def render_chat(
             body = IMAGE_MARKER * len(imgs) + "".join("\n" + t for t in texts)
         else:
             body = f"{IMAGE_MARKER}\n" * len(imgs) + "\n".join(texts)
-        out.append(f"<|im_start|>{role}\n{body}<|im_end|>\n")
+        if role == "assistant":
+            segs += [("<|im_start|>assistant\n", False), (body + "<|im_end|>", True), ("\n", False)]
+        else:
+            segs.append((f"<|im_start|>{role}\n{body}<|im_end|>\n", False))
     if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out), images
+        segs.append(("<|im_start|>assistant\n", False))
+    return segs, images
+
+
+def render_chat(
+    messages: list[dict],
+    style: str = "apple",
+    system_prompt: str | None = "You are a helpful assistant.",
+    add_generation_prompt: bool = True,
+) -> tuple[str, list[Any]]:
+    """Messages → (prompt string with `<image>` markers, image sources in marker order)."""
+    segs, images = render_segments(messages, style, system_prompt, add_generation_prompt)
+    return "".join(t for t, _ in segs), images
 
 
 class Processor:
@@ -246,10 +262,10 @@ class Processor:
             )
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def tokenize(self, prompt: str, n_images: int) -> list[int]:
+    def tokenize(self, prompt: str, n_images: int | None = None) -> list[int]:
         """Split on `<image>` markers and expand each into the image placeholder run."""
         chunks = prompt.split(IMAGE_MARKER)
-        if len(chunks) - 1 != n_images:
+        if n_images is not None and len(chunks) - 1 != n_images:
             raise ValueError(
                 f"the prompt has {len(chunks) - 1} <image> markers but {n_images} images were given"
             )

@@ -349,9 +349,11 @@ def config_to_format(cfg: FastVLMConfig, fmt: str) -> dict:
         }
         if overrides:
             d["vision_config"] = {**overrides, "image_size": cfg.vision.image_size}
-        return d
+        extras = _extras(cfg, chat_template="apple")
+        return {**d, "fastvlm_extras": extras} if extras else d
     if fmt == "hf":
-        return {
+        extras = _extras(cfg, chat_template="hf", image_aspect_ratio="crop")
+        return {**({"fastvlm_extras": extras} if extras else {}),
             "model_type": "fast_vlm",
             "architectures": ["FastVlmForConditionalGeneration"],
             "image_token_id": cfg.image_token_id,
@@ -372,6 +374,16 @@ def config_to_format(cfg: FastVLMConfig, fmt: str) -> dict:
             },
         }
     return cfg.to_dict()
+
+
+def _extras(cfg: FastVLMConfig, **format_defaults) -> dict:
+    """Settings a format cannot express natively (kept under `fastvlm_extras` for round trips)."""
+    from .config import DEFAULT_SYSTEM_PROMPT
+
+    out = {k: getattr(cfg, k) for k, v in format_defaults.items() if getattr(cfg, k) != v}
+    if cfg.system_prompt != DEFAULT_SYSTEM_PROMPT:
+        out["system_prompt"] = cfg.system_prompt
+    return out
 
 
 def preprocessor_config(cfg: FastVLMConfig) -> dict:
@@ -423,3 +435,56 @@ def save_checkpoint(
             "vision_feature_select_strategy": "full",
         }
         (folder / "processor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "README.md",
+    "LICENSE",
+)
+
+
+def convert_checkpoint(src: Path, dst: Path, fmt: str, *, trust_pickle: bool = False) -> Path:
+    """Rewrite a checkpoint folder in another format, tensors bit-for-bit (no dtype change)."""
+    import shutil
+
+    from .model.fastvlm import FastVLMModel
+
+    src, dst = Path(src), Path(dst)
+    if fmt not in ("apple", "hf", "fastvlm"):
+        raise ValueError(f"--to must be apple, hf or fastvlm, not {fmt!r}")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
+    cfg = load_config(src)
+    keymap = KeyMap(cfg.format, cfg.vision)
+    state: dict[str, torch.Tensor] = {}
+    for k, t in iter_tensors(weight_files(src, trust_pickle)):
+        ik = keymap.to_internal(k)
+        if ik is not None:
+            state[ik] = t
+    cfg.text.vocab_size = state["language_model.embed_tokens.weight"].shape[0]
+    with torch.device("meta"):
+        expected = set(FastVLMModel(cfg).state_dict())
+    if cfg.text.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        state.pop("lm_head.weight", None)
+    expected = {k for k in expected if not k.endswith("num_batches_tracked")}
+    got = {k for k in state if not k.endswith("num_batches_tracked")}
+    if got != expected:
+        raise CheckpointError(
+            f"{src} does not match the FastVLM layout: missing {_short(sorted(expected - got))}, "
+            f"unexpected {_short(sorted(got - expected))}"
+        )
+    save_checkpoint(state, cfg, dst, fmt)
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
+    return dst

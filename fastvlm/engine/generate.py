@@ -91,7 +91,10 @@ def generate_step(
     positions = torch.arange(t, device=device)[None]
     logits = model(ids, image_embeds=image_embeds, positions=positions, cache=cache, last_only=True)
     seen = ids
+    image_id = model.config.image_token_id
     for i in range(params.max_tokens):
+        if image_id < logits.shape[-1]:  # a sampled placeholder would demand an image next step
+            logits[..., image_id] = float("-inf")
         tok = sample(logits[:, -1], params, gen, seen if params.repetition_penalty != 1 else None, vocab_limit)
         token = int(tok)  # the one host sync per step: we yield it
         if i == 0:

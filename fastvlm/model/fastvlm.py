@@ -33,6 +33,16 @@ class FastVLMModel(nn.Module):
         self.lm_head = nn.Linear(d_text, config.text.vocab_size, bias=False)
         self.tie_weights()
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh-model init for training from scratch (HF-style N(0, 0.02) for the LLM side)."""
+        for m in [*self.language_model.modules(), *self.mm_projector.modules(), self.lm_head]:
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        self.tie_weights()
+
     def tie_weights(self) -> None:
         if self.config.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight

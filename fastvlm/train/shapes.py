@@ -111,9 +111,13 @@ _MAX_ROTATION = 10.0  # degrees, uniform +-
 _GRID_ROWS = 3
 _CELL_MARGIN = 0.016  # minimum gap between a shape's box and its cell's border
 # Position questions need this gap between boxes; shapes in different layout columns/rows always
-# have it (2 * _CELL_MARGIN), shapes in the same row never do (with the sizes and jitter above).
+# have it (2 * _CELL_MARGIN); shapes in the same row always overlap vertically.
 _RELATION_GAP = 0.03
-_CELL_JITTER = 0.2  # max centre offset from the cell's centre, as a fraction of the cell side
+# Max centre offset from the cell's centre, as a fraction of the cell's width / height. The
+# vertical one is small enough that two shapes of one row always overlap vertically, so
+# "above/below" is either clear (different rows) or plainly not the case (same row).
+_CELL_JITTER_X = 0.2
+_CELL_JITTER_Y = 0.12
 _SUPERSAMPLE = 4
 _COLOR_JITTER = 12  # per-channel uniform +- on the palette colour
 
@@ -297,8 +301,12 @@ def sample_scene(rng: random.Random | int, size: int = 256) -> Scene:
         lx0, lx1 = min(p[0] for p in pts), max(p[0] for p in pts)
         ly0, ly1 = min(p[1] for p in pts), max(p[1] for p in pts)
         row = rows[col]
-        cx = _place(rng, col * cell_w, (col + 1) * cell_w, lx0, lx1, margin, _CELL_JITTER * cell_w)
-        cy = _place(rng, row * cell_h, (row + 1) * cell_h, ly0, ly1, margin, _CELL_JITTER * cell_h)
+        cx = _place(
+            rng, col * cell_w, (col + 1) * cell_w, lx0, lx1, margin, _CELL_JITTER_X * cell_w
+        )
+        cy = _place(
+            rng, row * cell_h, (row + 1) * cell_h, ly0, ly1, margin, _CELL_JITTER_Y * cell_h
+        )
         base = COLORS[color]
         rgb = tuple(min(255, max(0, c + rng.randint(-_COLOR_JITTER, _COLOR_JITTER))) for c in base)
         shapes.append(

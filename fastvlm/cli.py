@@ -1,0 +1,257 @@
+"""`fastvlm` command line: describe | chat | download | convert (more tools plug in as modules
+with `main(argv)`).
+
+Flag names users already know are accepted as aliases: mlx-vlm's `--model --image --prompt
+--max-tokens --temperature` and Apple predict.py's `--model-path --image-file --temp --top_p`.
+User mistakes (bad image, unknown model, broken checkpoint) print one `error:` line and exit 1;
+with several images, a bad one is reported and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import FastVLMError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", "--model-path", "-m", dest="model", default=None,
+        help="Hugging Face repo id (e.g. apple/FastVLM-0.5B) or local folder; "
+        "default: the embedded tiny demo model",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--image-size", type=int, default=None, help="encoder resolution (multiple of 64)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "--max_tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256)
+    p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0)
+    p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0)
+    p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0)
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+        repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed,
+    )  # fmt: skip
+
+
+def _load(a: argparse.Namespace):
+    from .api import load
+
+    return load(
+        a.model, device=a.device, dtype=a.dtype, trust_pickle=a.trust_pickle, image_size=a.image_size
+    )
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 1
+
+
+# ---------------------------------------------------------------------- describe
+def cmd_describe(a: argparse.Namespace) -> int:
+    images = list(a.images) + list(a.image or [])
+    if not images:
+        return _error("give at least one image: fastvlm describe IMAGE [IMAGE ...]")
+    vlm = _load(a)
+    failures = 0
+    for path in images:
+        messages = [
+            {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": a.prompt}]}
+        ]
+        if len(images) > 1 and not a.json:
+            print(f"== {path}", flush=True)
+        try:
+            text, last = [], None
+            for chunk in vlm.stream_chunks(messages, **_sampling(a)):
+                last = chunk
+                text.append(chunk.text)
+                if not a.json and chunk.text:
+                    print(chunk.text, end="", flush=True)
+        except (FastVLMError, ValueError) as e:
+            failures += 1
+            if a.json:
+                print(json.dumps({"image": str(path), "error": str(e)}), flush=True)
+            else:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        if a.json:
+            s = last.stats
+            print(json.dumps({
+                "image": str(path), "text": "".join(text), "finish_reason": last.finish_reason,
+                "prompt_tokens": s.prompt_tokens, "image_tokens": s.image_tokens,
+                "generation_tokens": s.generation_tokens, "ttft_s": round(s.ttft_s, 4),
+                "decode_tok_s": round(s.decode_tps, 2),
+            }), flush=True)  # fmt: skip
+        else:
+            print(flush=True)
+        if a.verbose and last is not None:
+            s = last.stats
+            print(
+                f"[{s.prompt_tokens} prompt tokens ({s.image_tokens} image), "
+                f"{s.generation_tokens} generated, TTFT {s.ttft_s:.2f}s, "
+                f"{s.decode_tps:.1f} tok/s]",
+                file=sys.stderr,
+            )
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------- chat
+CHAT_HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    vlm = _load(a)
+    pending = list(a.image or [])
+    history: list[dict] = []
+    if a.system:
+        history.append({"role": "system", "content": a.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"fastvlm chat ({vlm.path}). {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if a.system else []
+            pending = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            try:
+                from .processing import load_image
+
+                load_image(path)  # validate now, not mid-conversation
+                pending.append(path)
+                print(f"(attached {path})", file=sys.stderr)
+            except FastVLMError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
+        turn = history + [{"role": "user", "content": content}]
+        try:
+            reply = []
+            for delta in vlm.stream_chat(turn, **_sampling(a)):
+                reply.append(delta)
+                print(delta, end="", flush=True)
+            print(flush=True)
+        except (FastVLMError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        history = turn + [{"role": "assistant", "content": "".join(reply)}]
+        pending = []
+
+
+# ---------------------------------------------------------------------- download / convert
+def cmd_download(a: argparse.Namespace) -> int:
+    from . import hub
+
+    ref = hub.ALIASES.get(a.model.lower(), a.model)
+    path = hub.snapshot(ref, local_dir=a.dir)
+    print(path)
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .hub import resolve
+    from .weights import convert_checkpoint
+
+    try:
+        dst = convert_checkpoint(resolve(a.src), a.dst, a.to, trust_pickle=a.trust_pickle)
+    except FileExistsError as e:
+        return _error(str(e))
+    print(f"wrote {a.to} checkpoint to {dst}")
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="fastvlm", description="Run FastVLM vision-language models.")
+    parser.add_argument("--version", action="version", version=f"fastvlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("describe", help="describe one or more images")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--image", "--image-file", dest="image", action="append", help="image (repeatable)")
+    p.add_argument("--prompt", "-p", default="Describe this image.")
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of streaming")
+    p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat about images")
+    p.add_argument("--image", "--image-file", dest="image", action="append", help="image for the first turn")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("download", help="download a model from the Hugging Face Hub")
+    p.add_argument("model", help="repo id, e.g. apple/FastVLM-0.5B")
+    p.add_argument("--dir", default=None, help="download into this folder instead of the HF cache")
+    p.set_defaults(func=cmd_download)
+
+    sub.add_parser("train", help="fine-tune or train a model (see `fastvlm train -h`)", add_help=False)
+    sub.add_parser("eval", help="score a model on image QA / captions (see `fastvlm eval -h`)", add_help=False)
+    p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
+    p.add_argument("src", help="source folder or repo id")
+    p.add_argument("dst", help="new output folder")
+    p.add_argument("--to", required=True, choices=["hf", "apple", "fastvlm"])
+    p.add_argument("--trust-pickle", action="store_true")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+TOOLS = {"train": "fastvlm.train.finetune", "eval": "fastvlm.train.evaluate"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TOOLS:  # tools own their flags: delegate the rest of the line
+        import importlib
+
+        try:
+            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        except FastVLMError as e:
+            return _error(str(e))
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return a.func(a)
+    except FastVLMError as e:
+        return _error(str(e))
+    except (ValueError, TypeError) as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        return 130

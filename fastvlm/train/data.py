@@ -1,0 +1,193 @@
+"""Training data: LLaVA-style JSON / JSONL and `image,question,answer` CSV → token ids, labels and
+pixels.
+
+Design decisions:
+* Rows are validated up front (`load_records`): a missing image, an unreadable file or an
+  `<image>` count that does not match the row's images is *counted and reported with its line
+  number*, never a crash mid-run. Image decoding errors found later skip the row the same way.
+* Loss masking comes from the chat template itself (`processing.render_segments` flags assistant
+  replies + their `<|im_end|>`), so training and inference can never disagree on the prompt.
+* Batches are right-padded; the causal mask keeps real tokens blind to the padding after them,
+  and padded labels are -100.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FastVLMError
+from ..processing import IMAGE_MARKER, Processor, render_segments
+
+IGNORE = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(slots=True)
+class Record:
+    images: list[Any]  # paths (str) or PIL images
+    messages: list[dict]
+    line: int = 0
+
+
+@dataclass(slots=True)
+class LoadReport:
+    total: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+
+    def summary(self) -> str:
+        s = f"{self.total - len(self.bad)}/{self.total} rows usable"
+        if self.bad:
+            shown = "; ".join(f"line {n}: {why}" for n, why in self.bad[:5])
+            s += f", {len(self.bad)} skipped ({shown}{' ...' if len(self.bad) > 5 else ''})"
+        return s
+
+
+def _row_to_record(row: dict, line: int, image_dir: Path | None) -> Record:
+    imgs = row.get("image", row.get("images"))
+    imgs = [] if imgs in (None, "") else imgs if isinstance(imgs, list) else [imgs]
+    paths = []
+    for im in imgs:
+        p = Path(im)
+        if not p.is_absolute() and image_dir is not None:
+            p = image_dir / p
+        if not p.exists():
+            raise ValueError(f"image not found: {p}")
+        paths.append(str(p))
+    if "conversations" in row:
+        msgs = []
+        for turn in row["conversations"]:
+            role = ROLES.get(turn.get("from", turn.get("role")))
+            if role is None:
+                raise ValueError(f"unknown speaker {turn.get('from')!r}")
+            msgs.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
+    elif "question" in row:
+        q = str(row["question"])
+        if paths and IMAGE_MARKER not in q:
+            q = f"{IMAGE_MARKER}\n" + q
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": str(row["answer"])}]
+    else:
+        raise ValueError("row has neither 'conversations' nor 'question'/'answer'")
+    n_markers = sum(m["content"].count(IMAGE_MARKER) for m in msgs)
+    if n_markers != len(paths):
+        raise ValueError(f"{n_markers} <image> markers but {len(paths)} images")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise ValueError("no assistant turn to learn from")
+    return Record(paths, msgs, line)
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, row dict or exception) for .json / .jsonl / .csv files."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except ValueError as e:
+                        yield n, ValueError(f"bad JSON: {e}")
+    elif suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise FastVLMError(f"{path}: a .json dataset must be a list of rows")
+        yield from enumerate(rows, 1)
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                yield n, row
+    else:
+        raise FastVLMError(f"{path}: unsupported dataset type (use .json, .jsonl or .csv)")
+
+
+def load_records(path: str | Path, image_dir: str | Path | None = None) -> tuple[list[Record], LoadReport]:
+    path = Path(path)
+    if not path.exists():
+        raise FastVLMError(f"dataset not found: {path}")
+    image_dir = Path(image_dir) if image_dir else path.parent
+    records, report = [], LoadReport()
+    for n, row in iter_rows(path):
+        report.total += 1
+        try:
+            if isinstance(row, Exception):
+                raise row
+            if not isinstance(row, dict):
+                raise ValueError("row is not an object")
+            records.append(_row_to_record(row, n, image_dir))
+        except (ValueError, KeyError, TypeError) as e:
+            report.bad.append((n, str(e)))
+    return records, report
+
+
+def encode_record(
+    rec: Record, processor: Processor, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """→ input_ids (T,), labels (T,) (-100 outside assistant replies), pixel_values (N,3,S,S)."""
+    segs, _ = render_segments(
+        rec.messages, processor.config.chat_template, processor.config.system_prompt, False
+    )
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, train in segs:
+        piece = processor.tokenize(text)
+        ids += piece
+        labels += piece if train else [IGNORE] * len(piece)
+    if max_length and len(ids) > max_length:
+        if any(i == processor.config.image_token_id for i in ids[max_length:]):
+            raise ValueError(f"row is longer than max_length={max_length} inside an image")
+        ids, labels = ids[:max_length], labels[:max_length]
+    pixels = processor.pixels(rec.images)
+    out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+    if pixels is not None:
+        out["pixel_values"] = pixels
+    return out
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    """Records → encoded examples; a row whose image fails to decode yields None (skipped)."""
+
+    def __init__(self, records: list[Record], processor: Processor, max_length: int | None = None):
+        self.records, self.processor, self.max_length = records, processor, max_length
+        self.skipped: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
+        rec = self.records[i]
+        try:
+            return encode_record(rec, self.processor, self.max_length)
+        except (FastVLMError, ValueError) as e:
+            self.skipped.append((rec.line, str(e)))
+            return None
+
+
+def collate(batch: list[dict | None], pad_id: int = 0) -> dict[str, torch.Tensor] | None:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    t = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), t), IGNORE, dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], labels[i, :n] = b["input_ids"], b["labels"]
+    out = {"input_ids": ids, "labels": labels}
+    pix = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    if pix:
+        out["pixel_values"] = torch.cat(pix)
+    return out
+
+
+def shuffled(n: int, seed: int, epoch: int) -> list[int]:
+    """A seeded permutation per epoch (identical on every rank and after a resume)."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random FastVLM configs built in code (CPU, milliseconds), a small
+byte-level tokenizer, and the committed golden fixtures under tests/fixtures/."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig
+from fastvlm.model.fastvlm import FastVLMModel
+from fastvlm.weights import save_checkpoint
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tiny_config(**kw) -> FastVLMConfig:
+    vision = VisionConfig(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128), image_size=128)
+    text = TextConfig(
+        vocab_size=kw.pop("vocab_size", 300), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=kw.pop("tie", True), max_position_embeddings=512, rope_theta=1e6,
+        eos_token_id=2,
+    )  # fmt: skip
+    return FastVLMConfig(vision=vision, text=text, image_token_id=kw.pop("image_token_id", 3), **kw)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Make every parameter and BN statistic matter (no 1e-5 layer scales, no unit BN)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1 + ("weight" in name))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def make_tiny_model(seed: int = 0, **kw) -> FastVLMModel:
+    torch.manual_seed(seed)
+    return randomize(FastVLMModel(tiny_config(**kw)), seed)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from fastvlm.train.tokenizer_build import build_tokenizer
+
+    corpus = [
+        "Describe this image. a small red circle on the left and a large blue star on the right.",
+        "How many shapes are there? What color is the square? héllo wörld ✓ 🙂 日本語",
+    ] * 20
+    return build_tokenizer(corpus, vocab_size=300)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer) -> Path:
+    """A tiny random model saved in our format with a tokenizer."""
+    model = make_tiny_model(vocab_size=tokenizer.get_vocab_size())
+    save_checkpoint(model.state_dict(), model.config, tmp_path / "tiny", "fastvlm")
+    tokenizer.save(str(tmp_path / "tiny" / "tokenizer.json"))
+    return tmp_path / "tiny"
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
