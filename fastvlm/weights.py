@@ -188,7 +188,10 @@ def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
         if missing:
             raise CheckpointError(f"sharded checkpoint is incomplete, missing: {missing}")
         return paths
-    st = sorted(folder.glob("*.safetensors"))
+    # Training leaves optimizer state and adapters beside the weights: never load those as weights.
+    st = sorted(
+        f for f in folder.glob("*.safetensors") if not f.name.startswith(("optimizer", "adapter"))
+    )
     if st:
         return st
     pickles = sorted([*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")])
@@ -258,6 +261,10 @@ def load_model(
             cfg.text.vocab_size = shape[0]
     with torch.device("meta"):
         model = FastVLMModel(cfg)
+    if cfg.quantization:  # swap in empty quantized Linears so the key sets match
+        from . import quant
+
+        quant.prepare_for_load(model, cfg.quantization)
     expected = dict(model.state_dict())
     tied = cfg.text.tie_word_embeddings
     if tied:
@@ -303,6 +310,8 @@ def load_model(
         state["lm_head.weight"] = state["language_model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
+    if cfg.quantization:  # repack the portable int8/int4 tensors for this device's kernel
+        quant.finalize(model)
     return model.eval()
 
 

@@ -35,11 +35,26 @@ class FastVLMModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Fresh-model init for training from scratch (HF-style N(0, 0.02) for the LLM side)."""
+        """Fresh-model init for training from scratch.
+
+        LLM side: HF-style N(0, 0.02). Vision convs: variance-preserving He init (fan-in, GELU
+        ≈ ReLU gain). PyTorch's default conv init shrinks the signal ~3x per layer, and the fused
+        FastViTHD is a deep chain of plain convs (no BN on the main path), so with it the image
+        features of different images differ by ~1e-8 and the LLM learns to ignore the image.
+        """
         for m in [*self.language_model.modules(), *self.mm_projector.modules(), self.lm_head]:
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, std)
                 if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for m in self.vision_tower.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
                     m.bias.zero_()
         self.tie_weights()
 
