@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="fine-tune or train a model (see `fastvlm train -h`)", add_help=False)
     sub.add_parser("eval", help="score a model on image QA / captions (see `fastvlm eval -h`)", add_help=False)
+    sub.add_parser("lora", help="LoRA adapter tools: merge (see `fastvlm lora -h`)", add_help=False)
+    sub.add_parser("quantize", help="int8/int4 weight-only quantization (see `fastvlm quantize -h`)", add_help=False)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
@@ -230,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TOOLS = {"train": "fastvlm.train.finetune", "eval": "fastvlm.train.evaluate"}
+TOOLS = {
+    "train": "fastvlm.train.finetune", "eval": "fastvlm.train.evaluate", "lora": "fastvlm.train.lora",
+    "quantize": "fastvlm.quant",
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,11 @@
 pixels.
 
 Design decisions:
-* Rows are validated up front (`load_records`): a missing image, an unreadable file or an
-  `<image>` count that does not match the row's images is *counted and reported with its line
-  number*, never a crash mid-run. Image decoding errors found later skip the row the same way.
+* Rows are validated up front (`load_records`): a missing image, a file that is not an image
+  (header check only, so startup stays cheap), an `<image>` count that does not match the row's
+  images, `<image>` outside a user turn or a row with no assistant reply is *counted and reported
+  with its line number* (the line where the row starts, for .json lists too), never a crash
+  mid-run. Decoding errors found later (a truncated file) skip the row the same way.
 * Loss masking comes from the chat template itself (`processing.render_segments` flags assistant
   replies + their `<|im_end|>`), so training and inference can never disagree on the prompt.
 * Batches are right-padded; the causal mask keeps real tokens blind to the padding after them,
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,11 @@ from ..errors import FastVLMError
 from ..processing import IMAGE_MARKER, Processor, render_segments
 
 IGNORE = -100
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {
+    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "system": "system",
+}  # fmt: skip
+REMOTE = ("http://", "https://", "data:")
 
 
 @dataclass(slots=True)
@@ -50,44 +57,119 @@ class LoadReport:
         return s
 
 
-def _row_to_record(row: dict, line: int, image_dir: Path | None) -> Record:
+def _check_image(p: Path, seen: dict[str, str | None]) -> None:
+    """Raise ValueError if `p` is missing or not an image (header only; cached per path)."""
+    key = str(p)
+    if key not in seen:
+        if not p.exists():
+            seen[key] = f"image not found: {p}"
+        else:
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(p) as im:
+                    im.size  # noqa: B018 - parses the header
+                seen[key] = None
+            except (UnidentifiedImageError, OSError) as e:
+                seen[key] = f"unreadable image {p}: {e}"
+    if seen[key]:
+        raise ValueError(seen[key])
+
+
+def _row_to_record(
+    row: dict, line: int, image_dir: Path | None, seen: dict[str, str | None] | None = None
+) -> Record:
+    seen = {} if seen is None else seen
     imgs = row.get("image", row.get("images"))
     imgs = [] if imgs in (None, "") else imgs if isinstance(imgs, list) else [imgs]
     paths = []
     for im in imgs:
+        if not isinstance(im, str):
+            raise ValueError(f"image entries must be paths, got {type(im).__name__}")
+        if im.startswith(REMOTE):
+            paths.append(im)
+            continue
         p = Path(im)
         if not p.is_absolute() and image_dir is not None:
             p = image_dir / p
-        if not p.exists():
-            raise ValueError(f"image not found: {p}")
+        _check_image(p, seen)
         paths.append(str(p))
-    if "conversations" in row:
+    turns = row.get("conversations", row.get("messages"))
+    if turns is not None:
+        if not isinstance(turns, list):
+            raise ValueError("'conversations' must be a list of turns")
         msgs = []
-        for turn in row["conversations"]:
+        for turn in turns:
+            if not isinstance(turn, dict):
+                raise ValueError(f"a turn must be an object, got {turn!r:.40}")
             role = ROLES.get(turn.get("from", turn.get("role")))
             if role is None:
-                raise ValueError(f"unknown speaker {turn.get('from')!r}")
+                raise ValueError(f"unknown speaker {turn.get('from', turn.get('role'))!r}")
             msgs.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
     elif "question" in row:
-        q = str(row["question"])
+        q, ans = row["question"], row.get("answer")
+        if q is None or ans is None or not str(ans).strip():
+            raise ValueError("empty question or answer")
+        q = str(q)
         if paths and IMAGE_MARKER not in q:
             q = f"{IMAGE_MARKER}\n" + q
-        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": str(row["answer"])}]
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": str(ans)}]
     else:
         raise ValueError("row has neither 'conversations' nor 'question'/'answer'")
     n_markers = sum(m["content"].count(IMAGE_MARKER) for m in msgs)
     if n_markers != len(paths):
         raise ValueError(f"{n_markers} <image> markers but {len(paths)} images")
-    if not any(m["role"] == "assistant" for m in msgs):
+    if any(IMAGE_MARKER in m["content"] for m in msgs if m["role"] != "user"):
+        raise ValueError("<image> markers are only allowed in user turns")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise ValueError("no assistant turn to learn from")
     return Record(paths, msgs, line)
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
+    """Elements of a JSON list with the line each starts on (one pass, raw_decode per row)."""
+    text = path.read_text(encoding="utf-8-sig")
+    dec = json.JSONDecoder()
+    i = _WS.match(text).end()
+    if text[i : i + 1] != "[":
+        raise FastVLMError(
+            f"{path}: a .json dataset must be a list of rows ([{{...}}, ...]); "
+            "for one row per line use .jsonl"
+        )
+    i = _WS.match(text, i + 1).end()
+    line, pos = 1, 0
+    if text[i : i + 1] == "]":
+        return
+    while True:
+        line += text.count("\n", pos, i)
+        pos = i
+        try:
+            row, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise FastVLMError(
+                f"{path} line {e.lineno} column {e.colno}: invalid JSON ({e.msg}); one broken row "
+                "spoils a .json list: fix it, or use .jsonl where bad lines are skipped"
+            ) from e
+        yield line, row
+        i = _WS.match(text, i).end()
+        ch = text[i : i + 1]
+        if ch == ",":
+            i = _WS.match(text, i + 1).end()
+        elif ch == "]":
+            break
+        else:
+            n = line + text.count("\n", pos, i)
+            raise FastVLMError(f"{path} line {n}: expected ',' or ']' after a row (invalid JSON)")
 
 
 def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, row dict or exception) for .json / .jsonl / .csv files."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -95,24 +177,36 @@ def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
                     except ValueError as e:
                         yield n, ValueError(f"bad JSON: {e}")
     elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise FastVLMError(f"{path}: a .json dataset must be a list of rows")
-        yield from enumerate(rows, 1)
+        yield from _json_list(path)
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.DictReader(f), 2):
-                yield n, row
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                return
+            missing = {"question", "answer"} - set(reader.fieldnames)
+            if missing:
+                raise FastVLMError(
+                    f"{path}: a .csv dataset needs the columns image,question,answer (image may "
+                    f"be empty for text-only rows); missing {sorted(missing)}, found "
+                    f"{reader.fieldnames}"
+                )
+            end = reader.line_num
+            for row in reader:  # a quoted field may span lines: report where the row starts
+                yield end + 1, row
+                end = reader.line_num
     else:
         raise FastVLMError(f"{path}: unsupported dataset type (use .json, .jsonl or .csv)")
 
 
-def load_records(path: str | Path, image_dir: str | Path | None = None) -> tuple[list[Record], LoadReport]:
+def load_records(
+    path: str | Path, image_dir: str | Path | None = None
+) -> tuple[list[Record], LoadReport]:
     path = Path(path)
     if not path.exists():
         raise FastVLMError(f"dataset not found: {path}")
     image_dir = Path(image_dir) if image_dir else path.parent
     records, report = [], LoadReport()
+    seen: dict[str, str | None] = {}
     for n, row in iter_rows(path):
         report.total += 1
         try:
@@ -120,7 +214,7 @@ def load_records(path: str | Path, image_dir: str | Path | None = None) -> tuple
                 raise row
             if not isinstance(row, dict):
                 raise ValueError("row is not an object")
-            records.append(_row_to_record(row, n, image_dir))
+            records.append(_row_to_record(row, n, image_dir, seen))
         except (ValueError, KeyError, TypeError) as e:
             report.bad.append((n, str(e)))
     return records, report
@@ -143,6 +237,8 @@ def encode_record(
         if any(i == processor.config.image_token_id for i in ids[max_length:]):
             raise ValueError(f"row is longer than max_length={max_length} inside an image")
         ids, labels = ids[:max_length], labels[:max_length]
+        if all(t == IGNORE for t in labels):
+            raise ValueError(f"max_length={max_length} cuts off every assistant reply")
     pixels = processor.pixels(rec.images)
     out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
     if pixels is not None:
@@ -155,7 +251,7 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[Record], processor: Processor, max_length: int | None = None):
         self.records, self.processor, self.max_length = records, processor, max_length
-        self.skipped: list[tuple[int, str]] = []
+        self.skipped: dict[int, str] = {}  # line → reason (a row is reported once, not per epoch)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -165,7 +261,7 @@ class VLMDataset(torch.utils.data.Dataset):
         try:
             return encode_record(rec, self.processor, self.max_length)
         except (FastVLMError, ValueError) as e:
-            self.skipped.append((rec.line, str(e)))
+            self.skipped[rec.line] = str(e)
             return None
 
 

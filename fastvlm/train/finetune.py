@@ -1,11 +1,35 @@
-"""`fastvlm train`: full fine-tuning (or training from a fresh config) on LLaVA-style data.
+"""`fastvlm train`: full fine-tuning, LoRA (or training from a fresh config) on LLaVA-style data.
 
-One script for one CPU, one GPU, or many under `torchrun` (DDP; gloo on CPU, nccl on CUDA): the
+One script for one CPU, one GPU, or many under `torchrun` (gloo on CPU, nccl on CUDA): the
 per-epoch order is a seeded permutation sharded by rank, so every rank and every resume sees the
 same order. AdamW + linear warm-up + cosine decay, gradient accumulation and clipping, bf16
 autocast where the device has it (fp32 on CPU), optional gradient checkpointing, a progress bar
-with loss and tokens/s, and periodic checkpoints in safetensors (weights *and* optimizer state)
-that `--resume` continues from, step for step.
+with loss and tokens/s, and periodic checkpoints that `--resume` continues from, step for step.
+
+Design decisions:
+* The loss of a step is the *sum* of next-token losses over the step's labelled tokens divided by
+  their count over all micro-batches and ranks, so a step's gradient is the same however the
+  batch is split into `--grad-accum` micro-batches and processes (up to BatchNorm in a trained
+  vision tower, which normalises each micro-batch by its own statistics).
+* Data parallelism is one bucketed all-reduce (sum) of the gradients per optimizer step, not the
+  DDP wrapper: a rank whose micro-batch was skipped (bad image) just contributes nothing instead
+  of hanging DDP's backward hooks, and accumulation needs no `no_sync`. The price is no overlap
+  of communication with the backward pass.
+* Checkpoints (`OUT/checkpoint-N/`) are the exact training state: the weights as trained (train
+  form of the vision tower when it was built so; never fused mid-run) or, with LoRA, only the
+  adapter; plus the AdamW state of the trainable parameters (safetensors) and `trainer_state.json`.
+  Dropout is re-seeded from (seed, step, rank) every step, so a resumed run repeats the
+  uninterrupted one.
+* Frozen BatchNorm layers (frozen vision tower, any LoRA run) stay in eval mode: their running
+  statistics are part of the base weights and must not drift.
+
+What `--output OUT` holds at the end:
+* full fine-tune: OUT is a model folder (fused vision tower, config, tokenizer):
+  `fastvlm.load(OUT)`.
+* `--lora` / `--qlora`: `OUT/adapter/` (adapter_model.safetensors + adapter_config.json, which
+  records r, alpha, targets and the base model). With `--merge`, OUT is *also* the merged full
+  model, `fastvlm.load(OUT)`, identical to `fastvlm lora merge BASE OUT/adapter MERGED`. Without
+  it nothing heavy is written: merge later, or keep the small adapter next to its base.
 """
 
 from __future__ import annotations
@@ -21,13 +45,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import FastVLMError
 from .data import IGNORE, VLMDataset, collate, load_records, shuffled
+from .lora import (
+    ADAPTER_CONFIG,
+    DEFAULT_TARGETS,
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    merge_to_folder,
+    read_adapter_config,
+    require_qlora,
+    save_adapter,
+)
+
+# In a subfolder: every *.safetensors next to config.json is read as model weights.
+OPTIMIZER_FILE = "optimizer/optimizer.safetensors"
 
 
 # ---------------------------------------------------------------------- model setup
-def build_model(a: argparse.Namespace, device: torch.device):
+def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype = torch.float32):
     """(model, processor, tokenizer, source folder) from --model or --init-config."""
     from ..config import FastVLMConfig
     from ..hub import resolve
@@ -37,25 +78,45 @@ def build_model(a: argparse.Namespace, device: torch.device):
     from ..weights import load_model
 
     if a.init_config:
-        cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
-        torch.manual_seed(a.seed)
-        model = FastVLMModel(cfg).to(device)
-        model.init_weights()
-        from tokenizers import Tokenizer
-
         if not a.tokenizer:
             raise FastVLMError("--init-config needs --tokenizer tokenizer.json")
+        from tokenizers import Tokenizer
+
+        cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
+        torch.manual_seed(a.seed)
+        model = FastVLMModel(cfg).to(device=device, dtype=dtype)
+        model.init_weights()
         tok = Tokenizer.from_file(a.tokenizer)
         src = None
     else:
         src = resolve(a.model)
-        model = load_model(src, device=device, dtype=torch.float32, trust_pickle=a.trust_pickle)
+        model = load_model(src, device=device, dtype=dtype, trust_pickle=a.trust_pickle)
         tok = load_tokenizer(src)
     return model, Processor(model.config, tok), tok, src
 
 
+def lora_config(a: argparse.Namespace, src: Path | None) -> LoRAConfig | None:
+    if not (a.lora or a.qlora):
+        return None
+    targets = tuple(t for x in a.lora_targets for t in x.split(",") if t)
+    if src is None:
+        base = None
+    elif a.model and not Path(a.model).exists():
+        base = a.model  # a hub id
+    else:
+        base = str(Path(src).resolve())
+    return LoRAConfig(
+        r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=targets,
+        include_projector=a.lora_projector, include_vision=a.lora_vision, base_model=base,
+    )  # fmt: skip
+
+
 def apply_freeze(model, freeze: list[str]) -> None:
-    parts = {"vision": model.vision_tower, "projector": model.mm_projector, "llm": model.language_model}
+    parts = {
+        "vision": model.vision_tower,
+        "projector": model.mm_projector,
+        "llm": model.language_model,
+    }
     for name in freeze:
         if name not in parts:
             raise FastVLMError(f"--freeze takes vision, projector, llm; got {name!r}")
@@ -65,6 +126,16 @@ def apply_freeze(model, freeze: list[str]) -> None:
         model.lm_head.weight.requires_grad_(False)
 
 
+def set_train_mode(model: nn.Module) -> None:
+    """train(), but BatchNorm layers with frozen parameters stay in eval (stats = base weights)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in m.parameters(recurse=False)
+        ):
+            m.eval()
+
+
 def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -72,63 +143,175 @@ def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross entropy over labelled positions, and their count."""
+def n_targets(labels: torch.Tensor) -> int:
+    """Labelled next-token positions of a batch (the first position predicts nothing)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """*Summed* next-token cross entropy over labelled positions (0 when there are none)."""
     shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-    n = int((shift_labels != IGNORE).sum())
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
-    return loss, n
 
 
-# ---------------------------------------------------------------------- checkpoints
-def save_checkpoint(folder: Path, model, tok, optimizer, state: dict, src: Path | None) -> None:
-    """Weights (fused vision form) + config + tokenizer + optimizer + trainer state; atomic."""
+# ---------------------------------------------------------------------- data parallel
+def broadcast_params(params: list[torch.Tensor]) -> None:
+    """Start every rank from rank 0's trainable weights (as DDP does)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+
+def all_reduce_grads(params: list[nn.Parameter], bucket_numel: int = 1 << 24) -> None:
+    """Sum gradients over ranks in flat buckets; a parameter no rank touched keeps grad None."""
+    import torch.distributed as dist
+
+    if not params:
+        return
+    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(used)
+    live = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
+    bucket: list[nn.Parameter] = []
+
+    def flush() -> None:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        bucket.clear()
+
+    size = 0
+    for p in live:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        bucket.append(p)
+        size += p.numel()
+        if size >= bucket_numel:
+            flush()
+            size = 0
+    if bucket:
+        flush()
+
+
+# ---------------------------------------------------------------------- saving
+def save_model(folder: Path, model, tok, src: Path | None) -> Path:
+    """A loadable model folder: weights (fused vision form), config, tokenizer files."""
     import copy
 
-    from safetensors.torch import save_file
+    from ..weights import TOKENIZER_FILES
+    from ..weights import save_checkpoint as save_weights
 
-    from ..weights import TOKENIZER_FILES, save_checkpoint as save_weights
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    assert not lora_layers(model), "merge_lora() before saving a full model"
+    folder = Path(folder)
     net = model.module if hasattr(model, "module") else model
     if not net.config.vision.inference_mode:  # save the fused form that inference loads
         net = copy.deepcopy(net)
         net.vision_tower.reparameterize()
-    save_weights(net.state_dict(), net.config, tmp, "fastvlm")
+    save_weights(net.state_dict(), net.config, folder, "fastvlm")
     if tok is not None:
-        tok.save(str(tmp / "tokenizer.json"))
+        tok.save(str(folder / "tokenizer.json"))
     if src is not None:
         for name in TOKENIZER_FILES:
-            if (src / name).exists() and not (tmp / name).exists():
-                shutil.copy2(src / name, tmp / name)
-    if optimizer is not None:
-        opt = optimizer.state_dict()
-        tensors = {
-            f"{i}.{k}": v.contiguous().cpu()
-            for i, st in opt["state"].items()
-            for k, v in st.items()
-            if torch.is_tensor(v)
-        }
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state = {**state, "param_groups": opt["param_groups"]}
+            if (src / name).exists() and not (folder / name).exists():
+                shutil.copy2(src / name, folder / name)
+    return folder
+
+
+def save_checkpoint(
+    folder: Path, model, tok, optimizer, state: dict, lora: LoRAConfig | None
+) -> None:
+    """Training state (weights as trained, or the adapter) + optimizer + trainer state; atomic."""
+    from safetensors.torch import save_file
+
+    from ..weights import save_checkpoint as save_weights
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lora is not None:
+        save_adapter(tmp, model, lora)
+    else:
+        save_weights(model.state_dict(), model.config, tmp, "fastvlm")
+        if tok is not None:
+            tok.save(str(tmp / "tokenizer.json"))
+    opt = optimizer.state_dict()
+    tensors = {
+        f"{i}.{k}": v.contiguous().cpu()
+        for i, st in opt["state"].items()
+        for k, v in st.items()
+        if torch.is_tensor(v)
+    }
+    (tmp / "optimizer").mkdir()
+    save_file(tensors, str(tmp / OPTIMIZER_FILE))
+    state = {**state, "param_groups": opt["param_groups"]}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.device):
+    """The model to continue training from checkpoint `ck` (full weights or adapter)."""
+    from ..weights import load_model
+
+    has_adapter = (ck / ADAPTER_CONFIG).exists()
+    if lora is None:
+        if has_adapter:
+            raise FastVLMError(f"{ck} holds a LoRA adapter: resume it with the same --lora flags")
+        if (ck / "optimizer.safetensors").exists():  # 0.1.0 layout: hide it from the loader
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                for f in ck.iterdir():
+                    if f.name != "optimizer.safetensors":
+                        os.symlink(f.resolve(), Path(tmp) / f.name)
+                return load_model(Path(tmp), device=device, dtype=torch.float32)
+        return load_model(ck, device=device, dtype=torch.float32)
+    if not has_adapter:
+        raise FastVLMError(
+            f"{ck} holds a full model but this is a --lora run; resume without --lora, "
+            "or choose a new --output"
+        )
+    saved = read_adapter_config(ck)
+    mine = (lora.r, lora.alpha, tuple(lora.targets), lora.include_projector, lora.include_vision)
+    theirs = (saved.r, saved.alpha, tuple(saved.targets), saved.include_projector,
+              saved.include_vision)  # fmt: skip
+    if mine != theirs:
+        raise FastVLMError(
+            f"{ck} was trained with LoRA r={saved.r} alpha={saved.alpha} targets="
+            f"{list(saved.targets)} projector={saved.include_projector} "
+            f"vision={saved.include_vision}; resume with the same --lora-* flags"
+        )
+    load_adapter(model, ck)
+    return model
 
 
 def load_optimizer(folder: Path, optimizer) -> dict:
     from safetensors.torch import load_file
 
     state = json.loads((folder / "trainer_state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    path = folder / OPTIMIZER_FILE
+    if not path.exists() and (folder / "optimizer.safetensors").exists():
+        path = folder / "optimizer.safetensors"  # checkpoints of fastvlm 0.1.0
+    tensors = load_file(str(path))
     opt_state: dict[int, dict] = {}
     for key, v in tensors.items():
         i, name = key.split(".", 1)
         opt_state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    except ValueError as e:
+        raise FastVLMError(
+            f"the optimizer state in {folder} does not fit this run's trainable parameters ({e}); "
+            "resume with the same --freeze / --lora flags"
+        ) from e
     return state
 
 
@@ -137,8 +320,36 @@ def latest_checkpoint(out: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
+def write_output(
+    out: Path, model, tok, src: Path | None, lora: LoRAConfig | None, a: argparse.Namespace
+) -> None:
+    """The final output layout described in the module docstring."""
+    if lora is None:
+        save_model(out, model, tok, src)
+        return
+    adapter = save_adapter(out / "adapter", model, lora)
+    if a.merge and a.qlora:  # merge into the full-precision base, never into NF4 weights
+        merge_to_folder(src, adapter, out, trust_pickle=a.trust_pickle)
+    elif a.merge:
+        save_model(out, merge_lora(model), tok, src)
+    elif src is None:
+        print(
+            f"adapter → {adapter}; its base is a fresh --init-config model that no folder holds, "
+            "so only --merge can turn it into a loadable model",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"adapter → {adapter}; merge it with: fastvlm lora merge {lora.base_model} {adapter} "
+            "MERGED_FOLDER (or train with --merge)",
+            file=sys.stderr,
+        )
+
+
 # ---------------------------------------------------------------------- main loop
 def train(a: argparse.Namespace) -> Path:
+    from tqdm import tqdm
+
     from .. import api
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -150,106 +361,146 @@ def train(a: argparse.Namespace) -> Path:
     device = api.resolve_device(a.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if a.qlora:
+        require_qlora()
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    model, processor, tok, src = build_model(a, device)
-    if a.resume and (ck := latest_checkpoint(out)) is not None:
-        from ..weights import load_model
-
-        model = load_model(ck, device=device, dtype=torch.float32)
+    model, processor, tok, src = build_model(
+        a, device, torch.bfloat16 if a.qlora else torch.float32
+    )
+    lora = lora_config(a, src)
+    if lora is not None:
+        torch.manual_seed(a.seed)  # the lora_A init
+        apply_lora(
+            model, lora.r, lora.alpha, lora.dropout, lora.targets,
+            lora.include_projector, lora.include_vision, quantize=a.qlora,
+        )  # fmt: skip
+    ck = latest_checkpoint(out) if a.resume else None
+    if ck is not None:
+        if lora is None:
+            model = None  # free the base first: a full checkpoint holds every weight
+        model = restore_weights(ck, model, lora, device)
         processor.config = model.config
     apply_freeze(model, a.freeze or [])
     if a.gradient_checkpointing:
         model.language_model.gradient_checkpointing = True
-    model.train()
+    set_train_mode(model)
 
     if a.shapes:
         from .shapes_data import shapes_records
 
-        records, report = shapes_records(a.shapes, a.data_seed, model.config.vision.image_size), None
+        records = shapes_records(a.shapes, a.data_seed, model.config.vision.image_size)
     else:
         records, report = load_records(a.data, a.image_dir)
         if rank == 0:
             print(f"data: {report.summary()}", file=sys.stderr)
     if not records:
-        raise FastVLMError("no usable training rows")
+        raise FastVLMError("no usable training rows (see the data report above)")
     ds = VLMDataset(records, processor, a.max_length)
     per_step = a.batch_size * a.grad_accum * world
     steps_per_epoch = max(1, len(ds) // per_step)
     total = a.max_steps or steps_per_epoch * a.epochs
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise FastVLMError("nothing to train: --freeze froze every parameter")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": a.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
     )  # fmt: skip
     step = 0
-    if a.resume and (ck := latest_checkpoint(out)) is not None:
+    if ck is not None:
         step = load_optimizer(ck, optimizer)["step"]
         if rank == 0:
             print(f"resuming from {ck} at step {step}", file=sys.stderr)
-    ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        broadcast_params(params)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    pad_id = tok.token_to_id("<|endoftext|>") if tok is not None else 0
+    pad_id = tok.token_to_id("<|endoftext|>") if tok is not None else None
+    pad_id = 0 if pad_id is None else pad_id
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=rank != 0 or a.quiet, desc="train", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=step, disable=rank != 0 or a.quiet, desc="train", dynamic_ncols=True
+    )
     t_start, tokens_seen = time.perf_counter(), 0
     while step < total:
+        torch.manual_seed((a.seed * 1_000_003 + step) * 4096 + rank)  # dropout: resume-exact
         epoch, offset = divmod(step, steps_per_epoch)
         order = shuffled(len(ds), a.seed, epoch)[rank::world]
         lr = lr_at(step, total, a.warmup, a.lr)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss_sum, n_sum = 0.0, 0
+        batches = []
         for micro in range(a.grad_accum):
             start = (offset * a.grad_accum + micro) * a.batch_size
             batch = collate([ds[i] for i in order[start : start + a.batch_size]], pad_id)
-            if batch is None:
-                continue
+            if batch is not None:
+                batches.append(batch)  # kept on the host until its turn
+        n_total = float(sum(n_targets(b["labels"]) for b in batches))
+        if world > 1:  # labelled tokens of the whole step, all ranks
+            n_total = _all_reduce_cpu(torch.tensor([n_total]), device).item()
+        loss_sum = 0.0
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = ddp_model(batch["input_ids"], batch.get("pixel_values"))
-            loss, n = lm_loss(logits, batch["labels"])
-            (loss / a.grad_accum).backward()
-            loss_sum += float(loss.detach()) * n
-            n_sum += n
+                logits = model(batch["input_ids"], batch.get("pixel_values"))
+            loss = lm_loss(logits, batch["labels"])
+            (loss / max(1.0, n_total)).backward()
+            loss_sum += float(loss.detach())
             tokens_seen += int(batch["input_ids"].numel())
-        if a.clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, a.clip)
-        optimizer.step()
+        if world > 1:
+            all_reduce_grads(params)
+            loss_sum = _all_reduce_cpu(torch.tensor([loss_sum]), device).item()
+        if n_total > 0:  # a step whose rows were all skipped changes nothing
+            if a.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, a.clip)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        mean_loss = loss_sum / max(1.0, n_total)
         tps = tokens_seen / (time.perf_counter() - t_start)
-        bar.set_postfix(loss=f"{loss_sum / max(1, n_sum):.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         bar.update(1)
         if rank == 0 and a.log_every and step % a.log_every == 0:
-            print(json.dumps({"step": step, "loss": round(loss_sum / max(1, n_sum), 5), "lr": lr}), file=sys.stderr, flush=True)
+            log = {"step": step, "loss": round(mean_loss, 5), "lr": lr}
+            print(json.dumps(log), file=sys.stderr, flush=True)
         if rank == 0 and a.save_every and step % a.save_every == 0 and step < total:
-            save_checkpoint(out / f"checkpoint-{step}", model, tok, optimizer, {"step": step}, src)
-            for old in sorted(out.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[: -a.keep]:
+            save_checkpoint(out / f"checkpoint-{step}", model, tok, optimizer, {"step": step}, lora)
+            for old in sorted(
+                out.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1])
+            )[: -a.keep]:
                 shutil.rmtree(old, ignore_errors=True)
     bar.close()
     if rank == 0:
-        final = out / "final"
-        save_checkpoint(final, model, tok, None, {"step": step}, src)
-        for f in final.iterdir():  # the output folder itself is a loadable model
-            shutil.copy2(f, out / f.name)
-        shutil.rmtree(final)
-        skipped = ds.skipped
-        if skipped:
-            print(f"skipped {len(skipped)} rows at run time, e.g. line {skipped[0][0]}: {skipped[0][1]}", file=sys.stderr)
-        print(f"trained {step} steps in {time.perf_counter() - t_start:.0f}s → {out}", file=sys.stderr)
+        model.eval()
+        write_output(out, model, tok, src, lora, a)
+        (out / "trainer_state.json").write_text(json.dumps({"step": step}, indent=2) + "\n")
+        if ds.skipped:
+            line, why = next(iter(ds.skipped.items()))
+            print(
+                f"skipped {len(ds.skipped)} rows at run time, e.g. line {line}: {why}",
+                file=sys.stderr,
+            )
+        elapsed = time.perf_counter() - t_start
+        print(f"trained {step} steps in {elapsed:.0f}s → {out}", file=sys.stderr)
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
     return out
+
+
+def _all_reduce_cpu(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum a small host tensor over ranks (via the device for nccl)."""
+    import torch.distributed as dist
+
+    on = t.to(device)
+    dist.all_reduce(on)
+    return on.cpu()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="LLaVA .json/.jsonl or image,question,answer .csv")
     d.add_argument("--image-dir", default=None, help="image paths are relative to this folder")
-    d.add_argument("--shapes", type=int, default=0, help="train on N generated shapes scenes instead")
+    d.add_argument("--shapes", type=int, default=0, help="train on N generated shapes scenes")
     d.add_argument("--data-seed", type=int, default=0, help="seed of the generated shapes data")
     d.add_argument("--max-length", type=int, default=2048)
     o = p.add_argument_group("optimisation")
@@ -280,19 +531,42 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto")
     o.add_argument("--save-every", type=int, default=0)
-    o.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    o.add_argument("--keep", type=int, default=2, help="checkpoints to keep (>= 1)")
     o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     o.add_argument("--log-every", type=int, default=0)
     o.add_argument("--quiet", action="store_true")
+    lo = p.add_argument_group("LoRA (freezes the model, trains low-rank adapters)")
+    lo.add_argument("--lora", action="store_true", help="train a LoRA adapter")
+    lo.add_argument("--lora-r", type=int, default=8, help="adapter rank")
+    lo.add_argument("--lora-alpha", type=float, default=16.0, help="scale = alpha / r")
+    lo.add_argument("--lora-dropout", type=float, default=0.0)
+    lo.add_argument(
+        "--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME",
+        help="language-model Linear names to adapt (space or comma separated)",
+    )  # fmt: skip
+    lo.add_argument("--lora-projector", action="store_true", help="also adapt the projector")
+    lo.add_argument("--lora-vision", action="store_true", help="also adapt vision attention")
+    lo.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit base (CUDA)")
+    lo.add_argument("--merge", action="store_true", help="also write the merged model to OUT")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    if not (a.model or a.init_config):
-        a.model = None  # fine-tune the embedded default
     if not (a.data or a.shapes):
         print("error: give --data FILE (or --shapes N)", file=sys.stderr)
         return 2
+    if a.keep < 1:
+        raise FastVLMError("--keep must be at least 1")
+    if a.merge and not (a.lora or a.qlora):
+        raise FastVLMError("--merge folds a LoRA adapter into the model: use it with --lora")
+    if (a.lora or a.qlora) and a.freeze:
+        raise FastVLMError("--lora already freezes every base weight; drop --freeze")
+    if a.qlora:
+        require_qlora()
     train(a)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
