@@ -1,9 +1,9 @@
 """fastvlm: run Apple's FastVLM vision-language models fast and everywhere.
 
-    >>> import fastvlm
-    >>> vlm = fastvlm.load()                     # embedded tiny demo model, offline
-    >>> vlm.describe("examples/shapes1.png")
-    >>> vlm = fastvlm.load("apple/FastVLM-0.5B")  # downloads on demand (research licence)
+>>> import fastvlm
+>>> vlm = fastvlm.load()                     # embedded tiny demo model, offline
+>>> vlm.describe("examples/shapes1.png")
+>>> vlm = fastvlm.load("apple/FastVLM-0.5B")  # downloads on demand (research licence)
 """
 
 from .api import FastVLM, load

@@ -23,10 +23,15 @@ from .tokenization import STOP_TOKENS, load_tokenizer
 from .weights import load_config, load_model
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}  # fmt: skip
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -148,9 +153,14 @@ class FastVLM:
         if pixels is not None:
             pixels = pixels.to(self.device)
         for chunk in stream_generate(
-            self.model, self.tokenizer, ids, pixels, params,
-            eos_ids=self.eos_ids, vocab_limit=self.vocab_limit,
-        ):  # fmt: skip
+            self.model,
+            self.tokenizer,
+            ids,
+            pixels,
+            params,
+            eos_ids=self.eos_ids,
+            vocab_limit=self.vocab_limit,
+        ):
             self.last_stats = chunk.stats
             yield chunk
 
@@ -186,7 +196,9 @@ class FastVLM:
         images: list[ImageInput] | None = None,
         **sampling,
     ) -> str:
-        imgs = list(images or []) + ([] if image is None else image if isinstance(image, list) else [image])
+        imgs = list(images or []) + (
+            [] if image is None else image if isinstance(image, list) else [image]
+        )
         msgs = self._describe_messages(imgs, prompt)
         return self.chat(msgs, max_tokens=max_tokens, temperature=temperature, **sampling)
 
@@ -197,7 +209,14 @@ class FastVLM:
         params = self._params(sampling)
         px = None if pixel_values is None else pixel_values.to(self.device)
         return list(
-            generate_step(self.model, input_ids, px, params, eos_ids=self.eos_ids, vocab_limit=self.vocab_limit)
+            generate_step(
+                self.model,
+                input_ids,
+                px,
+                params,
+                eos_ids=self.eos_ids,
+                vocab_limit=self.vocab_limit,
+            )
         )
 
 

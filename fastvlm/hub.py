@@ -68,7 +68,9 @@ def resolve(model: str | os.PathLike | None, *, download: bool = True, quiet: bo
     return snapshot(ref, download=download, quiet=quiet)
 
 
-def snapshot(repo_id: str, *, local_dir: str | None = None, download: bool = True, quiet: bool = False) -> Path:
+def snapshot(
+    repo_id: str, *, local_dir: str | None = None, download: bool = True, quiet: bool = False
+) -> Path:
     """Download (or find in the cache) the files of `repo_id` that fastvlm needs."""
     try:
         from huggingface_hub import snapshot_download

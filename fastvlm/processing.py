@@ -169,7 +169,9 @@ def _parts(content: Any) -> list[dict]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
-        raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+        raise ValueError(
+            f"message content must be a string or a list of parts, got {type(content).__name__}"
+        )
     out = []
     for p in content:
         if isinstance(p, str):
@@ -285,7 +287,11 @@ class Processor:
         return torch.stack(
             [
                 preprocess_image(
-                    load_image(im), c.vision.image_size, c.image_aspect_ratio, c.image_mean, c.image_std
+                    load_image(im),
+                    c.vision.image_size,
+                    c.image_aspect_ratio,
+                    c.image_mean,
+                    c.image_std,
                 )
                 for im in images
             ]

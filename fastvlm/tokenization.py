@@ -54,11 +54,15 @@ def load_tokenizer(folder: Path):
         for i, entry in json.loads(cfg_path.read_text()).get("added_tokens_decoder", {}).items():
             added[int(i)] = entry["content"]
     if (folder / "added_tokens.json").exists():
-        added.update({v: k for k, v in json.loads((folder / "added_tokens.json").read_text()).items()})
+        added.update(
+            {v: k for k, v in json.loads((folder / "added_tokens.json").read_text()).items()}
+        )
     for i in sorted(added):
         tok.add_special_tokens([AddedToken(added[i], special=True, normalized=False)])
         if tok.token_to_id(added[i]) != i:
-            raise TokenizerError(f"added token {added[i]!r} got id {tok.token_to_id(added[i])}, expected {i}")
+            raise TokenizerError(
+                f"added token {added[i]!r} got id {tok.token_to_id(added[i])}, expected {i}"
+            )
     return tok
 
 

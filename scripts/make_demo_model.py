@@ -10,7 +10,8 @@ Steps (each deterministic from its seed):
 4. packaging: weights stored as float16 (loaded as float32 on CPU), tokenizer, README;
 5. evaluation: `fastvlm eval --model <asset> --shapes 500 --data-seed 1000` (held-out seed).
 
-    OMP_NUM_THREADS=1 python scripts/make_demo_model.py --work /tmp/demo --out fastvlm/assets/fastvlm-tiny
+    OMP_NUM_THREADS=1 python scripts/make_demo_model.py \
+        --work /tmp/demo --out fastvlm/assets/fastvlm-tiny
 
 `--skip-train` packages an existing run in `--work/run1`.
 """
@@ -26,10 +27,27 @@ import time
 from pathlib import Path
 
 TRAIN_ARGS = [
-    "--shapes", "100000", "--data-seed", "0", "--max-steps", "2000", "--batch-size", "16",
-    "--lr", "1e-3", "--warmup", "100", "--weight-decay", "0.01", "--save-every", "200",
-    "--log-every", "25", "--seed", "0",
-]  # fmt: skip
+    "--shapes",
+    "100000",
+    "--data-seed",
+    "0",
+    "--max-steps",
+    "2000",
+    "--batch-size",
+    "16",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "100",
+    "--weight-decay",
+    "0.01",
+    "--save-every",
+    "200",
+    "--log-every",
+    "25",
+    "--seed",
+    "0",
+]
 
 
 def demo_config(vocab_size: int) -> dict:
@@ -37,18 +55,27 @@ def demo_config(vocab_size: int) -> dict:
 
     cfg = FastVLMConfig(
         vision=VisionConfig(
-            layers=(1, 1, 2, 1, 1), embed_dims=(16, 32, 64, 128, 256), image_size=256,
+            layers=(1, 1, 2, 1, 1),
+            embed_dims=(16, 32, 64, 128, 256),
+            image_size=256,
             layer_scale_init_value=0.1,
         ),
         text=TextConfig(
-            vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-            max_position_embeddings=1024, rope_theta=10000.0, eos_token_id=2,
+            vocab_size=vocab_size,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=1024,
+            rope_theta=10000.0,
+            eos_token_id=2,
         ),
         image_token_id=3,
         image_aspect_ratio="pad",
         chat_template="apple",
-    )  # fmt: skip
+    )
     return cfg.to_dict()
 
 
@@ -56,7 +83,9 @@ def build_tokenizer(path: Path) -> int:
     from fastvlm.train.shapes import make_example
     from fastvlm.train.tokenizer_build import build_tokenizer, chat_text
 
-    texts = [chat_text(make_example(12345, i, 64)[1]["conversations"], eos=True) for i in range(3000)]
+    texts = [
+        chat_text(make_example(12345, i, 64)[1]["conversations"], eos=True) for i in range(3000)
+    ]
     tok = build_tokenizer(texts, 512)
     tok.save(str(path))
     return tok.get_vocab_size()
@@ -88,8 +117,19 @@ def main(argv: list[str] | None = None) -> int:
         vocab = build_tokenizer(work / "tokenizer.json")
         (work / "config.json").write_text(json.dumps(demo_config(vocab), indent=1))
         t0 = time.time()
-        cmd = [sys.executable, "-m", "fastvlm", "train", "--init-config", str(work / "config.json"),
-               "--tokenizer", str(work / "tokenizer.json"), "--output", str(work / "run1"), *TRAIN_ARGS]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastvlm",
+            "train",
+            "--init-config",
+            str(work / "config.json"),
+            "--tokenizer",
+            str(work / "tokenizer.json"),
+            "--output",
+            str(work / "run1"),
+            *TRAIN_ARGS,
+        ]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         train_s = time.time() - t0

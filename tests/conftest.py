@@ -19,11 +19,17 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def tiny_config(**kw) -> FastVLMConfig:
     vision = VisionConfig(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128), image_size=128)
     text = TextConfig(
-        vocab_size=kw.pop("vocab_size", 300), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_word_embeddings=kw.pop("tie", True), max_position_embeddings=512, rope_theta=1e6,
+        vocab_size=kw.pop("vocab_size", 300),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=kw.pop("tie", True),
+        max_position_embeddings=512,
+        rope_theta=1e6,
         eos_token_id=2,
-    )  # fmt: skip
+    )
     return FastVLMConfig(vision=vision, text=text, image_token_id=kw.pop("image_token_id", 3), **kw)
 
 

@@ -18,15 +18,21 @@ from fastvlm.cli import main
 def run_cli(*args: str, stdin: str | None = None, env_extra: dict | None = None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "fastvlm", *args], input=stdin, capture_output=True, text=True,
-        env=env, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-m", "fastvlm", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture
 def image(tmp_path):
     path = tmp_path / "img.png"
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(path)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(
+        path
+    )
     return path
 
 
@@ -48,8 +54,26 @@ def test_describe_json_matches_python_api(tiny_dir, image):
 
 
 def test_apple_flag_aliases(tiny_dir, image):
-    assert main(["describe", "--model-path", str(tiny_dir), "--image-file", str(image),
-                 "--temp", "0.7", "--top_p", "0.9", "--seed", "3", "--max_tokens", "4"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "describe",
+                "--model-path",
+                str(tiny_dir),
+                "--image-file",
+                str(image),
+                "--temp",
+                "0.7",
+                "--top_p",
+                "0.9",
+                "--seed",
+                "3",
+                "--max_tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
 
 
 def test_missing_image_one_line_error(tiny_dir, tmp_path):
@@ -60,7 +84,9 @@ def test_missing_image_one_line_error(tiny_dir, tmp_path):
 def test_corrupt_image_does_not_stop_the_others(tiny_dir, image, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
-    r = run_cli("describe", str(bad), str(image), "--model", str(tiny_dir), "--json", "--max-tokens", "3")
+    r = run_cli(
+        "describe", str(bad), str(image), "--model", str(tiny_dir), "--json", "--max-tokens", "3"
+    )
     assert r.returncode == 1
     rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert "error" in rows[0] and "text" in rows[1]  # the good image still got its answer
@@ -77,7 +103,9 @@ def test_broken_checkpoint_and_config(tiny_dir, image):
     (tiny_dir / "model.safetensors").write_bytes(b"garbage")
     assert_one_line_error(run_cli("describe", str(image), "--model", str(tiny_dir)), "cannot read")
     (tiny_dir / "config.json").write_text('{"model_type": "gpt2"}')
-    assert_one_line_error(run_cli("describe", str(image), "--model", str(tiny_dir)), "not a FastVLM")
+    assert_one_line_error(
+        run_cli("describe", str(image), "--model", str(tiny_dir)), "not a FastVLM"
+    )
 
 
 def test_bad_sampling_value(tiny_dir, image):
@@ -98,9 +126,13 @@ def test_convert_cli(tiny_dir, tmp_path):
 
 def test_chat_reads_stdin(tiny_dir, image):
     r = run_cli(
-        "chat", "--model", str(tiny_dir), "--max-tokens", "3",
+        "chat",
+        "--model",
+        str(tiny_dir),
+        "--max-tokens",
+        "3",
         stdin=f"/image {image}\nhello\n/image /no/such.png\nagain\n/exit\n",
-    )  # fmt: skip
+    )
     assert r.returncode == 0, r.stderr
     assert "attached" in r.stderr and "image not found" in r.stderr
     assert len([ln for ln in r.stdout.splitlines() if ln.strip()]) <= 2

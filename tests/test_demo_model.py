@@ -43,7 +43,11 @@ def test_readme_main_command_offline():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(
         [sys.executable, "-m", "fastvlm", "describe", "examples/shapes3.png"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == EXPECTED["shapes3.png"]["caption"]

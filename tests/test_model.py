@@ -24,7 +24,12 @@ def prompt_ids(cfg, n_images=1, seed=0):
 
 
 def test_reparameterize_matches_train_form():
-    vc = VisionConfig(layers=(1, 2, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128), image_size=128, inference_mode=False)
+    vc = VisionConfig(
+        layers=(1, 2, 1, 1, 1),
+        embed_dims=(8, 16, 32, 64, 128),
+        image_size=128,
+        inference_mode=False,
+    )
     torch.manual_seed(0)
     net = randomize(FastViTHD(vc))
     x = torch.rand(2, 3, 128, 128)
@@ -32,7 +37,11 @@ def test_reparameterize_matches_train_form():
         before = net(x)
         net.reparameterize()
         after = net(x)
-    fused_keys = set(FastViTHD(VisionConfig(layers=(1, 2, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128))).state_dict())
+    fused_keys = set(
+        FastViTHD(
+            VisionConfig(layers=(1, 2, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128))
+        ).state_dict()
+    )
     assert set(net.state_dict()) == fused_keys  # same names as released checkpoints
     assert before.shape == (2, 256, 2, 2)
     assert torch.allclose(before, after, atol=1e-4 * before.abs().max().item())
@@ -127,7 +136,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     sd.pop("language_model.norm.weight")
     sd["language_model.bogus.weight"] = torch.zeros(1)
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"language_model\.norm\.weight.*language_model\.bogus"):
+    with pytest.raises(
+        CheckpointError, match=r"language_model\.norm\.weight.*language_model\.bogus"
+    ):
         load_model(tmp_path)
 
 

@@ -90,7 +90,10 @@ def test_greedy_tokens_match_transformers(golden, hf_vlm, apple_vlm):
     expected = golden["greedy_tokens"][0].tolist()
     for vlm in (hf_vlm, apple_vlm):
         out = vlm.generate_ids(
-            golden["input_ids"][0].tolist(), golden["pixel_values_crop"], max_tokens=32, ignore_eos=True
+            golden["input_ids"][0].tolist(),
+            golden["pixel_values_crop"],
+            max_tokens=32,
+            ignore_eos=True,
         )
         assert out == expected
 
@@ -136,11 +139,14 @@ def _live_model(
     from transformers import FastVlmConfig, FastVlmForConditionalGeneration
 
     cfg = FastVlmConfig(
-        vision_config={"architecture": "fastvit_mci3", "model_args": {"inference_mode": True, **model_args},
-                       "hidden_size": model_args.get("embed_dims", (96, 192, 384, 768, 1536))[-1] * 2},
+        vision_config={
+            "architecture": "fastvit_mci3",
+            "model_args": {"inference_mode": True, **model_args},
+            "hidden_size": model_args.get("embed_dims", (96, 192, 384, 768, 1536))[-1] * 2,
+        },
         text_config={"model_type": "qwen2", **text_kw},
         image_token_id=text_kw["vocab_size"] - 1,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = FastVlmForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -157,8 +163,12 @@ def _live_model(
 
 def _compare_live(tmp_path, model, image_size: int, n_tokens: int) -> float:
     model.save_pretrained(tmp_path)
-    pre = {"crop_size": {"height": image_size, "width": image_size}, "size": {"shortest_edge": image_size},
-           "image_mean": [0, 0, 0], "image_std": [1, 1, 1]}  # fmt: skip
+    pre = {
+        "crop_size": {"height": image_size, "width": image_size},
+        "size": {"shortest_edge": image_size},
+        "image_mean": [0, 0, 0],
+        "image_std": [1, 1, 1],
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(pre))
     vlm = fastvlm.load(str(tmp_path), device="cpu", dtype="float32")
     img_id = model.config.image_token_id
@@ -176,8 +186,15 @@ def _compare_live(tmp_path, model, image_size: int, n_tokens: int) -> float:
 @pytest.mark.parity
 @live
 def test_live_tiny_parity(tmp_path):
-    text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    text = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = _live_model(text, {"layers": (1, 1, 1, 1, 1), "embed_dims": (8, 16, 32, 64, 128)}, 128)
     assert _compare_live(tmp_path, model, 128, 4) <= 1e-4
 
@@ -187,9 +204,17 @@ def test_live_tiny_parity(tmp_path):
 @live
 def test_live_full_05b_shape_parity(tmp_path):
     """FastVLM-0.5B shape (FastViTHD + Qwen2-0.5B), random weights, fp32, 1024² input."""
-    text = dict(vocab_size=152000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
-                tie_word_embeddings=True, max_position_embeddings=32768)  # fmt: skip
+    text = dict(
+        vocab_size=152000,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    )
     model = _live_model(text, {}, 1024, gamma_std=0.05)  # 0.5 would blow up over 44 blocks
     diff = _compare_live(tmp_path, model, 1024, 256)
     print(f"0.5B-shape max |logit diff| = {diff:.3e}")

@@ -107,7 +107,9 @@ def test_pad_mode_letterboxes_with_black():
     assert px[:, :14].abs().max() == 0 and px[:, -14:].abs().max() == 0  # top/bottom bars
     assert torch.allclose(px[:, 20:44], torch.ones(3, 24, 64))  # content white, range [0, 1]
     sq = expand2square(Image.new("RGB", (3, 6), (9, 9, 9)), (0, 0, 0))
-    assert sq.size == (6, 6) and sq.getpixel((0, 0)) == (0, 0, 0) and sq.getpixel((1, 0)) == (9, 9, 9)
+    assert (
+        sq.size == (6, 6) and sq.getpixel((0, 0)) == (0, 0, 0) and sq.getpixel((1, 0)) == (9, 9, 9)
+    )
 
 
 def test_crop_mode_cuts_long_axis():

@@ -109,6 +109,11 @@ def test_shapes_inside_image_and_clearly_separated(size: int) -> None:
         for left, right in zip(ordered, ordered[1:], strict=False):
             # every pair of shapes is horizontally disjoint with a clear gap
             assert right.bbox[0] - left.bbox[2] >= 0.03 * size
+        for a in scene.shapes:
+            for b in scene.shapes:
+                # vertically, two shapes are either clearly apart or overlap: never borderline
+                gap = b.bbox[1] - a.bbox[3]
+                assert not 0 <= gap < 0.03 * size
     assert counts == {1, 2, 3, 4}
 
 

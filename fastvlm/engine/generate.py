@@ -95,7 +95,13 @@ def generate_step(
     for i in range(params.max_tokens):
         if image_id < logits.shape[-1]:  # a sampled placeholder would demand an image next step
             logits[..., image_id] = float("-inf")
-        tok = sample(logits[:, -1], params, gen, seen if params.repetition_penalty != 1 else None, vocab_limit)
+        tok = sample(
+            logits[:, -1],
+            params,
+            gen,
+            seen if params.repetition_penalty != 1 else None,
+            vocab_limit,
+        )
         token = int(tok)  # the one host sync per step: we yield it
         if i == 0:
             stats.prefill_s = time.perf_counter() - t0
@@ -134,15 +140,24 @@ def stream_generate(
     step = step_fn or generate_step
     eos = set(eos_ids)
     for token in step(
-        model, input_ids, pixel_values, params, image_embeds=image_embeds, eos_ids=eos,
-        vocab_limit=vocab_limit, stats=stats,
-    ):  # fmt: skip
+        model,
+        input_ids,
+        pixel_values,
+        params,
+        image_embeds=image_embeds,
+        eos_ids=eos,
+        vocab_limit=vocab_limit,
+        stats=stats,
+    ):
         if token in eos and not params.ignore_eos:
             finish = "stop"
             break
         text += detok.add(token)
         if stops:
-            cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
+            cut = min(
+                (i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0),
+                default=-1,
+            )
             if cut >= 0:
                 if cut > emitted:
                     yield Chunk(text[emitted:cut], token, stats=stats)
@@ -156,7 +171,9 @@ def stream_generate(
             emitted = safe
     if not hit_stop:
         text += detok.flush()
-        cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
+        cut = min(
+            (i for i in (text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1
+        )
         if cut >= 0:
             text, finish = text[:cut], "stop"
     yield Chunk(text[emitted:], None, finish, stats)

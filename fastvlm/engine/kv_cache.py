@@ -33,9 +33,14 @@ class KVCache:
         cfg = model.config.text
         p = next(model.parameters())
         return cls(
-            cfg.num_hidden_layers, slots, max_len, cfg.num_key_value_heads, cfg.head_dim,
-            p.dtype if p.is_floating_point() else torch.float32, p.device,
-        )  # fmt: skip
+            cfg.num_hidden_layers,
+            slots,
+            max_len,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            p.dtype if p.is_floating_point() else torch.float32,
+            p.device,
+        )
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor

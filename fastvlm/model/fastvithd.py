@@ -76,7 +76,13 @@ class MobileOneBlock(nn.Module):
         num_conv_branches: int = 1,
     ) -> None:
         super().__init__()
-        self.cin, self.cout, self.k, self.stride, self.groups = cin, cout, kernel_size, stride, groups
+        self.cin, self.cout, self.k, self.stride, self.groups = (
+            cin,
+            cout,
+            kernel_size,
+            stride,
+            groups,
+        )
         pad = kernel_size // 2
         self.se = SEBlock(cout) if use_se else nn.Identity()
         self.activation = nn.GELU() if use_act else nn.Identity()
@@ -152,7 +158,13 @@ class ReparamLargeKernelConv(nn.Module):
         inference_mode: bool = True,
     ) -> None:
         super().__init__()
-        self.cin, self.cout, self.k, self.stride, self.groups = cin, cout, kernel_size, stride, groups
+        self.cin, self.cout, self.k, self.stride, self.groups = (
+            cin,
+            cout,
+            kernel_size,
+            stride,
+            groups,
+        )
         self.small_k = small_kernel
         self.activation = nn.GELU()
         if inference_mode:
@@ -210,9 +222,16 @@ class RepMixer(nn.Module):
             self.reparam_conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
             return
         self.norm = MobileOneBlock(
-            dim, dim, kernel_size, 1, dim, False, use_act=False, use_scale_branch=False,
+            dim,
+            dim,
+            kernel_size,
+            1,
+            dim,
+            False,
+            use_act=False,
+            use_scale_branch=False,
             num_conv_branches=0,
-        )  # fmt: skip
+        )
         self.mixer = MobileOneBlock(dim, dim, kernel_size, 1, dim, False, use_act=False)
         self.layer_scale = nn.Parameter(layer_scale_init * torch.ones(dim, 1, 1))
 
@@ -364,7 +383,9 @@ class FastViTHD(nn.Module):
             if cfg.pos_embs[i]:
                 network.append(RepCPE(dim, im))
             block = RepMixerBlock if cfg.token_mixers[i] == "repmixer" else AttentionBlock
-            network.append(nn.Sequential(*[block(dim, cfg, cfg.mlp_ratios[i]) for _ in range(depth)]))
+            network.append(
+                nn.Sequential(*[block(dim, cfg, cfg.mlp_ratios[i]) for _ in range(depth)])
+            )
         self.network = nn.ModuleList(network)
         d = cfg.embed_dims[-1]
         self.conv_exp = MobileOneBlock(d, cfg.hidden_size, 3, 1, d, im, use_se=True)

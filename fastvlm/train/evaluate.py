@@ -23,7 +23,9 @@ import torch
 from ..errors import FastVLMError
 
 ARTICLES = {"a", "an", "the"}
-NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+NUMBERS = {
+    w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
+}
 
 
 def normalize(s: str) -> str:
@@ -60,7 +62,11 @@ def load_rows(a: argparse.Namespace) -> list[dict]:
         with open(path, newline="", encoding="utf-8") as f:
             raw = list(csv.DictReader(f))
     else:
-        raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raw = [
+            json.loads(line)
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
     rows = []
     for r in raw:
         img = Path(r["image"])
@@ -70,7 +76,9 @@ def load_rows(a: argparse.Namespace) -> list[dict]:
 
 
 @torch.inference_mode()
-def evaluate(vlm, rows: list[dict], max_tokens: int, out_path: str | None, progress: bool = True) -> dict:
+def evaluate(
+    vlm, rows: list[dict], max_tokens: int, out_path: str | None, progress: bool = True
+) -> dict:
     from tqdm import tqdm
 
     from ..engine.generate import generate
@@ -97,15 +105,24 @@ def evaluate(vlm, rows: list[dict], max_tokens: int, out_path: str | None, progr
             if embeds is None:
                 rec.update(prediction=None, error=err, exact=False, correct=False)
             else:
-                content = [{"type": "image", "image": None}, {"type": "text", "text": r["question"]}]
+                content = [
+                    {"type": "image", "image": None},
+                    {"type": "text", "text": r["question"]},
+                ]
                 prompt, _ = render_chat(
                     [{"role": "user", "content": content}], cfg.chat_template, cfg.system_prompt
                 )
                 ids = vlm.processor.tokenize(prompt, 1)
                 pred, _ = generate(
-                    vlm.model, vlm.tokenizer, ids, None, params, image_embeds=embeds,
-                    eos_ids=vlm.eos_ids, vocab_limit=vlm.vocab_limit,
-                )  # fmt: skip
+                    vlm.model,
+                    vlm.tokenizer,
+                    ids,
+                    None,
+                    params,
+                    image_embeds=embeds,
+                    eos_ids=vlm.eos_ids,
+                    vocab_limit=vlm.vocab_limit,
+                )
                 pred = pred.strip()
                 rec.update(
                     prediction=pred,
@@ -151,11 +168,15 @@ def summarize(results: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastvlm eval", description="Score a model on image QA / captions.")
+    p = argparse.ArgumentParser(
+        prog="fastvlm eval", description="Score a model on image QA / captions."
+    )
     p.add_argument("--model", "-m", default=None, help="model id or folder (default: embedded)")
     p.add_argument("--data", default=None, help="JSONL {image, question, answer, type} or CSV")
     p.add_argument("--image-dir", default=None)
-    p.add_argument("--shapes", type=int, default=0, help="generate N held-out shapes images instead")
+    p.add_argument(
+        "--shapes", type=int, default=0, help="generate N held-out shapes images instead"
+    )
     p.add_argument("--data-seed", type=int, default=1000)
     p.add_argument("--shapes-size", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -174,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     s = evaluate(vlm, rows, a.max_tokens, a.output, progress=not a.quiet)
     for t, v in s["per_type"].items():
         extra = f"  token-F1 {v['token_f1']:.3f}" if "token_f1" in v else ""
-        print(f"{t:<10} n={v['n']:<6} exact {v['exact']:.3f}  normalised {v['accuracy']:.3f}{extra}")
+        print(
+            f"{t:<10} n={v['n']:<6} exact {v['exact']:.3f}  normalised {v['accuracy']:.3f}{extra}"
+        )
     print(f"QA exact {s['qa_exact']}, caption exact {s['caption_exact']}, errors {s['errors']}")
     print(json.dumps(s))
     return 0
