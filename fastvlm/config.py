@@ -123,6 +123,9 @@ class FastVLMConfig:
     # Checkpoint format this config was read from: "apple" | "hf" | "fastvlm".
     format: str = "fastvlm"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Weight-only quantization of the checkpoint (quant.py), e.g. {"version": 1,
+    # "llm": "int4-g128", "projector": "int8", "vision": "none"}; None for float weights.
+    quantization: dict | None = None
 
     @property
     def num_image_tokens(self) -> int:
@@ -143,6 +146,8 @@ class FastVLMConfig:
         """Our own config.json (model_type 'fastvlm')."""
         d = dataclasses.asdict(self)
         d.pop("format")
+        if d["quantization"] is None:
+            d.pop("quantization")
         return {"model_type": "fastvlm", **d}
 
     @classmethod
