@@ -5,8 +5,10 @@ Steps (each deterministic from its seed):
    shapes scenes of data seed 12345 (`fastvlm.train.tokenizer_build`);
 2. config: a FastVLM of the real architecture with tiny widths (see `demo_config`), 256 px input
    → 16 image tokens;
-3. training: `fastvlm train --init-config ... --shapes 100000 --data-seed 0 --max-steps 2000
-   --batch-size 16 --lr 1e-3 --warmup 100 --weight-decay 0.01 --seed 0` (scenes drawn on the fly);
+3. training (scenes drawn on the fly), in the two phases the shipped model actually had: a run
+   planned for 2000 steps, stopped after step 600 (`--stop-after 600`), then resumed with the
+   schedule stretched to 3000 steps (`--resume --max-steps 3000`), because at step 600 the model
+   had only just started to use the image;
 4. packaging: weights stored as float16 (loaded as float32 on CPU), tokenizer, README;
 5. evaluation: `fastvlm eval --model <asset> --shapes 500 --data-seed 1000` (held-out seed).
 
@@ -26,13 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+PHASES = [["--max-steps", "2000", "--stop-after", "600"], ["--max-steps", "3000", "--resume"]]
 TRAIN_ARGS = [
     "--shapes",
     "100000",
     "--data-seed",
     "0",
-    "--max-steps",
-    "2000",
     "--batch-size",
     "16",
     "--lr",
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             str(work / "run1"),
             *TRAIN_ARGS,
         ]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        for phase in PHASES:
+            print(" ".join(cmd + phase), flush=True)
+            subprocess.run(cmd + phase, check=True)
         train_s = time.time() - t0
     package(work / "run1", out, train_s)
     print(f"packaged {out}; now evaluate: fastvlm eval --model {out} --shapes 500 --data-seed 1000")

@@ -487,3 +487,15 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_dir):
     assert relative_gap(ddp, single, tiny_dir) < 1e-3
     vlm = fastvlm.load(str(ddp), device="cpu")
     assert vlm.describe(str(data.parent / "red.png"), "What color?", max_tokens=3) is not None
+
+
+def test_stop_after_then_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
+    """`--stop-after` leaves a checkpoint and no output; a resume finishes the same run."""
+    args = init_config(tmp_path, tokenizer)
+    whole = train(tmp_path, "whole", *args, **{"max-steps": 5})
+    staged = train(tmp_path, "staged", *args, **{"max-steps": 5, "stop-after": 3})
+    assert sorted(p.name for p in staged.iterdir()) == ["checkpoint-3"]
+    staged = train(tmp_path, "staged", *args, "--resume", **{"max-steps": 5})
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(staged / "model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k

@@ -428,7 +428,8 @@ def train(a: argparse.Namespace) -> Path:
         total=total, initial=step, disable=rank != 0 or a.quiet, desc="train", dynamic_ncols=True
     )
     t_start, tokens_seen = time.perf_counter(), 0
-    while step < total:
+    stop = min(total, a.stop_after) if a.stop_after else total
+    while step < stop:
         torch.manual_seed((a.seed * 1_000_003 + step) * 4096 + rank)  # dropout: resume-exact
         epoch, offset = divmod(step, steps_per_epoch)
         order = shuffled(len(ds), a.seed, epoch)[rank::world]
@@ -476,6 +477,13 @@ def train(a: argparse.Namespace) -> Path:
             )[: -a.keep]:
                 shutil.rmtree(old, ignore_errors=True)
     bar.close()
+    if step < total:  # --stop-after: leave a resumable checkpoint, as an interrupted run would
+        if rank == 0 and not (out / f"checkpoint-{step}").exists():
+            save_checkpoint(out / f"checkpoint-{step}", model, tok, optimizer, {"step": step}, lora)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return out
     if rank == 0:
         model.eval()
         write_output(out, model, tok, src, lora, a)
@@ -520,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output", "-o", required=True)
     o.add_argument("--epochs", type=int, default=1)
     o.add_argument("--max-steps", type=int, default=0)
+    o.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="stop after this step, leaving a checkpoint to --resume (staged schedules)",
+    )
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--grad-accum", type=int, default=1)
     o.add_argument("--lr", type=float, default=2e-5)
