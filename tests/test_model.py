@@ -245,3 +245,13 @@ def test_tiny_config_validation():
     cfg.vision.embed_dims = (8, 16, 32, 48, 128)
     with pytest.raises(ConfigError):
         cfg.validate()
+
+
+def test_unknown_model_is_a_typed_error(monkeypatch):
+    from fastvlm.errors import ModelNotFoundError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+        fastvlm.load("nobody/no-such-model-xyz")
+    with pytest.raises(ModelNotFoundError, match="neither a local folder"):
+        fastvlm.load("./no/such/folder")
