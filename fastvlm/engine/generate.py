@@ -4,14 +4,15 @@ Three levels (as mlx-lm):
 * `generate_step`   — ids in, token ids out (prefill once into a static KV cache, then one token
                       per step); the host reads each token because it yields it.
 * `stream_generate` — adds incremental detokenization, stop strings, EOS, finish reason and
-                      timing stats; yields `Chunk`s of text deltas.
+                      timing stats; yields `Chunk`s of text deltas. The text side is
+                      `text_chunks`, which the engine's `stream_text` reuses.
 * `generate`        — the whole string (used by `FastVLM.describe` / `chat`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -117,39 +118,26 @@ def generate_step(
         logits = model(tok.view(1, 1), positions=pos, cache=cache, last_only=True)
 
 
-def stream_generate(
-    model,
+def text_chunks(
+    tokens: Iterable[int],
     tokenizer,
-    input_ids: list[int],
-    pixel_values: torch.Tensor | None = None,
-    params: SamplingParams | None = None,
-    *,
-    image_embeds: torch.Tensor | None = None,
-    eos_ids: Iterable[int] = (),
-    vocab_limit: int | None = None,
-    step_fn=None,
+    stop: Sequence[str],
+    eos: Container[int],
+    stats: Stats,
+    end_reason: Callable[[], str] = lambda: "length",
 ) -> Iterator[Chunk]:
-    """Text deltas with stop-string handling; the last chunk carries `finish_reason` and stats."""
-    params = params or SamplingParams()
-    params.validate()
-    stats = Stats()
+    """Token ids → text-delta `Chunk`s: incremental detokenization, EOS and stop strings.
+
+    Shared by `stream_generate` and the engine's `stream_text`. Text that could still be the start
+    of a stop string is held back; the last chunk carries the finish reason ("stop" on EOS or a
+    stop string, else `end_reason()` once `tokens` runs out) and `stats`.
+    """
     detok = IncrementalDetokenizer(tokenizer)
-    stops = [s for s in params.stop if s]
+    stops = [s for s in stop if s]
     hold = max((len(s) for s in stops), default=1) - 1
-    text, emitted, finish, hit_stop = "", 0, "length", False
-    step = step_fn or generate_step
-    eos = set(eos_ids)
-    for token in step(
-        model,
-        input_ids,
-        pixel_values,
-        params,
-        image_embeds=image_embeds,
-        eos_ids=eos,
-        vocab_limit=vocab_limit,
-        stats=stats,
-    ):
-        if token in eos and not params.ignore_eos:
+    text, emitted, finish, hit_stop = "", 0, None, False
+    for token in tokens:
+        if token in eos:
             finish = "stop"
             break
         text += detok.add(token)
@@ -169,6 +157,8 @@ def stream_generate(
         if safe > emitted:
             yield Chunk(text[emitted:safe], token, stats=stats)
             emitted = safe
+    if finish is None:
+        finish = end_reason()
     if not hit_stop:
         text += detok.flush()
         cut = min(
@@ -177,6 +167,39 @@ def stream_generate(
         if cut >= 0:
             text, finish = text[:cut], "stop"
     yield Chunk(text[emitted:], None, finish, stats)
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    input_ids: list[int],
+    pixel_values: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    *,
+    image_embeds: torch.Tensor | None = None,
+    eos_ids: Iterable[int] = (),
+    vocab_limit: int | None = None,
+    step_fn=None,
+) -> Iterator[Chunk]:
+    """Text deltas with stop-string handling; the last chunk carries `finish_reason` and stats."""
+    params = params or SamplingParams()
+    params.validate()
+    stats = Stats()
+    step = step_fn or generate_step
+    eos = set(eos_ids)
+    tokens = step(
+        model,
+        input_ids,
+        pixel_values,
+        params,
+        image_embeds=image_embeds,
+        eos_ids=eos,
+        vocab_limit=vocab_limit,
+        stats=stats,
+    )
+    yield from text_chunks(
+        tokens, tokenizer, params.stop, set() if params.ignore_eos else eos, stats
+    )
 
 
 def generate(*args, **kwargs) -> tuple[str, Chunk]:

@@ -3,7 +3,12 @@
 One tensor pair per layer of shape (slots, kv_heads, max_len, head_dim), allocated once. Writes go
 to explicit absolute positions, so nothing is allocated or concatenated while decoding. The
 reference decoder uses slot 0..B-1 with equal lengths; the fast engine adds per-slot lengths on
-top of the same storage.
+top of the same storage (`SlotKVCache`).
+
+The engine's cache views are plain writers: `prefill_view` writes one slot's chunk at
+[start, start+T), `window` writes one new K/V per row of the slot window [lo, hi) at that row's
+own position and returns the window's keys up to `span` without gathering or copying — the
+caller's (B, 1, 1, span) mask hides every key past a row's valid length.
 """
 
 from __future__ import annotations
@@ -60,3 +65,60 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget positions ≥ length (prefix reuse: keep a shared history, drop the rest)."""
         self.length = min(self.length, length)
+
+
+class SlotKVCache(KVCache):
+    """The static cache plus host-side per-slot lengths (valid positions of each slot)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = self.k[0].shape[0]
+        self.lengths = [0] * self.slots  # owned by the engine; the views never change it
+
+    def prefill_view(self, slot: int, start: int) -> _SlotPrefill:
+        return _SlotPrefill(self, slot, start)
+
+    def window(self, lo: int, hi: int, span: int) -> _SlotWindow:
+        return _SlotWindow(self, lo, hi, span)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Copy positions [0, n) of slot `src` into slot `dst` (shared-prefix reuse)."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+
+
+class _SlotPrefill:
+    """Batch-1 view of one slot: write a (1, kv, T, hd) chunk at [start, start+T)."""
+
+    def __init__(self, cache: SlotKVCache, slot: int, start: int) -> None:
+        self.cache, self.slot, self.start = cache, slot, start
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.start + k.shape[2]
+        if end > self.cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} > max_len {self.cache.max_len}")
+        s = self.slot
+        self.cache.k[layer][s, :, self.start : end] = k[0]
+        self.cache.v[layer][s, :, self.start : end] = v[0]
+        return self.cache.k[layer][s : s + 1, :, :end], self.cache.v[layer][s : s + 1, :, :end]
+
+
+class _SlotWindow:
+    """Decode view of slots [lo, hi): row i writes its one new K/V at `positions[i, 0]`."""
+
+    def __init__(self, cache: SlotKVCache, lo: int, hi: int, span: int) -> None:
+        self.cache, self.lo, self.hi, self.span = cache, lo, hi, span
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kc = self.cache.k[layer][self.lo : self.hi]  # (B, kv, max_len, hd), a view
+        vc = self.cache.v[layer][self.lo : self.hi]
+        rows = torch.arange(k.shape[0], device=k.device)
+        pos = positions[:, 0]
+        kc[rows, :, pos] = k[:, :, 0]  # advanced indices on dims 0 and 2 → (B, kv, hd)
+        vc[rows, :, pos] = v[:, :, 0]
+        return kc[:, :, : self.span], vc[:, :, : self.span]
