@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import FastVLMConfig
-from .fastvithd import FastViTHD
+from .fastvithd import FastViTHD, RepCPE, RepMixer, identity_kernel
 from .qwen2 import KVCacheLike, Qwen2Model
 
 
@@ -56,6 +56,13 @@ class FastVLMModel(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=std)
                 if m.bias is not None:
                     m.bias.zero_()
+        # Fused RepMixer / RepCPE convs contain the residual: start them as identity + a small
+        # perturbation, which is what re-parameterising a freshly initialised train-time block
+        # gives (x + layer_scale·(...)), so colour and position pass through the stages intact.
+        for m in self.vision_tower.modules():
+            if isinstance(m, (RepMixer, RepCPE)) and hasattr(m, "reparam_conv"):
+                w = m.reparam_conv.weight
+                w.copy_(identity_kernel(m.dim, m.dim, w.shape[-1], w) + 0.02 * torch.randn_like(w))
         self.tie_weights()
 
     def tie_weights(self) -> None:
