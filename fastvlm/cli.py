@@ -19,18 +19,26 @@ from .errors import FastVLMError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", "--model-path", "-m", dest="model", default=None,
+        "--model",
+        "--model-path",
+        "-m",
+        dest="model",
+        default=None,
         help="Hugging Face repo id (e.g. apple/FastVLM-0.5B) or local folder; "
         "default: the embedded tiny demo model",
-    )  # fmt: skip
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--image-size", type=int, default=None, help="encoder resolution (multiple of 64)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="encoder resolution (multiple of 64)"
+    )
     p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", "--max_tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256)
+    p.add_argument(
+        "--max-tokens", "--max_tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256
+    )
     p.add_argument("--temperature", "--temp", dest="temperature", type=float, default=0.0)
     p.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=1.0)
     p.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=0)
@@ -41,16 +49,25 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _sampling(a: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-        repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed,
-    )  # fmt: skip
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        repetition_penalty=a.repetition_penalty,
+        stop=a.stop,
+        seed=a.seed,
+    )
 
 
 def _load(a: argparse.Namespace):
     from .api import load
 
     return load(
-        a.model, device=a.device, dtype=a.dtype, trust_pickle=a.trust_pickle, image_size=a.image_size
+        a.model,
+        device=a.device,
+        dtype=a.dtype,
+        trust_pickle=a.trust_pickle,
+        image_size=a.image_size,
     )
 
 
@@ -68,7 +85,10 @@ def cmd_describe(a: argparse.Namespace) -> int:
     failures = 0
     for path in images:
         messages = [
-            {"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": a.prompt}]}
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": path}, {"type": "text", "text": a.prompt}],
+            }
         ]
         if len(images) > 1 and not a.json:
             print(f"== {path}", flush=True)
@@ -88,12 +108,21 @@ def cmd_describe(a: argparse.Namespace) -> int:
             continue
         if a.json:
             s = last.stats
-            print(json.dumps({
-                "image": str(path), "text": "".join(text), "finish_reason": last.finish_reason,
-                "prompt_tokens": s.prompt_tokens, "image_tokens": s.image_tokens,
-                "generation_tokens": s.generation_tokens, "ttft_s": round(s.ttft_s, 4),
-                "decode_tok_s": round(s.decode_tps, 2),
-            }), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "image": str(path),
+                        "text": "".join(text),
+                        "finish_reason": last.finish_reason,
+                        "prompt_tokens": s.prompt_tokens,
+                        "image_tokens": s.image_tokens,
+                        "generation_tokens": s.generation_tokens,
+                        "ttft_s": round(s.ttft_s, 4),
+                        "decode_tok_s": round(s.decode_tps, 2),
+                    }
+                ),
+                flush=True,
+            )
         else:
             print(flush=True)
         if a.verbose and last is not None:
@@ -150,7 +179,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
         if line.startswith("/"):
             print(CHAT_HELP, file=sys.stderr)
             continue
-        content = [{"type": "image", "image": p} for p in pending] + [{"type": "text", "text": line}]
+        content = [{"type": "image", "image": p} for p in pending] + [
+            {"type": "text", "text": line}
+        ]
         turn = history + [{"role": "user", "content": content}]
         try:
             reply = []
@@ -193,22 +224,30 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="fastvlm", description="Run FastVLM vision-language models.")
+    parser = argparse.ArgumentParser(
+        prog="fastvlm", description="Run FastVLM vision-language models."
+    )
     parser.add_argument("--version", action="version", version=f"fastvlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("describe", help="describe one or more images")
     p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--image", "--image-file", dest="image", action="append", help="image (repeatable)")
+    p.add_argument(
+        "--image", "--image-file", dest="image", action="append", help="image (repeatable)"
+    )
     p.add_argument("--prompt", "-p", default="Describe this image.")
-    p.add_argument("--json", action="store_true", help="one JSON object per image instead of streaming")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per image instead of streaming"
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed")
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_describe)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat about images")
-    p.add_argument("--image", "--image-file", dest="image", action="append", help="image for the first turn")
+    p.add_argument(
+        "--image", "--image-file", dest="image", action="append", help="image for the first turn"
+    )
     p.add_argument("--system", default=None, help="system prompt")
     _add_model_args(p)
     _add_sampling_args(p)
@@ -219,10 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="download into this folder instead of the HF cache")
     p.set_defaults(func=cmd_download)
 
-    sub.add_parser("train", help="fine-tune or train a model (see `fastvlm train -h`)", add_help=False)
-    sub.add_parser("eval", help="score a model on image QA / captions (see `fastvlm eval -h`)", add_help=False)
+    sub.add_parser(
+        "train", help="fine-tune or train a model (see `fastvlm train -h`)", add_help=False
+    )
+    sub.add_parser(
+        "eval", help="score a model on image QA / captions (see `fastvlm eval -h`)", add_help=False
+    )
     sub.add_parser("lora", help="LoRA adapter tools: merge (see `fastvlm lora -h`)", add_help=False)
-    sub.add_parser("quantize", help="int8/int4 weight-only quantization (see `fastvlm quantize -h`)", add_help=False)
+    sub.add_parser(
+        "quantize",
+        help="int8/int4 weight-only quantization (see `fastvlm quantize -h`)",
+        add_help=False,
+    )
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
@@ -233,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 TOOLS = {
-    "train": "fastvlm.train.finetune", "eval": "fastvlm.train.evaluate", "lora": "fastvlm.train.lora",
+    "train": "fastvlm.train.finetune",
+    "eval": "fastvlm.train.evaluate",
+    "lora": "fastvlm.train.lora",
     "quantize": "fastvlm.quant",
-}  # fmt: skip
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,9 +66,11 @@ class VisionConfig:
                 raise ConfigError(f"vision config: unknown token mixer {mixer!r}")
             if mixer == "attention" and d % self.head_dim:
                 raise ConfigError(f"vision config: attention width {d} not a multiple of 32")
-        for a, b in zip(self.embed_dims, self.embed_dims[1:]):
+        for a, b in zip(self.embed_dims, self.embed_dims[1:], strict=False):
             if b % a:
-                raise ConfigError(f"vision config: width {b} must be a multiple of {a} (grouped conv)")
+                raise ConfigError(
+                    f"vision config: width {b} must be a multiple of {a} (grouped conv)"
+                )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size {self.image_size} must be a multiple of the encoder stride "
@@ -137,7 +139,7 @@ class FastVLMConfig:
         if self.mm_projector_type != "mlp2x_gelu":
             raise ConfigError(f"unsupported mm_projector_type {self.mm_projector_type!r}")
         if self.image_aspect_ratio not in ("pad", "crop"):
-            raise ConfigError(f"image_aspect_ratio must be 'pad' or 'crop'")
+            raise ConfigError("image_aspect_ratio must be 'pad' or 'crop'")
         if self.chat_template not in ("apple", "hf"):
             raise ConfigError("chat_template must be 'apple' or 'hf'")
 

@@ -2,8 +2,9 @@
 
 Three formats map onto one internal naming (Apple's names minus wrapper prefixes, see
 model/fastvlm.py):
-* "apple"   — `llava_qwen2` repos: `model.vision_tower.vision_tower.model.*`, `model.mm_projector.*`,
-              `model.{embed_tokens,layers,norm}.*`, `lm_head.*`. Pure prefix stripping.
+* "apple"   — `llava_qwen2` repos: `model.vision_tower.vision_tower.model.*`,
+              `model.mm_projector.*`, `model.{embed_tokens,layers,norm}.*`, `lm_head.*`.
+              Pure prefix stripping.
 * "hf"      — transformers `fast_vlm`: timm FastViT names under `model.vision_tower.timm_model.*`,
               `model.multi_modal_projector.linear_{1,2}.*`, `model.language_model.*`.
 * "fastvlm" — our own: the internal names as they are.
@@ -145,7 +146,9 @@ def read_json(path: Path) -> dict:
 
 def detect_format(config: dict, keys: list[str] | None = None) -> str:
     mt = config.get("model_type", "")
-    if mt == "fast_vlm" or (keys and any(k.startswith("model.vision_tower.timm_model.") for k in keys)):
+    if mt == "fast_vlm" or (
+        keys and any(k.startswith("model.vision_tower.timm_model.") for k in keys)
+    ):
         return "hf"
     if mt in ("llava_qwen2", "llava_qwen") or (
         keys and any(k.startswith("model.vision_tower.vision_tower.") for k in keys)
@@ -362,7 +365,8 @@ def config_to_format(cfg: FastVLMConfig, fmt: str) -> dict:
         return {**d, "fastvlm_extras": extras} if extras else d
     if fmt == "hf":
         extras = _extras(cfg, chat_template="hf", image_aspect_ratio="crop")
-        return {**({"fastvlm_extras": extras} if extras else {}),
+        return {
+            **({"fastvlm_extras": extras} if extras else {}),
             "model_type": "fast_vlm",
             "architectures": ["FastVlmForConditionalGeneration"],
             "image_token_id": cfg.image_token_id,

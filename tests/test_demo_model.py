@@ -22,7 +22,10 @@ from fastvlm.hub import DEFAULT_MODEL
 
 ROOT = Path(__file__).parent.parent
 EXPECTED = json.loads((ROOT / "examples" / "expected.json").read_text())
-NP = r"an? (small|large) (red|orange|yellow|green|blue|purple) (circle|square|triangle|star|diamond|cross)"
+NP = (
+    r"an? (small|large) (red|orange|yellow|green|blue|purple) "
+    r"(circle|square|triangle|star|diamond|cross)"
+)
 GRAMMAR = {
     "one": rf"one shape: {NP}\.",
     "two": rf"two shapes: {NP} on the left and {NP} on the right\.",
@@ -57,7 +60,11 @@ def test_counts_on_held_out_scenes(vlm):
     right = 0
     for i in range(20):
         img, _, rows = make_example(1000, i, 256)
-        q = next(r for r in rows if r["question"] == "How many shapes are there?" or r["type"] == "caption")
+        q = next(
+            r
+            for r in rows
+            if r["question"] == "How many shapes are there?" or r["type"] == "caption"
+        )
         pred = vlm.describe(img, prompt=q["question"], max_tokens=48)
         right += pred.split()[:1] == q["answer"].split()[:1]
     assert right >= 12  # measured 0.7-0.8 on held-out seeds; a blind model gets ~0.3
