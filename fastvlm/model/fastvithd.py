@@ -44,6 +44,16 @@ def identity_kernel(channels: int, groups: int, k: int, like: torch.Tensor) -> t
     return ker
 
 
+def fused_conv(kernel: torch.Tensor, bias: torch.Tensor, stride: int, groups: int) -> nn.Conv2d:
+    """A conv holding a folded (kernel, bias): the single conv of a re-parameterised block."""
+    cout, cin_per_group, k, _ = kernel.shape
+    conv = nn.Conv2d(cin_per_group * groups, cout, k, stride, k // 2, groups=groups)
+    conv = conv.to(device=kernel.device, dtype=kernel.dtype)
+    conv.weight.copy_(kernel)
+    conv.bias.copy_(bias)
+    return conv
+
+
 class SEBlock(nn.Module):
     """Squeeze-excite over the full H×W (only in `conv_exp`)."""
 
@@ -135,10 +145,7 @@ class MobileOneBlock(nn.Module):
         if hasattr(self, "reparam_conv"):
             return
         kernel, bias = self.fused_kernel_bias()
-        conv = nn.Conv2d(self.cin, self.cout, self.k, self.stride, self.k // 2, groups=self.groups)
-        conv = conv.to(device=kernel.device, dtype=kernel.dtype)
-        conv.weight.copy_(kernel)
-        conv.bias.copy_(bias)
+        conv = fused_conv(kernel, bias, self.stride, self.groups)
         for name in ("rbr_conv", "rbr_scale", "rbr_skip"):
             delattr(self, name)
         self.reparam_conv = conv
@@ -188,10 +195,7 @@ class ReparamLargeKernelConv(nn.Module):
         ws, bs = fuse_bn(self.small_conv.conv.weight, self.small_conv.bn)
         p = (self.k - self.small_k) // 2
         w, b = w + F.pad(ws, [p, p, p, p]), b + bs
-        conv = nn.Conv2d(self.cin, self.cout, self.k, self.stride, self.k // 2, groups=self.groups)
-        conv = conv.to(device=w.device, dtype=w.dtype)
-        conv.weight.copy_(w)
-        conv.bias.copy_(b)
+        conv = fused_conv(w, b, self.stride, self.groups)
         del self.lkb_origin, self.small_conv
         self.lkb_reparam = conv
 
@@ -249,10 +253,7 @@ class RepMixer(nn.Module):
         ident = identity_kernel(self.dim, self.dim, self.k, wm)
         w = ident + self.layer_scale.unsqueeze(-1) * (wm - wn)
         b = self.layer_scale.reshape(-1) * (bm - bn)
-        conv = nn.Conv2d(self.dim, self.dim, self.k, 1, self.k // 2, groups=self.dim)
-        conv = conv.to(device=w.device, dtype=w.dtype)
-        conv.weight.copy_(w)
-        conv.bias.copy_(b)
+        conv = fused_conv(w, b, 1, self.dim)
         del self.mixer, self.norm, self.layer_scale
         self.reparam_conv = conv
 
@@ -292,10 +293,7 @@ class RepCPE(nn.Module):
         if hasattr(self, "reparam_conv"):
             return
         w = self.pe.weight + identity_kernel(self.dim, self.dim, 7, self.pe.weight)
-        conv = nn.Conv2d(self.dim, self.dim, 7, 1, 3, groups=self.dim)
-        conv = conv.to(device=w.device, dtype=w.dtype)
-        conv.weight.copy_(w)
-        conv.bias.copy_(self.pe.bias)
+        conv = fused_conv(w, self.pe.bias, 1, self.dim)
         del self.pe
         self.reparam_conv = conv
 
