@@ -18,7 +18,7 @@ import torch
 from . import hub
 from .engine.generate import Chunk, Stats, generate_step, stream_generate
 from .engine.sampling import SamplingParams
-from .processing import ImageInput, Processor, load_image, preprocess_image
+from .processing import ImageInput, Processor
 from .tokenization import STOP_TOKENS, load_tokenizer
 from .weights import load_config, load_model
 
@@ -118,11 +118,7 @@ class FastVLM:
     # ------------------------------------------------------------------ inputs
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """The pixel tensor (1, 3, S, S) the model sees for `image`."""
-        c = self.config
-        px = preprocess_image(
-            load_image(image), c.vision.image_size, c.image_aspect_ratio, c.image_mean, c.image_std
-        )
-        return px[None]
+        return self.processor.pixels([image])
 
     def encode(self, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
         ids, pixels, _ = self.processor(messages)
@@ -141,7 +137,7 @@ class FastVLM:
         return p
 
     @staticmethod
-    def _describe_messages(images: list[ImageInput], prompt: str) -> list[dict]:
+    def describe_messages(images: list[ImageInput], prompt: str) -> list[dict]:
         content: list[dict] = [{"type": "image", "image": im} for im in images]
         content.append({"type": "text", "text": prompt})
         return [{"role": "user", "content": content}]
@@ -183,7 +179,7 @@ class FastVLM:
         """Stream text deltas for one image + prompt (or for `messages`)."""
         if messages is None:
             images = [] if image is None else image if isinstance(image, list) else [image]
-            messages = self._describe_messages(images, prompt)
+            messages = self.describe_messages(images, prompt)
         return self.stream_chat(messages, **sampling)
 
     def describe(
@@ -199,7 +195,7 @@ class FastVLM:
         imgs = list(images or []) + (
             [] if image is None else image if isinstance(image, list) else [image]
         )
-        msgs = self._describe_messages(imgs, prompt)
+        msgs = self.describe_messages(imgs, prompt)
         return self.chat(msgs, max_tokens=max_tokens, temperature=temperature, **sampling)
 
     def generate_ids(

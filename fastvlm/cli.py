@@ -84,12 +84,7 @@ def cmd_describe(a: argparse.Namespace) -> int:
     vlm = _load(a)
     failures = 0
     for path in images:
-        messages = [
-            {
-                "role": "user",
-                "content": [{"type": "image", "image": path}, {"type": "text", "text": a.prompt}],
-            }
-        ]
+        messages = vlm.describe_messages([path], a.prompt)
         if len(images) > 1 and not a.json:
             print(f"== {path}", flush=True)
         try:
