@@ -1,0 +1,342 @@
+"""Bandwidth-bound decode kernels (small-M GEMV/GEMM) for AVX2 + FMA CPUs, and `FastLinear`.
+
+Why: decode on a CPU is memory-bound, and torch's kernels waste bandwidth at M = 1..8 rows
+(F.linear at M=4 reaches ~5 GB/s where a plain read reaches ~26 GB/s; its int8 / int4 weight-only
+kernels only run fast in bf16). `gemv.c` reads every weight element once per call (all M ≤ 8 rows
+of x are multiplied while a weight tile sits in registers) and splits output rows over OpenMP
+threads (the count comes from `torch.get_num_threads()` at each call).
+
+Design decisions:
+* **Compiled on first use, no torch headers**: `gemv.c` is built with the system C compiler
+  (`$CC`, default `cc`; `-O3 -mavx2 -mfma -fopenmp -shared -fPIC`) into
+  `$FASTVLM_KERNELS_CACHE` or `~/.cache/fastvlm/kernels/<sha of source+flags>.so` (write to a
+  temp file, then atomic rename: concurrent processes never see half a library), loaded with
+  ctypes and called with `.data_ptr()`s. Without OpenMP support (e.g. Apple clang) it is built
+  single-threaded. The OpenMP runtime is torch's own `libgomp.so.1` (same soname, already
+  loaded), so there is one thread pool, not two fighting over the cores.
+* **Clean fallback**: `available()` is False (and callers keep their torch path) when
+  `FASTVLM_KERNELS=0`, the OS/arch is not Linux or macOS on x86-64, the CPU lacks AVX2/FMA, or
+  the compile fails (the reason is in `unavailable_reason()`); nothing raises.
+* **Layouts = the model's**: fp32 uses nn.Linear's (N, K) weight as is; int8 uses `Int8Linear`'s
+  (N, K) int8 + (N,) scales; int4 uses `Int4Linear`'s portable nibble form (N, K/2) with
+  (N, K/G) scales and `zb = zero - 8 * scale` (fp32, built once by the caller), so the kernel
+  dequantizes w = q * scale + zb with one FMA per 8 weights shared by all M rows.
+* **Small M only**: any M works (rows go in blocks of 8, re-reading W per block), but callers use
+  these for M ≤ `MAX_M` and keep MKL for prefill.
+
+`FastLinear` is an `nn.Linear` whose forward uses `linear_fp32` for CPU fp32 inputs with ≤ MAX_M
+rows; `use_fast_linears(model)` swaps the decoder's and lm_head's Linears for it in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
+OPENMP_FLAGS = ["-fopenmp"]
+ABI_VERSION = 1
+MAX_M = 8  # callers use the kernels up to this many rows (decode); larger M keeps MKL
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
+
+
+# ---------------------------------------------------------------------- build and load
+def _cache_dir() -> Path:
+    env = os.environ.get("FASTVLM_KERNELS_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastvlm" / "kernels"
+
+
+def _cpu_supported() -> str:
+    """'' when this OS/CPU can run the kernels, else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"CPU architecture {platform.machine()} is not x86-64"
+    if sys.platform.startswith("linux"):
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError as e:
+            return f"cannot read /proc/cpuinfo ({e})"
+        flags = set()
+        for line in text.splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    elif sys.platform == "darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"cannot query CPU features ({e})"
+        flags = set(out.lower().split())
+    else:
+        return f"OS {sys.platform} is not supported (Linux or macOS on x86-64)"
+    missing = [f for f in ("avx2", "fma") if f not in flags]
+    return f"CPU lacks {', '.join(missing)}" if missing else ""
+
+
+def _compile(cc: str, out: Path) -> str:
+    """Build the library at `out` (atomically); '' on success, else the compiler's complaint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in (OPENMP_FLAGS, ["-Wno-unknown-pragmas"]):  # OpenMP first, then single-threaded
+        fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=out.parent)
+        os.close(fd)
+        try:
+            cmd = [cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            if r.returncode == 0 and os.path.getsize(tmp) > 0:
+                os.replace(tmp, out)
+                return ""
+            errors.append(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-500:]}")
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{cc}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return "; ".join(errors)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _reason
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("FASTVLM_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        _reason = "disabled by FASTVLM_KERNELS=0"
+        return None
+    _reason = _cpu_supported()
+    if _reason:
+        return None
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        _reason = f"no C compiler ({cc!r} not found; set CC)"
+        return None
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS, *OPENMP_FLAGS]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"gemv-{key}.so"
+    try:
+        if not path.exists():
+            err = _compile(cc, path)
+            if err:
+                _reason = f"compile failed: {err}"
+                return None
+        lib = ctypes.CDLL(str(path))
+        if lib.fvk_abi_version() != ABI_VERSION:
+            _reason = f"stale kernel library {path}"
+            return None
+    except OSError as e:
+        _reason = f"cannot build or load {path}: {e}"
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.fvk_linear_f32.argtypes = [p, p, p, p, i64, i64, i64, i32]
+    lib.fvk_linear_f32.restype = None
+    lib.fvk_linear_i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
+    lib.fvk_linear_i8.restype = None
+    lib.fvk_linear_i4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.fvk_linear_i4.restype = ctypes.c_int
+    _lib = lib
+    return lib
+
+
+def available() -> bool:
+    """True when the kernels are built and loaded (compiles on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    _load()
+    return _reason
+
+
+def _reset() -> None:
+    """Forget the loaded library so the next call re-checks (tests)."""
+    global _lib, _tried, _reason
+    _lib, _tried, _reason = None, False, ""
+
+
+# ---------------------------------------------------------------------- checked entry points
+def _check_x(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"x must be a CPU float32 tensor, got {x.dtype} on {x.device}")
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be (M, {k}), got {tuple(x.shape)}")
+    return x.contiguous()
+
+
+def _check(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if t.dtype != dtype or t.device.type != "cpu" or tuple(t.shape) != shape:
+        raise ValueError(
+            f"{name} must be a CPU {dtype} tensor of shape {shape}, got {t.dtype} "
+            f"{tuple(t.shape)} on {t.device}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"fastvlm kernels are not available: {_reason}")
+    return lib
+
+
+def _bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None:
+        _check(bias, "bias", (n,), torch.float32)
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (M, N) = x (M, K) @ w (N, K)ᵀ + bias; all fp32 on CPU, w and bias contiguous."""
+    lib = _lib_or_raise()
+    n, k = w.shape
+    _check(w, "w", (n, k), torch.float32)
+    x = _check_x(x, k)
+    _bias(bias, n)
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        lib.fvk_linear_f32(x.data_ptr(), w.data_ptr(), _ptr(bias), y.data_ptr(), m, n, k,
+                           torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def linear_int8(
+    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = scales[n] · (x @ qᵀ) + bias: q int8 (N, K), scales and bias fp32 (N,)."""
+    lib = _lib_or_raise()
+    n, k = q.shape
+    _check(q, "q", (n, k), torch.int8)
+    _check(scales, "scales", (n,), torch.float32)
+    x = _check_x(x, k)
+    _bias(bias, n)
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        lib.fvk_linear_i8(x.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias),
+                          y.data_ptr(), m, n, k, torch.get_num_threads())  # fmt: skip
+    return y
+
+
+def int4_zb(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The kernel's per-group offset `zero - 8 * scale` (fp32), so that w = q * scale + zb."""
+    return (zeros.float() - 8 * scales.float()).contiguous()
+
+
+def linear_int4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    *,
+    zb: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Group-wise int4: packed uint8 (N, K/2) (low nibble = even column, values 0..15), scales
+    and zeros (N, K/G) with w = (q - 8) · scale + zero. `scales` must be fp32; pass a cached
+    `zb=int4_zb(scales, zeros)` to skip rebuilding it (then `zeros` is not read)."""
+    lib = _lib_or_raise()
+    n, k2 = packed.shape
+    k = 2 * k2
+    if group_size not in (32, 64, 128, 256) or k % group_size:
+        raise ValueError(f"group_size must be 32/64/128/256 and divide K={k}, got {group_size}")
+    ng = k // group_size
+    _check(packed, "packed", (n, k2), torch.uint8)
+    _check(scales, "scales", (n, ng), torch.float32)
+    if zb is None:
+        if tuple(zeros.shape) != (n, ng):
+            raise ValueError(f"zeros must be ({n}, {ng}), got {tuple(zeros.shape)}")
+        zb = int4_zb(scales, zeros)
+    _check(zb, "zb", (n, ng), torch.float32)
+    x = _check_x(x, k)
+    _bias(bias, n)
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        rc = lib.fvk_linear_i4(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zb.data_ptr(),
+                               _ptr(bias), y.data_ptr(), m, n, k, group_size,
+                               torch.get_num_threads())  # fmt: skip
+        assert rc == 0, f"fvk_linear_i4 failed with {rc}"
+    return y
+
+
+# ---------------------------------------------------------------------- FastLinear
+def _flat_small(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """x as (M, K) when the kernel applies (CPU fp32, M ≤ MAX_M, no autograd), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != k:
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    x2 = x.reshape(-1, k)
+    return x2 if 0 < x2.shape[0] <= MAX_M and available() else None
+
+
+class FastLinear(nn.Linear):
+    """`nn.Linear` that runs `linear_fp32` for small CPU fp32 batches (decode) and F.linear
+    otherwise. State dict, parameters and repr are nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        x2 = _flat_small(x, self.in_features)
+        if (
+            x2 is None
+            or w.dtype != torch.float32
+            or w.device.type != "cpu"
+            or (torch.is_grad_enabled() and w.requires_grad)
+            or not w.is_contiguous()
+        ):
+            return F.linear(x, w, b)
+        bias = None if b is None else b.detach().contiguous()
+        y = linear_fp32(x2, w.detach(), bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> FastLinear:
+        """A FastLinear sharing `linear`'s Parameter objects (tied weights stay tied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias  # a Parameter or None, registered either way
+        new.train(linear.training)
+        return new
+
+
+def use_fast_linears(model: nn.Module) -> int:
+    """Swap the plain nn.Linears under `language_model.layers.*` and `lm_head` for FastLinear
+    (same Parameter objects, so weight tying and optimizers are unaffected); returns how many."""
+    count = 0
+    for name, m in list(model.named_modules()):
+        if type(m) is not nn.Linear:
+            continue
+        if not (name.startswith("language_model.layers.") or name == "lm_head"):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, FastLinear.from_linear(m))
+        count += 1
+    return count
