@@ -242,6 +242,7 @@ def test_use_fast_linears_keeps_logits_and_tying(monkeypatch):
 def fresh_kernels(monkeypatch, tmp_path):
     """A kernels module state that re-checks everything, with an empty cache dir."""
     monkeypatch.setenv("FASTVLM_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTVLM_KERNELS", raising=False)
     kernels._reset()
     yield tmp_path / "cache"
     monkeypatch.undo()
