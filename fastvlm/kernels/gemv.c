@@ -104,9 +104,10 @@ INL void i8_tile(const float *x, const int8_t *w, const float *scales, const flo
     for (; k + 16 <= K; k += 16) {
 #pragma GCC unroll 8
         for (int j = 0; j < NB; j++) {
-            __m128i v = _mm_loadu_si128((const __m128i *)(wr + j * K + k));
-            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-            __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+            const int8_t *p = wr + j * K + k;
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+            __m256 w1 = _mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
 #pragma GCC unroll 8
             for (int m = 0; m < MM; m++) {
                 acc[j][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[j][m]);
@@ -157,115 +158,157 @@ void fvk_linear_i8(const float *x, const int8_t *w, const float *scales, const f
 }
 
 /* ------------------------------------------------------------------ int4 */
-/* Nibble order of one 32-column block (16 bytes): lo nibbles of bytes 0..7 are columns
- * 0,2,..,14; of bytes 8..15 columns 16,..,30; hi nibbles the odd columns.  xp holds x in that
- * order: [x0 x2 .. x14 | x16 .. x30 | x1 x3 .. x15 | x17 .. x31] per block. */
-static void permute_x(const float *x, float *xp, int64_t M, int64_t K) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k0 = 0; k0 < K; k0 += 32) {
+/* 8 bytes (16 columns) are zero-extended to 8 int32 lanes; lane i holds columns 2i (low nibble,
+ * `& 15`) and 2i+1 (high nibble, `>> 4`).  xp holds x in that order per 16 columns:
+ * [x0 x2 .. x14 | x1 x3 .. x15].  sx[m, g] = sum of x[m] over group g. */
+static void prep_x(const float *x, float *xp, float *sx, int64_t M, int64_t K, int64_t G) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
             const float *s = x + m * K + k0;
             float *d = xp + m * K + k0;
-            for (int i = 0; i < 16; i++) {
+            for (int i = 0; i < 8; i++) {
                 d[i] = s[2 * i];
-                d[16 + i] = s[2 * i + 1];
+                d[8 + i] = s[2 * i + 1];
             }
         }
+        for (int64_t g = 0; g < K / G; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * K + k];
+            sx[m * (K / G) + g] = t;
+        }
+    }
 }
 
-INL void i4_tile(const float *xp, const uint8_t *w, const float *scales, const float *zb,
-                 const float *bias, float *y, int64_t n, int64_t K, int64_t N, int64_t G,
-                 const int MM, const int NB) {
-    __m256 acc[4][MAXM];
+/* 16 weights (8 bytes) as two float vectors of raw nibble values q (lo = even columns). */
+INL void nib16(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+/* Small M (MM * NB <= 4): per group, gacc = dot(q, x) over raw nibbles, then
+ * acc += scale * gacc; the offsets add sum_g zb[g] * sx[m, g] at the end.  One convert per
+ * weight, no per-weight dequantization. */
+INL void i4_tile_dot(const float *xp, const float *sx, const uint8_t *w, const float *scales,
+                     const float *zb, const float *bias, float *y, int64_t n, int64_t K,
+                     int64_t N, int64_t G, const int MM, const int NB) {
+    __m256 acc[4][4];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
+#pragma GCC unroll 4
         for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
     const int64_t ng = K / G, K2 = K / 2;
-    const __m128i lomask = _mm_set1_epi8(0x0F);
     for (int64_t g = 0; g < ng; g++) {
-        __m256 sv[4], zv[4];
+        __m256 ga[4][4];
 #pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) {
-            sv[j] = _mm256_broadcast_ss(scales + (n + j) * ng + g);
-            zv[j] = _mm256_broadcast_ss(zb + (n + j) * ng + g);
-        }
-        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+        for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) ga[j][m] = _mm256_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
 #pragma GCC unroll 4
             for (int j = 0; j < NB; j++) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(w + (n + j) * K2 + k / 2));
-                __m128i lo = _mm_and_si128(v, lomask);
-                __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), lomask);
-                __m256 w0 = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), sv[j], zv[j]);
-                __m256 w1 = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), sv[j], zv[j]);
-                __m256 w2 = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), sv[j], zv[j]);
-                __m256 w3 = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), sv[j], zv[j]);
-#pragma GCC unroll 8
+                __m256 lo, hi;
+                nib16(w + (n + j) * K2 + k / 2, &lo, &hi);
+#pragma GCC unroll 4
                 for (int m = 0; m < MM; m++) {
-                    const float *xm = xp + m * K + k;
-                    if (MM > 2) { /* enough independent accumulators: plain FMA chain */
-                        __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[j][m]);
-                        a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), a);
-                        a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a);
-                        acc[j][m] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), a);
-                        continue;
-                    }
-                    __m256 a = _mm256_mul_ps(w0, _mm256_loadu_ps(xm));
-                    __m256 b = _mm256_mul_ps(w1, _mm256_loadu_ps(xm + 8));
-                    a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), a);
-                    b = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), b);
-                    acc[j][m] = _mm256_add_ps(acc[j][m], _mm256_add_ps(a, b));
+                    ga[j][m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp + m * K + k), ga[j][m]);
+                    ga[j][m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp + m * K + k + 8), ga[j][m]);
                 }
             }
         }
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m256 sv = _mm256_broadcast_ss(scales + (n + j) * ng + g);
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) acc[j][m] = _mm256_fmadd_ps(ga[j][m], sv, acc[j][m]);
+        }
     }
 #pragma GCC unroll 4
     for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) y[m * N + n + j] = hsum(acc[j][m]) + (bias ? bias[n + j] : 0.0f);
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) {
+            const float *z = zb + (n + j) * ng, *sm = sx + m * ng;
+            float t = hsum(acc[j][m]);
+            for (int64_t g = 0; g < ng; g++) t += z[g] * sm[g];
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
 }
 
-#define I4_CASE(MM, NB)                                                                       \
+/* Larger M: dequantize 16 weights in registers (w = q * scale + zb, shared by all MM rows),
+ * then one FMA per row. */
+INL void i4_tile_deq(const float *xp, const uint8_t *w, const float *scales, const float *zb,
+                     const float *bias, float *y, int64_t n, int64_t K, int64_t N, int64_t G,
+                     const int MM) {
+    __m256 acc[MAXM];
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; m++) acc[m] = _mm256_setzero_ps();
+    const int64_t ng = K / G, K2 = K / 2;
+    const uint8_t *wr = w + n * K2;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 sv = _mm256_broadcast_ss(scales + n * ng + g);
+        __m256 zv = _mm256_broadcast_ss(zb + n * ng + g);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+            __m256 lo, hi;
+            nib16(wr + k / 2, &lo, &hi);
+            lo = _mm256_fmadd_ps(lo, sv, zv);
+            hi = _mm256_fmadd_ps(hi, sv, zv);
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) {
+                acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp + m * K + k), acc[m]);
+                acc[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp + m * K + k + 8), acc[m]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; m++) y[m * N + n] = hsum(acc[m]) + (bias ? bias[n] : 0.0f);
+}
+
+#define I4_DOT_CASE(MM, NB)                                                                   \
     case MM: {                                                                                \
         int64_t nblk = N / NB;                                                                \
-        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16)")                          \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16)")                     \
         for (int64_t b = 0; b < nblk; b++)                                                    \
-            i4_tile(xp, w, scales, zb, bias, y, b * NB, K, N, G, MM, NB);                     \
+            i4_tile_dot(xp, sx, w, scales, zb, bias, y, b * NB, K, N, G, MM, NB);             \
         for (int64_t n = nblk * NB; n < N; n++)                                               \
-            i4_tile(xp, w, scales, zb, bias, y, n, K, N, G, MM, 1);                           \
+            i4_tile_dot(xp, sx, w, scales, zb, bias, y, n, K, N, G, MM, 1);                   \
+        break;                                                                                \
+    }
+#define I4_DEQ_CASE(MM)                                                                       \
+    case MM: {                                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16)")                     \
+        for (int64_t n = 0; n < N; n++) i4_tile_deq(xp, w, scales, zb, bias, y, n, K, N, G, MM); \
         break;                                                                                \
     }
 
-static void i4_block(const float *xp, const uint8_t *w, const float *scales, const float *zb,
-                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
-                     int nt) {
+static void i4_block(const float *xp, const float *sx, const uint8_t *w, const float *scales,
+                     const float *zb, const float *bias, float *y, int64_t M, int64_t N,
+                     int64_t K, int64_t G, int nt) {
     switch (M) {
-        I4_CASE(1, 4)
-        I4_CASE(2, 4)
-        I4_CASE(3, 2)
-        I4_CASE(4, 2)
-        I4_CASE(5, 1)
-        I4_CASE(6, 1)
-        I4_CASE(7, 1)
-        I4_CASE(8, 1)
+        I4_DOT_CASE(1, 4)
+        I4_DOT_CASE(2, 2)
+        I4_DOT_CASE(3, 1)
+        I4_DOT_CASE(4, 1)
+        I4_DEQ_CASE(5)
+        I4_DEQ_CASE(6)
+        I4_DEQ_CASE(7)
+        I4_DEQ_CASE(8)
     }
 }
 
-/* Returns 0, or -1 when K is not a multiple of 32 and G, or -2 when out of memory. */
+/* Returns 0, or -1 when K is not a multiple of 16 and G, or -2 when out of memory. */
 int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const float *zb,
                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
                   int nt) {
-    if (K % 32 || G % 32 || K % G) return -1;
+    if (K % 16 || G % 16 || K % G) return -1;
     int64_t mb = M < MAXM ? M : MAXM;
-    float *xp = (float *)aligned_alloc(64, (size_t)(mb * K * sizeof(float) + 63) / 64 * 64);
+    size_t bytes = (size_t)(mb * K + mb * (K / G)) * sizeof(float);
+    float *xp = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!xp) return -2;
+    float *sx = xp + mb * K;
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
-        permute_x(x + m0 * K, xp, mm, K);
-        i4_block(xp, w, scales, zb, bias, y + m0 * N, mm, N, K, G, nt);
+        prep_x(x + m0 * K, xp, sx, mm, K, G);
+        i4_block(xp, sx, w, scales, zb, bias, y + m0 * N, mm, N, K, G, nt);
     }
     free(xp);
     return 0;
