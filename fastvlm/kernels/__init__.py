@@ -53,6 +53,7 @@ MAX_M = 8  # callers use the kernels up to this many rows (decode); larger M kee
 _lib: ctypes.CDLL | None = None
 _tried = False
 _reason = ""
+_enabled = True
 
 
 # ---------------------------------------------------------------------- build and load
@@ -158,8 +159,17 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """True when the kernels are built and loaded (compiles on the first call)."""
-    return _load() is not None
+    """True when the kernels are built and loaded (compiles on the first call) and enabled."""
+    return _enabled and _load() is not None
+
+
+def set_enabled(flag: bool) -> bool:
+    """Switch the kernels off (callers take their torch paths) or back on, at runtime; returns
+    the previous setting. For A/B measurements in one process. (An Int4Linear picks its weight
+    layout at `repack()` time, so toggle before quantizing/loading for int4.)"""
+    global _enabled
+    prev, _enabled = _enabled, bool(flag)
+    return prev
 
 
 def unavailable_reason() -> str:
