@@ -262,10 +262,17 @@ class _QuantLinear(nn.Module):
         return self.scales.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = kernels.rows_for_kernel(x, self.in_features, max_m=None)
+        if m:  # the decode hot path: fp32, contiguous, fastvlm.kernels on (checked cheaply)
+            plan = self._plan()
+            if plan is not None:
+                return self._run(x, m, plan)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x.device.type == "cpu" and x.dtype in KERNEL_INPUT_DTYPES:
-            if self._fast_ready() and not torch.compiler.is_compiling():
-                y = self._fast(x2.float()).to(x.dtype)
+            plan = self._plan() if kernels.available() else None
+            if plan is not None and not torch.compiler.is_compiling():
+                x2 = x2.float().contiguous()
+                y = self._run(x2, x2.shape[0], plan).to(x.dtype)
             elif self._kernel_ready():
                 y = self._kernel(x2)
             else:
@@ -274,19 +281,23 @@ class _QuantLinear(nn.Module):
             y = self._dequant(x2)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _fast_bias(self) -> torch.Tensor | None:
+    def _plan(self) -> tuple | None:
+        """The kernel's arguments (pointers into fp32 copies made once, not per call), or None
+        when this layer's weights are not a CPU kernel layout. Rebuilt when a tensor changes
+        (new storage or an in-place update: the key holds data_ptr and version counter)."""
+        tensors = self._plan_tensors()
+        key = tuple((t.data_ptr(), _version(t)) for t in tensors if t is not None)
+        cached = self.__dict__.get("_plan_cache")
+        if cached is None or cached[0] != key:
+            built = self._build_plan()  # (pointers..., ) or None, plus tensors to keep alive
+            # holding `tensors` keeps their addresses from being reused by new tensors
+            cached = (key, built, tensors)
+            self.__dict__["_plan_cache"] = cached
+        return cached[1][0] if cached[1] is not None else None
+
+    def _fp32_bias(self) -> torch.Tensor | None:
         b = self.bias
         return None if b is None else b.detach().float().contiguous()
-
-    def _fast_cache(self, *tensors: torch.Tensor, build) -> tuple[torch.Tensor, ...]:
-        """fp32 kernel-side copies of `tensors`, rebuilt only when one of them changed (new
-        storage or an in-place update), so the conversion runs once, not per call."""
-        key = tuple((t.data_ptr(), _version(t), t.dtype) for t in tensors)
-        cached = getattr(self, "_fast_cached", None)
-        if cached is None or cached[0] != key:
-            cached = (key, build(), tensors)  # holding `tensors` keeps their addresses unique
-            self._fast_cached = cached
-        return cached[1]
 
     def _dequant(self, x2: torch.Tensor) -> torch.Tensor:
         """Reference path: dequantize in fp32, cast to the input dtype, dense matmul."""
@@ -341,12 +352,20 @@ class Int8Linear(_QuantLinear):
     def _kernel_ready(self) -> bool:
         return HAS_INT8_KERNEL
 
-    def _fast_ready(self) -> bool:
-        return self.qweight.device.type == "cpu" and kernels.available()
+    def _plan_tensors(self) -> tuple:
+        return self.qweight, self.scales, self.bias
 
-    def _fast(self, x2: torch.Tensor) -> torch.Tensor:
-        (scales,) = self._fast_cache(self.scales, build=lambda: (self.scales.float().contiguous(),))
-        return kernels.linear_int8(x2, self.qweight, scales, self._fast_bias())
+    def _build_plan(self) -> tuple | None:
+        q = self.qweight
+        if q.device.type != "cpu" or q.dtype != torch.int8 or not q.is_contiguous():
+            return None
+        assert q.shape == (self.out_features, self.in_features)
+        s, b = self.scales.float().contiguous(), self._fp32_bias()
+        ptrs = (q.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr())
+        return ptrs, (s, b)
+
+    def _run(self, x: torch.Tensor, m: int, plan: tuple) -> torch.Tensor:
+        return kernels._run_i8(x, m, *plan, self.out_features, self.in_features)
 
     def _kernel(self, x2: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         cd = compute_dtype or self.cpu_compute_dtype
@@ -432,19 +451,22 @@ class Int4Linear(_QuantLinear):
     def _kernel_ready(self) -> bool:
         return self.packed.numel() > 0 and self.packed.device.type == "cpu"
 
-    def _fast_ready(self) -> bool:
-        q = self.qweight
-        return q.numel() > 0 and q.device.type == "cpu" and kernels.available()
+    def _plan_tensors(self) -> tuple:
+        return self.qweight, self.scales, self.zeros, self.bias
 
-    def _fast(self, x2: torch.Tensor) -> torch.Tensor:
-        s, zb = self._fast_cache(
-            self.scales, self.zeros,
-            build=lambda: (self.scales.float().contiguous(),
-                           kernels.int4_zb(self.scales, self.zeros)),
-        )  # fmt: skip
-        return kernels.linear_int4(
-            x2, self.qweight, s, None, self.group_size, self._fast_bias(), zb=zb
-        )
+    def _build_plan(self) -> tuple | None:
+        q = self.qweight
+        if not q.numel() or q.device.type != "cpu" or not q.is_contiguous():
+            return None  # tinygemm-packed (no portable copy) or off CPU
+        assert q.dtype == torch.uint8 and q.shape == (self.out_features, self.in_features // 2)
+        s, b = self.scales.float().contiguous(), self._fp32_bias()
+        zb = kernels.int4_zb(self.scales, self.zeros)
+        ptrs = (q.data_ptr(), s.data_ptr(), zb.data_ptr(), None if b is None else b.data_ptr())
+        return ptrs, (s, zb, b)
+
+    def _run(self, x: torch.Tensor, m: int, plan: tuple) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        return kernels._run_i4(x, m, *plan, n, k, self.group_size)
 
     def _dequant(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.qweight.numel():

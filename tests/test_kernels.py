@@ -109,12 +109,12 @@ def test_misuse_raises_value_error():
 
 # ---------------------------------------------------------------------- quantized layers
 def spy(monkeypatch, name: str) -> list[int]:
-    """Count calls of kernels.<name> (the quant modules call it through the module)."""
+    """Record M of each call of kernels.<name> (modules call it through the module)."""
     calls, real = [], getattr(kernels, name)
 
-    def wrapped(x, *a, **kw):
-        calls.append(x.shape[0])
-        return real(x, *a, **kw)
+    def wrapped(x, m, *a, **kw):
+        calls.append(m)
+        return real(x, m, *a, **kw)
 
     monkeypatch.setattr(kernels, name, wrapped)
     return calls
@@ -127,7 +127,7 @@ def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m):
     layer = Int8Linear.from_linear(lin)
     x = torch.randn(m, 1, 96)
     ref = layer._dequant(x.reshape(-1, 96)).reshape(m, 1, 80)  # fp32 dequantize + F.linear
-    calls = spy(monkeypatch, "linear_int8")
+    calls = spy(monkeypatch, "_run_i8")
     y = layer(x)
     assert calls == [m]
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -146,7 +146,7 @@ def test_int4_linear_uses_kernel_and_matches_previous_paths(monkeypatch, group_s
     assert layer.qweight.shape == (48, 256) and not layer.packed.numel()
     x = torch.randn(m, 512)
     ref = layer._dequant(x)
-    calls = spy(monkeypatch, "linear_int4")
+    calls = spy(monkeypatch, "_run_i4")
     y = layer(x)
     assert calls == [m]
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -155,7 +155,7 @@ def test_int4_linear_uses_kernel_and_matches_previous_paths(monkeypatch, group_s
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb.float(), ref, rtol=3e-2, atol=3e-2)
     if quant.HAS_INT4_KERNEL:  # tinygemm in bf16, the previous default CPU path
-        monkeypatch.setattr(kernels, "available", lambda: False)
+        monkeypatch.setattr(kernels, "_enabled", False)
         old = Int4Linear.from_linear(lin, Scheme(4, group_size, False))
         old.repack()
         assert old.packed.numel()
@@ -180,7 +180,7 @@ def test_quantized_model_with_kernel_matches_dequant_path(monkeypatch):
     with torch.no_grad():
         hidden = model.language_model.embed_tokens(ids)
         fast = [model.lm_head(hidden[:, i : i + 1]) for i in range(6)]  # decode-shaped (B, 1, K)
-        monkeypatch.setattr(kernels, "available", lambda: False)
+        monkeypatch.setattr(kernels, "_enabled", False)
         slow = [model.lm_head._dequant(hidden[0, i : i + 1])[None] for i in range(6)]
     for a, b in zip(fast, slow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -193,7 +193,7 @@ def test_fast_linear_matches_and_handles_shapes(monkeypatch):
     fast = FastLinear.from_linear(lin)
     assert fast.weight is lin.weight and fast.bias is lin.bias
     assert set(fast.state_dict()) == {"weight", "bias"}
-    calls = spy(monkeypatch, "linear_fp32")
+    calls = spy(monkeypatch, "_run_f32")
     with torch.no_grad():
         for shape in [(72,), (1, 72), (3, 1, 72), (8, 72), (2, 9, 72)]:
             x = torch.randn(*shape)
@@ -224,7 +224,7 @@ def test_use_fast_linears_keeps_logits_and_tying(monkeypatch):
     assert model.lm_head.weight is model.language_model.embed_tokens.weight  # still tied
     assert type(model.mm_projector[0]) is nn.Linear  # only the decoder and lm_head
     assert use_fast_linears(model) == 0  # idempotent
-    calls = spy(monkeypatch, "linear_fp32")
+    calls = spy(monkeypatch, "_run_f32")
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
     assert calls and max(calls) == 6

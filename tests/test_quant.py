@@ -83,7 +83,7 @@ def test_int8_kernel_matches_dequantized_path():
 @needs_int4
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_kernel_matches_dequantized_path(group_size, monkeypatch):
-    monkeypatch.setattr(kernels, "available", lambda: False)  # torch's int4 path (test_kernels)
+    monkeypatch.setattr(kernels, "_enabled", False)  # torch's int4 path (test_kernels)
     lin = nn.Linear(256, 48)
     m = Int4Linear.from_linear(lin, Scheme(4, group_size, False))
     x = torch.randn(7, 256)
@@ -120,7 +120,7 @@ def test_fallback_path_for_unsupported_dtype():
 def test_int4_without_cpu_kernel_keeps_portable_form(monkeypatch, tmp_path):
     """What CUDA / MPS (or a torch without the op) get: the dequantize-then-matmul path."""
     monkeypatch.setattr(quant, "HAS_INT4_KERNEL", False)
-    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(kernels, "_enabled", False)
     model = make_tiny_model(vocab_size=304)
     ids, px = inputs(model.config)
     quant.quantize_model(model, "int4-g32")

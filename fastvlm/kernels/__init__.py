@@ -295,35 +295,73 @@ def linear_int4(
     return y
 
 
-# ---------------------------------------------------------------------- FastLinear
-def _flat_small(x: torch.Tensor, k: int) -> torch.Tensor | None:
-    """x as (M, K) when the kernel applies (CPU fp32, M ≤ MAX_M, no autograd), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.shape[-1] != k:
-        return None
+# ---------------------------------------------------------------------- module fast paths
+# Decode calls these ~170 times per token, so the per-call Python cost matters (a ctypes call
+# with 8 arguments alone is ~1-3 us): modules validate their weights once per storage (keyed
+# on data_ptr) and then call the unchecked `_run_*` helpers.
+def rows_for_kernel(x: torch.Tensor, k: int, max_m: int | None = MAX_M) -> int:
+    """M when x (..., K) can go to the kernels as is — contiguous CPU fp32, 0 < M ≤ max_m (None:
+    any M), no autograd, not being traced by torch.compile, kernels on — else 0."""
+    if not (x.dtype is torch.float32 and x.is_cpu and x.shape[-1] == k and x.is_contiguous()):
+        return 0
+    m = x.numel() // k
+    if m == 0 or (max_m is not None and m > max_m) or not _enabled:
+        return 0
     if torch.is_grad_enabled() and x.requires_grad:
-        return None
-    x2 = x.reshape(-1, k)
-    return x2 if 0 < x2.shape[0] <= MAX_M and available() else None
+        return 0
+    if torch.compiler.is_compiling() or (_lib if _tried else _load()) is None:
+        return 0
+    return m
+
+
+def _out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty((*x.shape[:-1], n), dtype=torch.float32)
+
+
+def _run_f32(x: torch.Tensor, m: int, wp: int, bp: int | None, n: int, k: int) -> torch.Tensor:
+    y = _out(x, n)
+    _lib.fvk_linear_f32(x.data_ptr(), wp, bp, y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
+
+
+def _run_i8(x: torch.Tensor, m: int, qp: int, sp: int, bp: int | None, n: int, k: int):
+    y = _out(x, n)
+    _lib.fvk_linear_i8(x.data_ptr(), qp, sp, bp, y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
+
+
+def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int, g: int):
+    y = _out(x, n)
+    rc = _lib.fvk_linear_i4(x.data_ptr(), qp, sp, zp, bp, y.data_ptr(), m, n, k, g,
+                            torch.get_num_threads())  # fmt: skip
+    assert rc == 0, f"fvk_linear_i4 failed with {rc}"
+    return y
+
+
+def _fp32_param(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous())
 
 
 class FastLinear(nn.Linear):
-    """`nn.Linear` that runs `linear_fp32` for small CPU fp32 batches (decode) and F.linear
-    otherwise. State dict, parameters and repr are nn.Linear's."""
+    """`nn.Linear` that runs `linear_fp32` for small CPU fp32 batches (decode, ≤ MAX_M rows;
+    (B, 1, K) inputs are fine) and F.linear otherwise (prefill, autograd, other dtypes/devices).
+    State dict, parameters and repr are nn.Linear's."""
+
+    _fvk_key: tuple = ()
+    _fvk_ok = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        x2 = _flat_small(x, self.in_features)
-        if (
-            x2 is None
-            or w.dtype != torch.float32
-            or w.device.type != "cpu"
-            or (torch.is_grad_enabled() and w.requires_grad)
-            or not w.is_contiguous()
-        ):
-            return F.linear(x, w, b)
-        bias = None if b is None else b.detach().contiguous()
-        y = linear_fp32(x2, w.detach(), bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        m = rows_for_kernel(x, self.in_features)
+        if m and not (w.requires_grad and torch.is_grad_enabled()):
+            wp, bp = w.data_ptr(), None if b is None else b.data_ptr()
+            if self._fvk_key != (wp, bp):  # new storage: validate once
+                self._fvk_key, self._fvk_ok = (wp, bp), _fp32_param(w) and _fp32_param(b)
+                if self._fvk_ok:
+                    assert w.shape == (self.out_features, self.in_features)
+            if self._fvk_ok:
+                return _run_f32(x, m, wp, bp, self.out_features, self.in_features)
+        return F.linear(x, w, b)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> FastLinear:

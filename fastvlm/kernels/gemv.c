@@ -62,7 +62,7 @@ INL void f32_tile(const float *x, const float *w, const float *bias, float *y, i
 #define F32_CASE(MM, NB)                                                                      \
     case MM: {                                                                                \
         int64_t nblk = N / NB;                                                                \
-        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16)")                          \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                          \
         for (int64_t b = 0; b < nblk; b++) f32_tile(x, w, bias, y, b * NB, K, N, MM, NB);   \
         for (int64_t n = nblk * NB; n < N; n++) f32_tile(x, w, bias, y, n, K, N, MM, 1);     \
         break;                                                                                \
@@ -128,7 +128,7 @@ INL void i8_tile(const float *x, const int8_t *w, const float *scales, const flo
 #define I8_CASE(MM, NB)                                                                       \
     case MM: {                                                                                \
         int64_t nblk = N / NB;                                                                \
-        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16)")                          \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                          \
         for (int64_t b = 0; b < nblk; b++)                                                    \
             i8_tile(x, w, scales, bias, y, b * NB, K, N, MM, NB);                             \
         for (int64_t n = nblk * NB; n < N; n++) i8_tile(x, w, scales, bias, y, n, K, N, MM, 1); \
@@ -266,7 +266,7 @@ INL void i4_tile_deq(const float *xp, const uint8_t *w, const float *scales, con
 #define I4_DOT_CASE(MM, NB)                                                                   \
     case MM: {                                                                                \
         int64_t nblk = N / NB;                                                                \
-        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16)")                     \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                     \
         for (int64_t b = 0; b < nblk; b++)                                                    \
             i4_tile_dot(xp, sx, w, scales, zb, bias, y, b * NB, K, N, G, MM, NB);             \
         for (int64_t n = nblk * NB; n < N; n++)                                               \
@@ -275,7 +275,7 @@ INL void i4_tile_deq(const float *xp, const uint8_t *w, const float *scales, con
     }
 #define I4_DEQ_CASE(MM)                                                                       \
     case MM: {                                                                                \
-        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16)")                     \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                     \
         for (int64_t n = 0; n < N; n++) i4_tile_deq(xp, w, scales, zb, bias, y, n, K, N, G, MM); \
         break;                                                                                \
     }
