@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="fp32,int8,int4-g128", help="fp32,int8,int4-gG,...")
     p.add_argument("--n", type=int, default=4864)
     p.add_argument("--k", type=int, default=896)
-    p.add_argument("--mats", type=int, default=24, help="distinct weight matrices")
+    p.add_argument(
+        "--mats",
+        type=int,
+        default=24,
+        help="distinct weight matrices (raised so each kind spans >= 128 MB)",
+    )
     p.add_argument("--rounds", type=int, default=15, help="timed rounds; best is kept")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -62,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for kind in a.kinds.split(","):
         mats_t, mats_o = [], []
-        for _ in range(a.mats):
+        bits = 32 if kind == "fp32" else 8 if kind == "int8" else 4
+        n_mats = max(a.mats, -(-(128 << 20) // (n * k * bits // 8)))  # out of any cache
+        for _ in range(n_mats):
             w = torch.randn(n, k, generator=g) / k**0.5
             if kind == "fp32":
                 mats_t.append(w)
@@ -100,20 +107,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         for mm in ms:
             x = torch.randn(mm, k, generator=g)
-            tt, to = [], []
+            tt, to, tr = [], [], []
+            raw = [m if kind == "fp32" else m[0].view(torch.float32) for m in mats_o]
             for r in range(a.rounds + 1):
                 best_per_call(torch_fn, mats_t, x, tt)
                 best_per_call(ours_fn, mats_o, x, to)
+                if kind == "fp32":  # torch.sum over the same bytes: the read-bandwidth yardstick
+                    best_per_call(lambda _x, m: m.sum(), raw, x, tr)
                 if r == 0:
-                    tt.clear(), to.clear()  # warm-up round
+                    tt.clear(), to.clear(), tr.clear()  # warm-up round
             t, o = min(tt), min(to)
             row = {"kind": kind, "M": mm, "torch_gbs": payload / t / 1e9,
                    "ours_gbs": payload / o / 1e9, "torch_us": t * 1e6, "ours_us": o * 1e6,
                    "ratio": t / o}  # fmt: skip
+            if tr:
+                row["read_gbs"] = payload / min(tr) / 1e9
             results.append(row)
             print(
                 f"{kind:<10} {mm:>2} {row['torch_gbs']:>10.2f} {row['ours_gbs']:>10.2f} "
                 f"{row['torch_us']:>9.0f} {row['ours_us']:>9.0f} {row['ratio']:>6.2f}"
+                + (f"   (x.sum() read: {row['read_gbs']:.2f} GB/s)" if tr else "")
             )
         del mats_t, mats_o
     print(json.dumps({"threads": a.threads, "n": n, "k": k, "results": results}))

@@ -20,6 +20,9 @@
 
 #define INL static inline __attribute__((always_inline))
 #define MAXM 8
+#ifndef FVK_PF
+#define FVK_PF 0 /* software prefetch distance in bytes (0: off) */
+#endif
 
 INL float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -41,7 +44,12 @@ INL void f32_tile(const float *x, const float *w, const float *bias, float *y, i
     for (; k + 8 <= K; k += 8) {
         __m256 wv[4];
 #pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) wv[j] = _mm256_loadu_ps(wr + j * K + k);
+        for (int j = 0; j < NB; j++) {
+#if FVK_PF
+            _mm_prefetch((const char *)(wr + j * K + k) + FVK_PF, _MM_HINT_T0);
+#endif
+            wv[j] = _mm256_loadu_ps(wr + j * K + k);
+        }
 #pragma GCC unroll 8
         for (int m = 0; m < MM; m++) {
             __m256 xv = _mm256_loadu_ps(x + m * K + k);
