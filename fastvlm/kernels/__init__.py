@@ -19,13 +19,22 @@ Design decisions:
   the compile fails (the reason is in `unavailable_reason()`); nothing raises.
 * **Layouts = the model's**: fp32 uses nn.Linear's (N, K) weight as is; int8 uses `Int8Linear`'s
   (N, K) int8 + (N,) scales; int4 uses `Int4Linear`'s portable nibble form (N, K/2) with
-  (N, K/G) scales and `zb = zero - 8 * scale` (fp32, built once by the caller), so the kernel
-  dequantizes w = q * scale + zb with one FMA per 8 weights shared by all M rows.
-* **Small M only**: any M works (rows go in blocks of 8, re-reading W per block), but callers use
-  these for M ≤ `MAX_M` and keep MKL for prefill.
+  (N, K/G) scales and `zb = zero - 8 * scale` (fp32, built once by the caller). For M ≤ 4 the int4
+  kernel takes dot(q, x) per group on the raw nibbles and adds scale · dot + zb · Σx_group (group
+  sums precomputed per call); for M = 5..8 it dequantizes 16 weights in registers (one FMA, shared
+  by all rows). All math is fp32 (relative error vs float64 ~1e-7).
+* **Where they are used**: `FastLinear` for M ≤ `MAX_M` (prefill keeps MKL, which wins there);
+  `Int8Linear` / `Int4Linear` for every M (rows go in blocks of 8, re-reading W per block from
+  cache): even at M = 64..256 that beats torch's int8/int4 CPU kernels (see fastvlm/quant.py).
+* **Per-call cost**: decode makes ~170 Linear calls per token, so modules validate their weights
+  once per storage and call the unchecked `_run_*` helpers (≈ 3 µs of ctypes + one torch.empty);
+  the public `linear_*` functions check everything and raise ValueError on misuse.
+* **Threads**: `schedule(dynamic)` chunks of output rows, so a thread that the OS (shared
+  machine) deschedules does not hold a static share of the work; no parallel region at 1 thread.
 
-`FastLinear` is an `nn.Linear` whose forward uses `linear_fp32` for CPU fp32 inputs with ≤ MAX_M
-rows; `use_fast_linears(model)` swaps the decoder's and lm_head's Linears for it in place.
+`use_fast_linears(model)` swaps the decoder's and lm_head's plain Linears for `FastLinear` in
+place (same Parameter objects). Measure with scripts/bench_kernels.py (kernels alone, torch
+interleaved) and scripts/bench_decode_kernels.py (Engine decode, 0.5B shape).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]
 ABI_VERSION = 1
-MAX_M = 8  # callers use the kernels up to this many rows (decode); larger M keeps MKL
+MAX_M = 8  # FastLinear uses the kernel up to this many rows (decode); larger M keeps MKL
 
 _lib: ctypes.CDLL | None = None
 _tried = False

@@ -2,16 +2,18 @@
  *
  * All compute y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias) for small M, reading each weight
  * element once per block of up to 8 rows of x: a tile of NB weight rows is streamed through
- * registers while MM x rows (L1/L2 resident) are multiplied against it.  OpenMP splits the
- * output rows statically, so each thread streams one contiguous slice of W (hardware prefetch
- * friendly).  Every pointer is contiguous row-major; the caller checks shapes and dtypes.
+ * registers while MM x rows (L1/L2 resident) are multiplied against it.  OpenMP hands out
+ * chunks of 16 tiles dynamically (each chunk one contiguous slice of W: hardware-prefetch
+ * friendly; a descheduled thread on a shared machine does not hold a fixed share).  Every
+ * pointer is contiguous row-major; the caller checks shapes and dtypes.
  *
  *   fp32: W float (N, K).
  *   int8: W int8 (N, K), scales float (N,):          y = scale[n] * sum_k q[n,k] x[m,k].
  *   int4: W uint8 (N, K/2), low nibble = even column; scales, zb float (N, K/G) with
  *         zb = zero - 8 * scale, so w = q * scale + zb (tinygemm's (q - 8) * scale + zero).
- *         The weight is dequantized in registers (one FMA per 8 weights, shared by all M rows);
- *         x is permuted once per call into the nibble order of a 32-column block.
+ *         M <= 4: y = sum_g scale_g * dot_g(q, x) + sum_g zb_g * sum_g(x) (raw nibbles, one
+ *         convert per weight); M = 5..8: w dequantized in registers, shared by all rows.
+ *         x is permuted once per call into the nibble order of 16-column blocks.
  */
 #include <immintrin.h>
 #include <stdint.h>
