@@ -140,7 +140,11 @@ def _load() -> ctypes.CDLL | None:
     if shutil.which(cc) is None:
         _reason = f"no C compiler ({cc!r} not found; set CC)"
         return None
-    src = SOURCE.read_bytes()
+    try:
+        src = SOURCE.read_bytes()
+    except OSError as e:
+        _reason = f"kernel source missing ({e})"
+        return None
     key = hashlib.sha256(src + " ".join([cc, *FLAGS, *OPENMP_FLAGS]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"gemv-{key}.so"
     try:
