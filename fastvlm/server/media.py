@@ -1,7 +1,7 @@
 """Safe image loading for the server: data URLs, http(s) URLs and (opt-in) local files.
 
 Every image a client names is untrusted. This module turns a URL into a verified RGB PIL image
-or raises `MediaError` (with the HTTP status the server should answer: 400 bad input, 403
+or raises `MediaError` (with the HTTP status the server should answer: 400 bad input or
 refused source, 413 too large), and never lets a request make the server talk to itself or its
 network neighbours (SSRF).
 

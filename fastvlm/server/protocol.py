@@ -79,6 +79,7 @@ class ChatCompletionRequest(_Strict):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # vLLM-style extension
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # vLLM-style extension
+    ignore_eos: bool | None = None  # vLLM-style extension (benchmarks: fixed output length)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int | None = Field(default=1, ge=1, le=128)

@@ -201,7 +201,7 @@ class ChatService:
                 400,
                 f"unsupported parameter(s): {', '.join(bad)} (this server supports max_tokens, "
                 "max_completion_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
-                "stop, stream, stream_options and n=1)",
+                "stop, ignore_eos, stream, stream_options and n=1)",
                 param=bad[0],
                 code="unsupported_parameter",
             )
@@ -324,7 +324,7 @@ class ChatService:
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "stop": stop,
         }
-        for name in ("top_k", "repetition_penalty", "seed"):
+        for name in ("top_k", "repetition_penalty", "seed", "ignore_eos"):
             if getattr(req, name) is not None:
                 s[name] = getattr(req, name)
         return s
