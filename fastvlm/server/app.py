@@ -55,10 +55,6 @@ class ServerConfig:
         return self.served_model_name or self.model or DEFAULT_MODEL_NAME
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 def _error_json(status: int, message: str, code: str | None = None, param: str | None = None):
     return APIError(status, message, code=code, param=param).body()
 
@@ -129,17 +125,19 @@ class _Guard:
                 msg = await receive()
                 if msg["type"] == "http.request":
                     seen += len(msg.get("body", b""))
-                    if seen > limit:
-                        raise BodyTooLarge()
+                    if seen > limit:  # FastAPI passes HTTPExceptions from body reads through
+                        from starlette.exceptions import HTTPException
+
+                        raise HTTPException(413, _too_large(limit)["error"]["message"])
                 return msg
 
             await self.app(scope, receive_capped, snd)
-        except BodyTooLarge:
-            if not status_box:
-                await self._reply(snd, 413, _too_large(self.cfg.max_request_bytes))
         finally:
             if counted:
                 self.metrics.requests[str(status_box[0] if status_box else 499)] += 1
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def _too_large(limit: int) -> dict:
@@ -252,7 +250,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
         return JSONResponse(
-            _error_json(e.status_code, str(e.detail)),
+            _error_json(e.status_code, str(e.detail), HTTP_CODES.get(e.status_code)),
             status_code=e.status_code,
             headers=getattr(e, "headers", None),
         )
