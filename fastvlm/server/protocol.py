@@ -71,14 +71,28 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
-    model: str
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "fastvlm-tiny",
+                    "messages": [{"role": "user", "content": "Describe a red square."}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                }
+            ]
+        },
+    )
+
+    model: str = Field(examples=["fastvlm-tiny"])
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)  # vLLM-style extension
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # vLLM-style extension
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10)  # vLLM extension
     ignore_eos: bool | None = None  # vLLM-style extension (benchmarks: fixed output length)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None

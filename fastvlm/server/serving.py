@@ -320,10 +320,17 @@ class ChatService:
             raise APIError(400, "at most 16 stop strings", param="stop")
         s: dict[str, Any] = {
             "max_tokens": max_tokens,
+            # OpenAI's default is 1. Below 1e-4 sampling equals argmax but dividing logits by
+            # such a temperature overflows to inf/nan, so it is greedy decoding outright.
             "temperature": 1.0 if req.temperature is None else req.temperature,
             "top_p": 1.0 if req.top_p is None else req.top_p,
             "stop": stop,
         }
+        if s["temperature"] < 1e-4:
+            s["temperature"] = 0.0
+        # top_p below float32's range rounds to 0 in the sampler and drops every token; any
+        # top_p this small keeps only the most likely token, as 1e-6 does.
+        s["top_p"] = max(s["top_p"], 1e-6)
         for name in ("top_k", "repetition_penalty", "seed", "ignore_eos"):
             if getattr(req, name) is not None:
                 s[name] = getattr(req, name)
