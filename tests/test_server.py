@@ -524,10 +524,57 @@ def test_eight_concurrent_streams_equal_sequential(live):
         )
 
     sequential = [run(b) for b in reqs]
-    with ThreadPoolExecutor(8) as pool:
-        concurrent = list(pool.map(run, reqs))
+    peak, done = [0], threading.Event()
+
+    def watch():  # how many requests produce tokens at the same time
+        while not done.is_set():
+            peak[0] = max(peak[0], live.service.metrics.running)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            concurrent = list(pool.map(run, reqs))
+    finally:
+        done.set()
+        watcher.join()
     assert concurrent == sequential
     assert len(set(sequential)) > 1  # the inputs really differ
+    if live.service.gen_lock is None:  # a shared engine: the requests really overlapped
+        assert peak[0] > 1
+
+
+def test_disconnect_cancels_engine_request(live, vlm):
+    """On the shared-engine path: a client that goes away stops its decode."""
+    engine = getattr(type(vlm), "engine", None) and vlm.engine
+    if not engine:
+        pytest.skip("this FastVLM has no shared engine")
+    long = body(
+        [image_msg("Describe this image.", data_url(png()))],
+        max_tokens=900,
+        ignore_eos=True,
+        stream=True,
+    )
+    rows0 = engine.counters["decode_rows"]
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=long, timeout=60) as r:
+        assert r.status_code == 200
+        got = 0
+        for line in r.iter_lines():
+            got += '"content":"' in line
+            if got == 4:
+                break
+    # Decoding stops (the cancelled row is dropped at the engine's next step) ...
+    deadline, rows = time.time() + 30, -1
+    while time.time() < deadline and engine.counters["decode_rows"] != rows:
+        rows = engine.counters["decode_rows"]
+        time.sleep(0.5)
+    assert engine.counters["decode_rows"] == rows, "the engine still decodes for a gone client"
+    assert rows - rows0 < 899
+    # ... and the next request is served; afterwards the engine is idle (slot reaped).
+    r = httpx.post(live.url + "/v1/chat/completions", json=body([image_msg("hi")]))
+    assert r.status_code == 200
+    assert not engine.has_work()
 
 
 # ---------------------------------------------------------------------- strict server
