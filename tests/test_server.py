@@ -778,6 +778,34 @@ def test_graceful_shutdown_ends_inflight_generation(vlm):
     assert spy.closed[0] or spy.yielded[0] == 900  # cancelled, or finished in the grace time
 
 
+# ---------------------------------------------------------------------- load test client
+def test_loadtest_reports_throughput_and_percentiles(live, capsys):
+    from fastvlm.server import loadtest
+
+    rc = loadtest.main(
+        ["--url", live.url, "-c", "4", "-n", "8", "--max-tokens", "8", "--ignore-eos"]
+    )
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    s = json.loads(out[-1])
+    assert s["completed"] == 8 and s["failed"] == 0 and s["model"] == MODEL
+    assert s["output_tokens"] == 64  # ignore_eos: exactly max_tokens each
+    assert s["prompt_tokens_per_request"] > 16
+    assert 0 < s["ttft_s"]["p50"] <= s["ttft_s"]["p99"] <= s["latency_s"]["max"]
+    assert s["output_tok_per_s"] > 0 and s["requests_per_s"] > 0
+    assert any("TTFT" in line for line in out[:-1])
+
+
+def test_loadtest_counts_errors(strict, capsys):
+    from fastvlm.server import loadtest
+
+    args = ["--url", strict.url, "-c", "4", "-n", "8", "--max-tokens", "64", "--ignore-eos"]
+    rc = loadtest.main(args + ["--api-key", KEY, "--warmup", "0"])
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 1 and s["failed"] > 0 and s["completed"] + s["failed"] == 8
+    assert set(s["errors"]) == {"server_busy"}  # max_concurrency=1 → 429s
+
+
 # ---------------------------------------------------------------------- schemathesis
 @pytest.fixture(scope="module")
 def fuzz_server(vlm):
