@@ -895,6 +895,15 @@ def test_playground_in_headless_chromium(live, tmp_path):
             page.wait_for_selector("#thumbs img")
             page.fill("#prompt", "Describe this image.")
             page.fill("#max_tokens", "24")
+            # count DOM updates of the answer: streamed text arrives in many small steps
+            page.evaluate(
+                """() => { window.__updates = [];
+                new MutationObserver(() => {
+                  const t = document.querySelector('.assistant .text');
+                  if (t && t.textContent) window.__updates.push(t.textContent.length);
+                }).observe(document.getElementById('chat'),
+                           {subtree: true, childList: true, characterData: true}); }"""
+            )
             page.click("#send")
             page.wait_for_function(
                 "document.querySelector('.assistant .stats') &&"
@@ -904,6 +913,8 @@ def test_playground_in_headless_chromium(live, tmp_path):
             answer = page.inner_text(".assistant .text")
             stats = page.inner_text(".assistant .stats")
             assert answer.strip() and "error" not in answer
+            lengths = page.evaluate("window.__updates")
+            assert len(set(lengths)) > 2 and lengths == sorted(lengths)  # grew step by step
             assert "TTFT" in stats and "tok/s" in stats and "prompt 40 tokens" in stats
             assert page.locator(".user img").count() == 1
             # second turn: the history (with the image) goes back to the server
