@@ -749,6 +749,20 @@ def test_disconnect_frees_slot_and_429_when_busy(strict):
     assert r.status_code == 200  # the slot is free: next request served
 
 
+def test_non_streaming_client_timeout_cancels_generation(strict):
+    spy = strict.spy
+    long = body([image_msg("Describe.")], max_tokens=900, ignore_eos=True)
+    i = len(spy.yielded)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(strict.url + "/v1/chat/completions", json=long, headers=AUTH, timeout=1.0)
+    deadline = time.time() + 30
+    while (len(spy.closed) <= i or not spy.closed[i]) and time.time() < deadline:
+        time.sleep(0.05)
+    assert spy.closed[i] and spy.yielded[i] < 900
+    r = httpx.post(strict.url + "/v1/chat/completions", json=body([image_msg("hi")]), headers=AUTH)
+    assert r.status_code == 200
+
+
 def test_graceful_shutdown_ends_inflight_generation(vlm):
     spy = _SpyVLM(vlm)
     srv = LiveServer(create_app(ServerConfig(), vlm=spy), graceful_s=1)

@@ -391,13 +391,16 @@ class ChatService:
         texts: list[str] = []
         last = None
         getter: asyncio.Task | None = None
+        next_check = time.monotonic() + 0.5
         try:
             while True:
                 getter = getter or asyncio.ensure_future(run.get())
                 done, _ = await asyncio.wait({getter}, timeout=0.5)
-                if not done:
-                    if is_disconnected is not None and await is_disconnected():
+                if is_disconnected is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.5  # tokens keep coming: check by time
+                    if await is_disconnected():
                         raise APIError(499, "client disconnected", code="client_disconnected")
+                if not done:
                     continue
                 kind, item = getter.result()
                 getter = None
