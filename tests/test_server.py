@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -790,6 +791,69 @@ def test_graceful_shutdown_ends_inflight_generation(vlm):
     while spy.closed and not spy.closed[0] and spy.yielded[0] < 900 and time.time() < deadline:
         time.sleep(0.05)
     assert spy.closed[0] or spy.yielded[0] == 900  # cancelled, or finished in the grace time
+
+
+# ---------------------------------------------------------------------- the CLI
+def test_fastvlm_serve_cli_end_to_end(tmp_path):
+    """`python -m fastvlm serve` in a subprocess: loads, serves, CORS, stops on SIGINT."""
+    import signal
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "fastvlm", "serve", "--port", str(port)]
+    cmd += ["--cors-origins", "http://app.test", "--served-model-name", "tiny"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        r = httpx.post(
+            url + "/v1/chat/completions", json={**body([image_msg("hi")]), "model": "tiny"}
+        )
+        assert r.status_code == 200 and r.json()["model"] == "tiny"
+        pre = httpx.options(
+            url + "/v1/chat/completions",
+            headers={"Origin": "http://app.test", "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.headers.get("access-control-allow-origin") == "http://app.test"
+        other = httpx.get(url + "/v1/models", headers={"Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0
+
+
+def test_serve_flags():
+    from fastvlm.cli import TOOLS
+    from fastvlm.server.app import build_parser
+
+    assert TOOLS["serve"] == "fastvlm.server.app"
+    text = build_parser().format_help()
+    for flag in (
+        "--api-key",
+        "--max-concurrency",
+        "--allowed-local-media-path",
+        "--allowed-media-domains",
+        "--cors-origins",
+        "--max-tokens-limit",
+        "--host",
+    ):
+        assert flag in text
 
 
 # ---------------------------------------------------------------------- load test client

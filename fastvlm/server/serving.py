@@ -52,6 +52,7 @@ class ServeLimits:
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     max_prompt_chars: int = 1_000_000  # text characters over all messages; more → 413
     max_images: int = 16  # images per request
+    max_messages: int = 1024  # messages per request (each adds template tokens)
     retry_after_s: int = 1
 
 
@@ -225,6 +226,14 @@ class ChatService:
         return Job(new_id(), messages, sampling, bool(req.stream), include_usage)
 
     def _messages(self, req: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
+        if len(req.messages) > self.limits.max_messages:
+            raise APIError(
+                400,
+                f"{len(req.messages)} messages in one request, more than the limit of "
+                f"{self.limits.max_messages}",
+                param="messages",
+                code="too_many_messages",
+            )
         out: list[dict] = []
         urls: list[str] = []
         chars = 0
