@@ -379,6 +379,27 @@ def test_bad_data_urls(url, status):
     assert e.value.status == status
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_common_formats_decode(fmt):
+    b = io.BytesIO()
+    Image.new("RGB", (20, 10), (10, 200, 30)).save(b, fmt)
+    assert media.load_media_image(data_url(b.getvalue()), MediaPolicy()).size == (20, 10)
+
+
+def test_exotic_formats_are_never_opened(monkeypatch):
+    """EPS would hand the bytes to Ghostscript; other rare decoders are refused likewise."""
+    from PIL import EpsImagePlugin
+
+    def boom(*a, **k):
+        raise AssertionError("the EPS decoder was reached")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", boom)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    for data in (eps, b"P6\n2 2\n255\n" + b"\0" * 12):  # EPS, PPM
+        with pytest.raises(MediaError, match="not a readable image"):
+            media.load_media_image(data_url(data), MediaPolicy())
+
+
 def test_data_url_byte_cap_checked_before_decoding():
     with pytest.raises(MediaError) as e:
         media.load_media_image(data_url(b"\0" * 5000), MediaPolicy(max_image_bytes=1000))

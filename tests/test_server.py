@@ -236,6 +236,33 @@ def test_not_ready_until_loaded(monkeypatch, vlm):
         srv.stop()
 
 
+def test_load_failure_is_reported(monkeypatch):
+    import fastvlm.api
+
+    def broken(*a, **k):
+        raise RuntimeError("weights are corrupt")
+
+    monkeypatch.setattr(fastvlm.api, "load", broken)
+    srv = LiveServer(create_app(ServerConfig()))
+    try:
+        deadline = time.time() + 30
+        while httpx.get(srv.url + "/health").json()["status"] == "loading":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and "corrupt" in r.json()["detail"]
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body([image_msg("hi")]))
+        assert r.status_code == 503 and "corrupt" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+
+
+def test_serve_refuses_unknown_model_before_listening():
+    from fastvlm.cli import main
+
+    assert main(["serve", "--model", "/nonexistent/model/folder", "--port", "9"]) == 1
+
+
 # ---------------------------------------------------------------------- openai client
 def test_openai_client_non_streaming(live, vlm):
     openai = pytest.importorskip("openai")

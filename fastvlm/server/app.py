@@ -404,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the server needs extra packages: pip install 'fastvlm[server]'")
         return 1
     cfg = config_from_args(a)
+    from ..hub import resolve
+
+    resolve(cfg.model)  # a typo or an offline miss fails here, not as a server that never loads
     logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)

@@ -16,6 +16,8 @@ Design decisions:
 * **Verify before decoding**: byte caps apply while reading (the body is never held beyond the
   cap), and the pixel count is read from the header (`Image.open` is lazy) and capped before
   `load()` decompresses anything, which refuses decompression bombs cheaply.
+* Only common raster formats are opened (PNG, JPEG, WebP, GIF, BMP, TIFF): no Ghostscript for
+  EPS, no exotic decoders.
 * No third-party HTTP client: `http.client` with a pinned socket is small enough to audit and
   runs in a worker thread (the caller wraps it in `asyncio.to_thread`).
 """
@@ -43,6 +45,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Ranges Python's `is_global` does not flag but no image server lives in.
 _EXTRA_BLOCKED = [ipaddress.ip_network(n) for n in ("100.64.0.0/10", "192.0.0.0/24", "0.0.0.0/8")]
+
+
+# Formats PIL may open. Others (EPS would run Ghostscript, plus rarely used plugins) are refused
+# as unreadable, which keeps hostile files away from code paths nobody audits.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO
 
 
 class MediaError(ValueError):
@@ -304,7 +311,7 @@ def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
     if not data:
         raise MediaError("image is empty")
     try:
-        img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # lazy: reads the header
         w, h = img.size
         if w * h > policy.max_image_pixels:
             raise MediaError(
