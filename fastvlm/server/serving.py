@@ -188,6 +188,7 @@ class ChatService:
 
     # ------------------------------------------------------------------ request → job
     async def prepare(self, req: ChatCompletionRequest) -> Job:
+        t0 = time.perf_counter()  # TTFT / latency metrics include image fetching and tokenizing
         if req.model != self.model_name:
             raise APIError(
                 404,
@@ -223,7 +224,7 @@ class ChatService:
         n_prompt = await asyncio.to_thread(self._count_prompt, messages)
         sampling = self._sampling(req, n_prompt)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Job(new_id(), messages, sampling, bool(req.stream), include_usage)
+        return Job(new_id(), messages, sampling, bool(req.stream), include_usage, t0=t0)
 
     def _messages(self, req: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
         if len(req.messages) > self.limits.max_messages:
