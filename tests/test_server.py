@@ -376,7 +376,6 @@ def test_multi_image_multi_turn_system_stop(live, vlm):
 
 
 # ---------------------------------------------------------------------- hostile inputs
-BOMB = None
 
 
 def _bomb() -> bytes:
