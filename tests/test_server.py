@@ -830,7 +830,7 @@ def test_fastvlm_serve_cli_end_to_end(tmp_path):
     s.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "fastvlm", "serve", "--port", str(port)]
-    cmd += ["--cors-origins", "http://app.test", "--served-model-name", "tiny"]
+    cmd += ["--cors-origins", "http://app.test", "--served-model-name", "tiny", "--slots", "2"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

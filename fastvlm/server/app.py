@@ -40,6 +40,8 @@ class ServerConfig:
     dtype: str = "auto"
     image_size: int | None = None
     trust_pickle: bool = False
+    engine: str = "fast"  # "fast" = continuous batching, "reference" = the slow oracle decoder
+    slots: int | None = None  # requests the engine decodes together (None: its default)
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
@@ -190,6 +192,8 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
                 dtype=cfg.dtype,
                 trust_pickle=cfg.trust_pickle,
                 image_size=cfg.image_size,
+                engine=cfg.engine,
+                engine_options={"slots": cfg.slots} if cfg.slots else None,
             )
             state["service"] = make_service(model)
             log.info("model %s loaded; ready", cfg.model_name)
@@ -333,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--engine", default="fast", choices=["fast", "reference"])
+    p.add_argument("--slots", type=int, default=None, help="batch size of the engine (default 8)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument(
@@ -373,6 +379,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         dtype=a.dtype,
         image_size=a.image_size,
         trust_pickle=a.trust_pickle,
+        engine=a.engine,
+        slots=a.slots,
         served_model_name=a.served_model_name,
         host=a.host,
         port=a.port,
