@@ -162,7 +162,8 @@ class ChatService:
         self.media = media or MediaPolicy()
         self.metrics = metrics or Metrics()
         if serialize is None:  # a FastVLM with a shared engine batches concurrent threads
-            serialize = not (hasattr(type(vlm), "engine") or "engine" in vars(vlm))
+            has_engine = hasattr(type(vlm), "engine") or "engine" in vars(vlm)
+            serialize = not has_engine or getattr(vlm, "engine_kind", None) == "reference"
         self.gen_lock = threading.Lock() if serialize else None
         self.admitted = 0
         self.runs: set[_Run] = set()
