@@ -337,6 +337,48 @@ def test_redirect_limit_byte_cap_and_non_image(image_server):
         media.load_media_image(image_server.url("/missing"), ALLOW_LOCAL)
 
 
+def test_https_verifies_the_certificate_of_the_host_name(tmp_path):
+    """The pinned HTTPS connection still checks the certificate: a self-signed server fails."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    srv = _ImageServer({"/ok.png": (200, {"Content-Type": "image/png"}, png_bytes())})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.httpd.socket = ctx.wrap_socket(srv.httpd.socket, server_side=True)
+    try:
+        url = f"https://127.0.0.1:{srv.port}/ok.png"
+        with pytest.raises(MediaError, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            media.load_media_image(url, ALLOW_LOCAL)
+    finally:
+        srv.close()
+
+
 def test_fetch_timeout(monkeypatch):
     """A server that accepts but never answers is cut off by the deadline."""
     srv = socket.socket()
