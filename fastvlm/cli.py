@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8/int4 weight-only quantization (see `fastvlm quantize -h`)",
         add_help=False,
     )
+    sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (see `fastvlm serve -h`)", add_help=False
+    )
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
@@ -289,6 +292,7 @@ TOOLS = {
     "lora": "fastvlm.train.lora",
     "quantize": "fastvlm.quant",
     "bench": "fastvlm.bench",
+    "serve": "fastvlm.server.app",
 }
 
 
