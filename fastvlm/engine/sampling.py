@@ -68,8 +68,10 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1)
-    # Shift by the max first: a tiny temperature then sends the others to -inf, never inf - inf.
-    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+    # Shift by the max and floor the temperature (1e-300 is 0 in float32): a tiny temperature
+    # then makes a one-hot softmax instead of inf - inf = nan.
+    t = max(params.temperature, 1e-6)
+    logits = (logits - logits.amax(-1, keepdim=True)) / t
     if params.top_k > 0:
         k = min(params.top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]
