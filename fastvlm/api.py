@@ -224,13 +224,23 @@ def load(
     trust_pickle: bool = False,
     image_size: int | None = None,
     download: bool = True,
+    backend: str = "auto",
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
     Both checkpoint formats load: Apple's `llava_qwen2` repos and transformers' `fast_vlm`.
     `image_size` overrides the encoder resolution (a multiple of 64; fewer image tokens).
+    `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
+    anything else on PyTorch), "torch" or "onnxruntime".
     """
     folder = hub.resolve(model, download=download)
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"unknown backend {backend!r}: use auto, torch or onnxruntime")
+    exported = (folder / "fastvlm_export.json").exists()
+    if backend == "onnxruntime" or (backend == "auto" and exported):
+        from .export.ort_backend import load_onnx
+
+        return load_onnx(folder)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cfg = load_config(folder, image_size)

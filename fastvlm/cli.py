@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8/int4 weight-only quantization (see `fastvlm quantize -h`)",
         add_help=False,
     )
+    sub.add_parser(
+        "export",
+        help="export to ONNX / Core ML / TFLite with parity checks (see `fastvlm export -h`)",
+        add_help=False,
+    )
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
@@ -279,6 +284,7 @@ TOOLS = {
     "eval": "fastvlm.train.evaluate",
     "lora": "fastvlm.train.lora",
     "quantize": "fastvlm.quant",
+    "export": "fastvlm.export",
 }
 
 
