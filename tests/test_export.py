@@ -156,3 +156,43 @@ def test_onnx_cli_and_parity_failure_exit(tmp_path, tiny_dir):
                "--min-agreement", "1.01"])  # fmt: skip
     assert rc == 1
     assert main(["export", "onnx", str(tiny_dir), str(tmp_path / "c"), "--precision", "x=1"]) == 1
+
+
+# ---------------------------------------------------------------------- TFLite
+needs_litert = pytest.mark.skipif(
+    not (has_module("litert_torch") and has_module("ai_edge_litert")),
+    reason="litert-torch / ai-edge-litert missing (they live in their own venv, README 'Export')",
+)
+
+
+@needs_litert
+def test_tflite_vision_fp32_matches_pytorch(tmp_path):
+    from fastvlm.export.tflite import TFLiteVision, export_tflite
+
+    model = make_tiny_model()
+    res = export_tflite(model, tmp_path / "t", "quality", None, log=lambda *_: None)
+    path = tmp_path / "t" / "vision_encoder.tflite"
+    assert path.exists() and res.parity.passed, str(res.parity)
+    px = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.embed_images(px).numpy()
+    run = TFLiteVision(path)
+    assert run.inp["shape"].tolist() == [1, 3, 128, 128]
+    out = run(px)
+    assert out.shape == ref.shape == (2, 4, 64)
+    assert np.abs(out - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+@needs_litert
+@pytest.mark.parametrize("vision", ["fp16", "int8"])
+def test_tflite_vision_weight_quantized(tmp_path, vision):
+    from fastvlm.export.tflite import export_tflite
+
+    model = make_tiny_model()
+    res = export_tflite(model, tmp_path / "t", f"vision={vision}", None, log=lambda *_: None)
+    assert res.parity.passed and res.parity.embeds_cos > 0.999, str(res.parity)
+    fp32_bytes = 4 * sum(
+        p.numel() for m in (model.vision_tower, model.mm_projector) for p in m.parameters()
+    )
+    assert res.files["vision_encoder.tflite"] < (0.6 if vision == "fp16" else 0.4) * fp32_bytes

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .precision import describe, resolve_precision
+from .precision import as_precision, describe, resolve_precision
 from .wrappers import DecoderStep, EmbedTokens, VisionEncoder, kv_names
 
 ALLOWED = {
@@ -301,13 +301,7 @@ def export_onnx(
     from . import parity as parity_mod
     from .ort_backend import MANIFEST, OrtModel, load_onnx
 
-    if isinstance(precision, dict):
-        prec = resolve_precision(None, ",".join(f"{k}={v}" for k, v in precision.items()),
-                                 ALLOWED, "ONNX")  # fmt: skip
-    elif precision in (None, "quality", "balanced", "small"):
-        prec = resolve_precision(precision, None, ALLOWED, "ONNX")
-    else:
-        prec = resolve_precision(None, precision, ALLOWED, "ONNX")
+    prec = as_precision(precision, ALLOWED, "ONNX")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -51,5 +51,17 @@ def resolve_precision(
     return out
 
 
+def as_precision(
+    precision: str | dict[str, str] | None, allowed: dict[str, tuple[str, ...]], target: str
+) -> dict[str, str]:
+    """A preset name, a spec ("vision=fp16,llm=int4", on top of "quality") or a dict → dict."""
+    if isinstance(precision, dict):
+        spec = ",".join(f"{k}={v}" for k, v in precision.items())
+        return resolve_precision(None, spec, allowed, target)
+    if precision is None or precision in PRESETS:
+        return resolve_precision(precision, None, allowed, target)
+    return resolve_precision(None, precision, allowed, target)
+
+
 def describe(precision: dict[str, str]) -> str:
     return ",".join(f"{k}={precision[k]}" for k in COMPONENTS if k in precision)
