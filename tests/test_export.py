@@ -196,3 +196,34 @@ def test_tflite_vision_weight_quantized(tmp_path, vision):
         p.numel() for m in (model.vision_tower, model.mm_projector) for p in m.parameters()
     )
     assert res.files["vision_encoder.tflite"] < (0.6 if vision == "fp16" else 0.4) * fp32_bytes
+
+
+# ---------------------------------------------------------------------- Core ML
+needs_coreml = pytest.mark.skipif(not has_module("coremltools"), reason="coremltools missing")
+
+
+@needs_coreml
+def test_coreml_small_preset_spec(tmp_path, tokenizer):
+    """Conversion runs on Linux; the saved packages re-load with the documented I/O."""
+    from fastvlm.export.coreml import export_coreml, validate_package
+
+    model = make_tiny_model(vocab_size=tokenizer.get_vocab_size())
+    res = export_coreml(model, tmp_path / "c", "small", tokenizer, context=128, log=print)
+    assert res.parity.passed and res.parity.greedy_identical, str(res.parity)
+    t = model.config.text
+    vis = validate_package(tmp_path / "c" / "vision_encoder.mlpackage")
+    assert vis["inputs"]["pixel_values"]["shape"] == [1, 3, 128, 128]
+    assert vis["outputs"]["image_embeds"]["shape"] == [1, 4, t.hidden_size]
+    emb = validate_package(tmp_path / "c" / "embed_tokens.mlpackage")
+    assert emb["inputs"]["input_ids"]["ranges"] == [[1, 1], [1, 128]]
+    dec = validate_package(tmp_path / "c" / "decoder.mlpackage")
+    assert set(dec["inputs"]) == {"inputs_embeds", "causal_mask"}
+    assert dec["inputs"]["inputs_embeds"]["ranges"] == [[1, 1], [1, 128], [64, 64]]
+    assert dec["inputs"]["causal_mask"]["ranges"] == [[1, 1], [1, 1], [1, 128], [1, 128]]
+    assert list(dec["outputs"]) == ["logits"]
+    cache = [t.num_hidden_layers, 1, t.num_key_value_heads, 128, t.head_dim]
+    assert dec["states"]["key_cache"]["shape"] == dec["states"]["value_cache"]["shape"] == cache
+    assert dec["ops"]["write_state"] == 2 * t.num_hidden_layers
+    assert dec["ops"].get("constexpr_blockwise_shift_scale", 0) >= 8  # int4 weights
+    manifest = json.loads((tmp_path / "c" / "fastvlm_export.json").read_text())
+    assert manifest["format"] == "coreml" and manifest["precision"]["llm"] == "int4"
