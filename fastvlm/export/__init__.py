@@ -32,8 +32,20 @@ USAGE = """usage: fastvlm export {onnx,coreml,tflite} MODEL OUT [--preset qualit
 
 `fastvlm export TARGET -h` lists each target's options."""
 
-# the names a new module needs without importing onnx / torch exporters eagerly
-__all__ = ["main", "TARGETS"]
+__all__ = ["main", "TARGETS", "export_onnx", "export_coreml", "export_tflite", "load_onnx"]
+
+
+def __getattr__(name: str):
+    """`fastvlm.export.export_onnx` etc. without importing every target up front."""
+    where = {
+        "export_onnx": "onnx",
+        "export_coreml": "coreml",
+        "export_tflite": "tflite",
+        "load_onnx": "ort_backend",
+    }
+    if name in where:
+        return getattr(importlib.import_module(f"{__name__}.{where[name]}"), name)
+    raise AttributeError(name)
 
 
 def main(argv: list[str] | None = None) -> int:

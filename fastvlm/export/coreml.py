@@ -332,10 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     prepare_out(out, a.force)
     model, tok, _ = load_source(a)
     res = export_coreml(model, out, prec, tok, context=a.context, parity=not a.no_parity)
+
+    def dims(v: dict) -> str:
+        if v["ranges"]:
+            return "[" + ", ".join(f"{a}" if a == b else f"{a}..{b}" for a, b in v["ranges"]) + "]"
+        return str(v["shape"]) if v["shape"] else "[dynamic]"
+
     for name, info in json.loads((out / "fastvlm_export.json").read_text())["packages"].items():
-        io = ", ".join(f"{k}{v['shape']}" for k, v in info["inputs"].items())
-        oo = ", ".join(f"{k}{v['shape']}" for k, v in {**info["outputs"], **info["states"]}.items())
-        print(f"  {name}: {io} → {oo}")
+        io = ", ".join(f"{k}{dims(v)}" for k, v in info["inputs"].items())
+        oo = ", ".join(f"{k}{dims(v)}" for k, v in info["outputs"].items())
+        st = ", ".join(f"{k}{dims(v)}" for k, v in info["states"].items())
+        print(f"  {name}: {io} → {oo}" + (f"; state {st}" if st else ""))
     if not can_predict():
         print("  note: Core ML predictions need macOS; on Linux only the specs and the traced "
               "PyTorch wrappers were checked (see README of the export)")  # fmt: skip
