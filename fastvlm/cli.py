@@ -33,6 +33,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--image-size", type=int, default=None, help="encoder resolution (multiple of 64)"
     )
     p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
+    p.add_argument(
+        "--engine",
+        choices=["fast", "reference"],
+        default="fast",
+        help="fast: the batching engine (default); reference: the slow oracle decoder",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,6 +75,8 @@ def _load(a: argparse.Namespace):
         dtype=a.dtype,
         trust_pickle=a.trust_pickle,
         image_size=a.image_size,
+        engine=a.engine,
+        engine_options={"compile": True} if a.compile else None,
     )
 
 
@@ -266,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (see `fastvlm serve -h`)", add_help=False
+    )
+    sub.add_parser(
         "export",
         help="export to ONNX / Core ML / TFLite with parity checks (see `fastvlm export -h`)",
         add_help=False,
@@ -284,6 +296,8 @@ TOOLS = {
     "eval": "fastvlm.train.evaluate",
     "lora": "fastvlm.train.lora",
     "quantize": "fastvlm.quant",
+    "bench": "fastvlm.bench",
+    "serve": "fastvlm.server.app",
     "export": "fastvlm.export",
 }
 

@@ -37,7 +37,7 @@ import torch
 from ..errors import ConfigError
 from .onnx import ExportResult, add_common_args, load_source, prepare_out, print_result
 from .precision import as_precision, describe, resolve_precision
-from .wrappers import EmbedTokens, StatefulDecoder, VisionEncoder
+from .wrappers import EmbedTokens, StatefulDecoder, VisionEncoder, export_friendly
 
 ALLOWED = {
     "vision": ("fp32", "fp16", "int8", "pal4", "pal6", "pal8"),
@@ -200,7 +200,7 @@ def export_coreml(
     dec = StatefulDecoder(model, context)
     q = ct.RangeDim(1, context, default=1)
     k = ct.RangeDim(1, context, default=1)
-    with torch.no_grad():
+    with torch.no_grad(), export_friendly(model):
         tr = torch.jit.trace(dec, (torch.zeros(1, 3, t.hidden_size), torch.zeros(1, 1, 3, 5)))
     fp = np.float16  # Core ML state must be fp16
     states = [

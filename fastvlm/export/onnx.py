@@ -35,7 +35,7 @@ import torch
 
 from ..errors import ConfigError
 from .precision import as_precision, describe, resolve_precision
-from .wrappers import DecoderStep, EmbedTokens, VisionEncoder, kv_names
+from .wrappers import DecoderStep, EmbedTokens, VisionEncoder, export_friendly, kv_names
 
 ALLOWED = {
     "vision": ("fp32", "fp16"),
@@ -136,6 +136,18 @@ def export_graphs(
     accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
 ) -> None:
     """Write the three graphs of `model` (a FastVLMModel on CPU, fp32) under `out/onnx/`."""
+    with export_friendly(model):
+        _export_graphs(model, out, precision, opset, log, accuracy_level)
+
+
+def _export_graphs(
+    model,
+    out: Path,
+    precision: dict[str, str],
+    opset: int = DEFAULT_OPSET,
+    log=print,
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+) -> None:
     import onnx
 
     if opset < 17:

@@ -205,7 +205,8 @@ class OrtFastVLM(FastVLM):
     """`FastVLM` on ONNX Runtime: describe / chat / stream / stream_chunks / generate_ids."""
 
     def __init__(self, model: OrtModel, processor: Processor, tokenizer, path: Path) -> None:
-        super().__init__(model, processor, tokenizer, path)
+        # "reference": no torch Engine over these sessions; callers (the server) serialize
+        super().__init__(model, processor, tokenizer, path, engine="reference")
         self.backend = "onnxruntime"
 
     @property

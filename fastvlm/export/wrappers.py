@@ -18,16 +18,72 @@ Design decisions:
   causal + padding mask is built inside the graph from `attention_mask`, so callers pass only
   what HF callers pass.
 * The wrappers reuse the model's own modules (`Qwen2Model.layers`, `lm_head`, `embed_images`)
-  through the `KVCacheLike` seam, so an export can never drift from the PyTorch model.
+  through the `KVCacheLike` seam. `export_friendly(model)` swaps, for the duration of an export
+  only, the two modules whose fused kernels the exporters cannot lower (`F.rms_norm`, SDPA with
+  `enable_gqa`) for plain-op twins sharing the same parameters; the parity check at the end of
+  every export compares against the unswapped model, so the twins cannot drift unnoticed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..model.fastvlm import FastVLMModel
-from ..model.qwen2 import rope_cos_sin
+from ..model.qwen2 import Qwen2Attention, RMSNorm, rope_cos_sin, rotate_half
+
+
+class _PlainRMSNorm(RMSNorm):
+    """RMSNorm from primitive ops (the TorchScript ONNX exporter has no `aten::rms_norm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class _PlainAttention(Qwen2Attention):
+    """Qwen2 attention with GQA as an explicit K/V repeat (exporters reject `enable_gqa`).
+    Export wrappers always pass a mask."""
+
+    def forward(self, x, cos, sin, positions, mask, cache):
+        assert mask is not None, "export wrappers build their own mask"
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin  # (B, heads, T, hd)
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, kv, S, hd)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+SWAPS = {RMSNorm: _PlainRMSNorm, Qwen2Attention: _PlainAttention}
+
+
+@contextmanager
+def export_friendly(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily give the decoder's norm / attention modules their plain-op twins (same
+    parameters, class swap only); restored on exit."""
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in SWAPS]
+    for m, cls in swapped:
+        m.__class__ = SWAPS[cls]
+    try:
+        yield model
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
 
 
 def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
