@@ -284,6 +284,7 @@ def load(
     download: bool = True,
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
@@ -291,8 +292,17 @@ def load(
     `image_size` overrides the encoder resolution (a multiple of 64; fewer image tokens).
     `engine="reference"` uses the slow reference decoder; `engine_options` go to `Engine`
     (slots, max_len, vision_cache_size, prefix_reuse, compile).
+    `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
+    anything else on PyTorch), "torch" or "onnxruntime".
     """
     folder = hub.resolve(model, download=download)
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"unknown backend {backend!r}: use auto, torch or onnxruntime")
+    exported = (folder / "fastvlm_export.json").exists()
+    if backend == "onnxruntime" or (backend == "auto" and exported):
+        from .export.ort_backend import load_onnx
+
+        return load_onnx(folder)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu":

@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server (see `fastvlm serve -h`)", add_help=False
     )
+    sub.add_parser(
+        "export",
+        help="export to ONNX / Core ML / TFLite with parity checks (see `fastvlm export -h`)",
+        add_help=False,
+    )
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
@@ -293,6 +298,7 @@ TOOLS = {
     "quantize": "fastvlm.quant",
     "bench": "fastvlm.bench",
     "serve": "fastvlm.server.app",
+    "export": "fastvlm.export",
 }
 
 
