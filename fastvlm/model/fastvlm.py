@@ -33,7 +33,7 @@ def check_tokens_per_image(tokens_per_image: int | None, native: int) -> int:
         return native
     k = tokens_per_image
     side = math.isqrt(k) if isinstance(k, int) and k > 0 else 0
-    if isinstance(k, bool) or side * side != k or k > native:
+    if isinstance(k, bool) or not side or side * side != k or k > native:
         choices = ", ".join(str(i * i) for i in range(math.isqrt(native), 0, -1))
         raise ValueError(
             f"tokens_per_image must be a perfect square no larger than this model's native "
