@@ -4,10 +4,17 @@
 chat template + image placeholders) and tokenizer — and picks device and dtype sensibly:
 CUDA > MPS > CPU, bf16 on CUDA, fp16 on MPS, fp32 on CPU (bf16 matmuls on AVX2 CPUs run about
 150x slower than fp32).
+
+Generation goes through one lazily built `Engine` per `FastVLM` (`vlm.engine`): calls from several
+threads are batched together (continuous batching), a repeated image is encoded once (vision
+cache) and a follow-up chat turn reuses the KV of its history (prefix reuse). `engine="reference"`
+keeps the slow, obviously-correct decoder of `engine/generate.py` (the oracle the engine is tested
+against); a request longer than the engine's `max_len` also falls back to it.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +23,9 @@ from typing import Any
 import torch
 
 from . import hub
+from .engine.engine import Engine
 from .engine.generate import Chunk, Stats, generate_step, stream_generate
+from .engine.request import stream_text
 from .engine.sampling import SamplingParams
 from .processing import ImageInput, Processor
 from .tokenization import STOP_TOKENS, load_tokenizer
@@ -68,12 +77,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 SAMPLING_KEYS = {f for f in SamplingParams.__slots__}
+ENGINES = ("fast", "reference")
 
 
 class FastVLM:
     """A loaded FastVLM: `describe(image)`, `chat(messages)`, `stream(...)`."""
 
-    def __init__(self, model, processor: Processor, tokenizer, path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        processor: Processor,
+        tokenizer,
+        path: Path | None = None,
+        *,
+        engine: str = "fast",
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine_kind = engine
+        self.engine_options = dict(engine_options or {})
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
         self.model = model
         self.processor = processor
         self.tokenizer = tokenizer
@@ -108,6 +133,25 @@ class FastVLM:
     @property
     def image_size(self) -> int:
         return self.config.vision.image_size
+
+    @property
+    def engine(self) -> Engine:
+        """The shared continuous-batching engine (built on first use; thread-safe)."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    opts = {
+                        "slots": 8,
+                        "max_len": min(self.config.text.max_position_embeddings, 4096),
+                    }
+                    opts.update(self.engine_options)
+                    self._engine = Engine.from_vlm(self, **opts)
+        return self._engine
+
+    def _use_engine(self, n_ids: int, params: SamplingParams) -> bool:
+        if self.engine_kind == "reference":
+            return False
+        return n_ids + params.max_tokens <= self.engine.max_len
 
     def __repr__(self) -> str:
         return (
@@ -171,6 +215,12 @@ class FastVLM:
         params = self._params(sampling)
         tpi = tokens_per_image
         ids, pixels = self.encode(messages, tokens_per_image=tpi, max_images=max_images)
+        if self._use_engine(len(ids), params):
+            handle = self.engine.submit(ids, pixels, params, tokens_per_image=tpi)
+            for chunk in stream_text(handle, self.tokenizer):
+                self.last_stats = chunk.stats
+                yield chunk
+            return
         if pixels is not None:
             pixels = pixels.to(self.device)
         for chunk in stream_generate(
@@ -227,8 +277,15 @@ class FastVLM:
     def generate_ids(
         self, input_ids: list[int], pixel_values: torch.Tensor | None = None, **sampling
     ) -> list[int]:
-        """Token ids in, generated ids out (reference decoder; stops at EOS unless ignore_eos)."""
+        """Token ids in, generated ids out (EOS included; stops at EOS unless ignore_eos)."""
         params = self._params(sampling)
+        if self._use_engine(len(input_ids), params):
+            handle = self.engine.submit(input_ids, pixel_values, params)
+            out = handle.result()
+            self.last_stats = handle.stats
+            if handle.finish_reason == "error":
+                raise RuntimeError(f"generation failed for request {handle.id}")
+            return out
         px = None if pixel_values is None else pixel_values.to(self.device)
         return list(
             generate_step(
@@ -250,11 +307,15 @@ def load(
     trust_pickle: bool = False,
     image_size: int | None = None,
     download: bool = True,
+    engine: str = "fast",
+    engine_options: dict[str, Any] | None = None,
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
     Both checkpoint formats load: Apple's `llava_qwen2` repos and transformers' `fast_vlm`.
     `image_size` overrides the encoder resolution (a multiple of 64; fewer image tokens).
+    `engine="reference"` uses the slow reference decoder; `engine_options` go to `Engine`
+    (slots, max_len, vision_cache_size, prefix_reuse, compile).
     """
     folder = hub.resolve(model, download=download)
     dev = resolve_device(device)
@@ -262,4 +323,5 @@ def load(
     cfg = load_config(folder, image_size)
     net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
     tok = load_tokenizer(folder)
-    return FastVLM(net, Processor(net.config, tok), tok, folder)
+    proc = Processor(net.config, tok)
+    return FastVLM(net, proc, tok, folder, engine=engine, engine_options=engine_options)

@@ -33,6 +33,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--image-size", type=int, default=None, help="encoder resolution (multiple of 64)"
     )
     p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
+    p.add_argument(
+        "--engine",
+        choices=["fast", "reference"],
+        default="fast",
+        help="fast: the batching engine (default); reference: the slow oracle decoder",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -96,6 +103,8 @@ def _load(a: argparse.Namespace):
         dtype=a.dtype,
         trust_pickle=a.trust_pickle,
         image_size=a.image_size,
+        engine=a.engine,
+        engine_options={"compile": True} if a.compile else None,
     )
 
 
@@ -330,6 +339,7 @@ TOOLS = {
     "eval": "fastvlm.train.evaluate",
     "lora": "fastvlm.train.lora",
     "quantize": "fastvlm.quant",
+    "bench": "fastvlm.bench",
     "watch": "fastvlm.video",
     "batch": "fastvlm.batch",
 }

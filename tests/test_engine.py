@@ -351,3 +351,69 @@ def test_from_vlm_matches_the_python_api(tiny_dir):
     assert text == vlm.chat(msgs, max_tokens=12)
     assert h.output_ids == vlm.generate_ids(ids, px, max_tokens=12)
     assert len(set(h.output_ids)) > 2
+
+
+# ---------------------------------------------------------------- the Python API uses the engine
+def _msgs(image, text: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": text}],
+        }
+    ]
+
+
+def test_api_default_engine_matches_reference_and_batches_threads(tiny_dir):
+    from PIL import Image
+
+    import fastvlm
+
+    fast = fastvlm.load(tiny_dir, device="cpu")
+    slow = fastvlm.load(tiny_dir, device="cpu", engine="reference")
+    assert fast.engine_kind == "fast" and slow.engine_kind == "reference"
+    images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue", "green", "white")]
+    prompts = ["Hi", "What is this?", "Describe it in detail please.", "Colour?"]
+    want = [
+        slow.chat(_msgs(im, p), max_tokens=10 + 3 * i)
+        for i, (im, p) in enumerate(zip(images, prompts, strict=True))
+    ]
+    assert slow._engine is None  # the reference path never builds an engine
+    assert fast.chat(_msgs(images[0], prompts[0]), max_tokens=10) == want[0]
+    got: dict[int, str] = {}
+    steps0 = fast.engine.counters["steps"]
+    rows0 = fast.engine.counters["decode_rows"]
+
+    def run(i: int) -> None:
+        got[i] = fast.chat(_msgs(images[i], prompts[i]), max_tokens=10 + 3 * i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got[i] for i in range(4)] == want
+    c = fast.engine.counters
+    # four streams share decode steps: more rows decoded than steps taken
+    assert c["decode_rows"] - rows0 > c["steps"] - steps0
+    assert fast.last_stats is not None and fast.last_stats.image_tokens == fast.num_image_tokens
+
+
+def test_api_falls_back_to_reference_beyond_engine_max_len(tiny_dir):
+    import fastvlm
+
+    vlm = fastvlm.load(tiny_dir, device="cpu", engine_options={"max_len": 120, "slots": 1})
+    msgs = [{"role": "user", "content": "Hello there"}]
+    ref_vlm = fastvlm.load(tiny_dir, device="cpu", engine="reference")
+    n = len(vlm.encode(msgs)[0])
+    assert n + 5 <= 120 < n + 130
+    assert vlm.chat(msgs, max_tokens=130) == ref_vlm.chat(msgs, max_tokens=130)  # > max_len
+    assert vlm.engine.counters["steps"] == 0  # served by the reference decoder
+    assert vlm.chat(msgs, max_tokens=5) == ref_vlm.chat(msgs, max_tokens=5)
+    assert vlm.engine.counters["steps"] > 0
+
+
+def test_api_rejects_unknown_engine(tiny_dir):
+    import fastvlm
+
+    with pytest.raises(ValueError, match="engine must be one of"):
+        fastvlm.load(tiny_dir, device="cpu", engine="turbo")
