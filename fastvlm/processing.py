@@ -75,7 +75,9 @@ def _open(fp: io.BytesIO, name: str) -> Image.Image:
         return img
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused, too many pixels (decompression bomb guard): {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message names a BytesIO object: not useful
+        raise ImageError(f"{name}: not a readable image (unknown format or corrupt)") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({e})") from e
 
 
