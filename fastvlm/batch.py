@@ -258,13 +258,15 @@ def run_ray(
         ray.init(**kw)
     ray.data.DataContext.get_current().enable_progress_bars = False
     gpus = ray.cluster_resources().get("GPU", 0) >= 1
-    ds = ray.data.from_items(items)
+    bs = options["batch_size"]
+    # One block per batch: Ray Data hands results back per block, so rows stream as batches end.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // bs)))
     ds = ds.map_batches(
         CaptionActor,
         fn_constructor_kwargs={"options": options},
-        batch_size=options["batch_size"],
+        batch_size=bs,
         batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if gpus else 0,
         num_cpus=options.get("threads") or 1,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(options.get("threads") or 1)}},
