@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from . import hub
+from .engine.allocator import tune_malloc
 from .engine.engine import Engine
 from .engine.generate import Chunk, Stats, generate_step, stream_generate
 from .engine.request import stream_text
@@ -320,6 +321,8 @@ def load(
     folder = hub.resolve(model, download=download)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dev.type == "cpu":
+        tune_malloc()  # big activations: reuse heap memory instead of mmap + page faults
     cfg = load_config(folder, image_size)
     net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
     tok = load_tokenizer(folder)

@@ -111,14 +111,14 @@ class _SlotWindow:
 
     def __init__(self, cache: SlotKVCache, lo: int, hi: int, span: int) -> None:
         self.cache, self.lo, self.hi, self.span = cache, lo, hi, span
+        self.rows = torch.arange(hi - lo, device=cache.k[0].device)  # once per step, not layer
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         kc = self.cache.k[layer][self.lo : self.hi]  # (B, kv, max_len, hd), a view
         vc = self.cache.v[layer][self.lo : self.hi]
-        rows = torch.arange(k.shape[0], device=k.device)
         pos = positions[:, 0]
-        kc[rows, :, pos] = k[:, :, 0]  # advanced indices on dims 0 and 2 → (B, kv, hd)
-        vc[rows, :, pos] = v[:, :, 0]
+        kc[self.rows, :, pos] = k[:, :, 0]  # advanced indices on dims 0 and 2 → (B, kv, hd)
+        vc[self.rows, :, pos] = v[:, :, 0]
         return kc[:, :, : self.span], vc[:, :, : self.span]

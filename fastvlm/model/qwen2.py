@@ -34,8 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op, fp32 math
         return self.weight * h.to(dtype)
 
 
@@ -89,20 +88,18 @@ class Qwen2Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, positions)  # (B, kv, S, hd)
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        # GQA inside SDPA: no repeat_interleave copy of the whole K/V window per layer and step
+        gqa = self.kv_heads != self.heads
         if mask is None:
             s = k.shape[2]
             if t > 1 and s > t:  # chunk after cached history: bottom-right aligned causal mask
                 qpos = torch.arange(s - t, s, device=x.device)
                 mask = torch.arange(s, device=x.device)[None, :] <= qpos[:, None]
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             else:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

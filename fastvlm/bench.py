@@ -1,0 +1,530 @@
+"""`fastvlm bench`: where the time goes, against the hardware limit and against transformers.
+
+Job: for a model (`--model`, default the embedded demo model) or a real-size shape with random
+weights (`--shape 0.5b`, no download), report preprocessing, vision encoder, projector, prefill,
+TTFT, decode tok/s, aggregate tok/s with N concurrent streams, vision images/s at batch 1 and N,
+peak memory and model-bandwidth utilisation (MBU); `--quant fp32,int8,int4` measures each weight
+precision in the same run; `--compare transformers` runs transformers' FastVLM on the same
+weights and inputs in the same process and prints ratios. Output: a human-readable table, then
+ONE JSON object as the last stdout line (`--json FILE` also writes it).
+
+Design decisions:
+* Measure the limit, don't assume it. The bench times a large `torch.sum` over a buffer bigger
+  than the caches (best of several) to get this machine's read bandwidth, and computes the bytes a
+  decode step must read (every decoder/lm_head weight — quantized sizes for int8/int4 — one
+  embedding row and the KV cache). roofline tok/s = bandwidth ÷ bytes per token; MBU = measured
+  decode tok/s ÷ roofline.
+* Everything our side goes through the public engine (`Engine.submit` → stats), the same path as
+  `FastVLM.describe`; every step is synchronised (`Stats` timing reads tokens on the host).
+* transformers is measured as a user would run it: `generate()` with the default dynamic cache
+  and with `cache_implementation="static"`; TTFT = `generate(max_new_tokens=1)`, decode =
+  (T(1 + n) − T(1)) / n over the same prompt. Its weights are ours, saved in the transformers
+  format (so both run identical math; parity is tested in tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SHAPES = {
+    # FastVLM-0.5B: FastViTHD (defaults) + Qwen2-0.5B with the padded 152000-row vocabulary.
+    "0.5b": dict(
+        vocab_size=152000,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    "1.5b": dict(
+        vocab_size=152000,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+}
+# A tiny shape for smoke tests of the bench itself (and of --compare) in seconds.
+SHAPES["tiny"] = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=1e6,
+    tie_word_embeddings=True,
+    max_position_embeddings=2048,
+)
+TINY_VISION = dict(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128))
+PROMPT_TEXT = (15, 9)  # text tokens before / after the image run (≈ the real chat template)
+
+
+# ---------------------------------------------------------------------- helpers
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
+@contextmanager
+def _timer(out: dict, key: str, device: torch.device):
+    t0 = _now(device)
+    yield
+    out[key] = _now(device) - t0
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def measure_bandwidth(device: torch.device, mb: int = 512, repeats: int = 7) -> float:
+    """Best-of-N read bandwidth (GB/s) of a reduction over `mb` MB (far beyond the caches)."""
+    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = _now(device)
+        x.sum()
+        best = min(best, _now(device) - t0)
+    del x
+    return mb * 2**20 / best / 1e9
+
+
+def decode_bytes_per_token(model, context: int) -> int:
+    """Bytes one decode step reads: decoder + lm_head weights (as stored: quantized sizes count),
+    one embedding row, and the KV cache of `context` tokens."""
+    lm = model.language_model
+    n = sum(t.numel() * t.element_size() for t in [*lm.layers.parameters(), *lm.layers.buffers()])
+    n += sum(t.numel() * t.element_size() for t in lm.norm.parameters())
+    head = model.lm_head
+    n += sum(t.numel() * t.element_size() for t in [*head.parameters(), *head.buffers()])
+    emb = lm.embed_tokens.weight
+    n += emb.shape[1] * emb.element_size()
+    cfg = model.config.text
+    head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    kv = (
+        2
+        * cfg.num_hidden_layers
+        * cfg.num_key_value_heads
+        * head_dim
+        * context
+        * emb.element_size()
+    )
+    return n + kv
+
+
+# ---------------------------------------------------------------------- model setup
+def build_shape(shape: str, image_size: int, seed: int = 0):
+    from .config import FastVLMConfig, TextConfig, VisionConfig
+    from .model.fastvlm import FastVLMModel
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: choose from {sorted(SHAPES)}")
+    vision = TINY_VISION if shape == "tiny" else {}
+    cfg = FastVLMConfig(
+        vision=VisionConfig(image_size=image_size, **vision),
+        text=TextConfig(**SHAPES[shape]),
+        image_token_id=SHAPES[shape]["vocab_size"] - 1 if shape == "tiny" else 151646,
+        image_aspect_ratio="pad",
+        chat_template="hf",
+    )
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = FastVLMModel(cfg)
+    model = model.to_empty(device="cpu")
+    model.init_weights()
+    # Random weights make garbage text; scale the residual writes down so activations stay finite
+    # (inf/NaN or denormals would change the speed being measured).
+    with torch.no_grad():
+        for layer in model.language_model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.1)
+            layer.mlp.down_proj.weight.mul_(0.1)
+        for name, p in model.vision_tower.named_parameters():
+            if "layer_scale" in name:
+                p.fill_(1e-2)
+    return model.eval()
+
+
+def prompt_ids(model, seed: int = 0, text: tuple[int, int] = PROMPT_TEXT) -> list[int]:
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    hi = min(cfg.text.vocab_size, 151643)  # ordinary (non-special) ids of Qwen2
+    words = torch.randint(4, hi, (sum(text),), generator=g).tolist()
+    words = [w + 1 if w == cfg.image_token_id else w for w in words]
+    return words[: text[0]] + [cfg.image_token_id] * cfg.num_image_tokens + words[text[0] :]
+
+
+def random_image(size: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size * 3 // 4, size, 3), dtype=np.uint8))
+
+
+def at_resolution(model, size: int):
+    """A shallow copy of `model` sharing every weight, configured for `size`² inputs."""
+    import dataclasses
+
+    cfg = model.config
+    m = copy.copy(model)  # FastViTHD is resolution-agnostic (convs + attention): only the config
+    m.config = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, image_size=size))
+    m.config.validate()
+    return m
+
+
+# ---------------------------------------------------------------------- our engine
+def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[str, Any]:
+    from .engine.engine import Engine
+    from .engine.sampling import SamplingParams
+
+    dev = model.lm_head.weight.device
+    out: dict[str, Any] = {"name": label}
+    size = model.config.vision.image_size
+    img = random_image(size, seed=1)
+    with _timer(out, "preprocess_s", dev):
+        px = processor.pixels([img]).to(dev)
+    with torch.inference_mode():
+        model.embed_images(px[:1, :, :64, :64] if size > 64 else px)  # warm-up (allocator)
+        with _timer(out, "vision_s", dev):
+            feats = model.encode_images(px)
+        with _timer(out, "projector_s", dev):
+            model.mm_projector(feats)
+    ids = prompt_ids(model, seed=2)
+    n_new = args.max_tokens
+    eng = Engine(model, slots=max(args.concurrency), max_len=len(ids) + n_new + 64)
+    p = SamplingParams(max_tokens=n_new, ignore_eos=True)
+    eng.submit(ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=4)).result()  # warm-up
+    h = eng.submit(ids, px, p)
+    h.result()
+    out["prompt_tokens"] = len(ids)
+    out["image_tokens"] = h.stats.image_tokens
+    out["ttft_s"] = h.stats.prefill_s
+    out["prefill_s"] = h.stats.prefill_s - h.stats.vision_s
+    out["decode_tok_s"] = h.stats.decode_tps
+    bpt = decode_bytes_per_token(model, len(ids) + n_new // 2)
+    out["bytes_per_token"] = bpt
+    out["roofline_tok_s"] = bandwidth * 1e9 / bpt
+    out["mbu"] = out["decode_tok_s"] / out["roofline_tok_s"]
+    for n in args.concurrency:
+        if n > 1:
+            out[f"aggregate_tok_s@{n}"] = _concurrent(eng, model, px, n, n_new)
+    out["peak_rss_mb"] = peak_rss_mb()
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return out
+
+
+def _concurrent(eng, model, px, n: int, n_new: int) -> float:
+    """Aggregate decode tok/s of `n` streams decoding together (measured once all have started)."""
+    from .engine.sampling import SamplingParams
+
+    # The same image for all (one encode), different text per stream.
+    hs = [
+        eng.submit(
+            prompt_ids(model, seed=10 + i), px, SamplingParams(max_tokens=n_new, ignore_eos=True)
+        )
+        for i in range(n)
+    ]
+    while not all(h.output_ids for h in hs):
+        eng.step()
+    dev = model.lm_head.weight.device
+    t0, k0 = _now(dev), sum(len(h.output_ids) for h in hs)
+    while all(not h.done for h in hs):
+        eng.step()
+    t1, k1 = _now(dev), sum(len(h.output_ids) for h in hs)
+    eng.run_until_done()
+    return (k1 - k0) / (t1 - t0)
+
+
+def bench_vision_batches(model, batches: list[int], image_size: int) -> dict[str, float]:
+    dev = model.lm_head.weight.device
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for b in batches:
+            px = torch.rand(b, 3, image_size, image_size, generator=g).to(dev)
+            t0 = _now(dev)
+            model.embed_images(px)
+            out[f"vision_images_s@{b}"] = b / (_now(dev) - t0)
+    return out
+
+
+# ---------------------------------------------------------------------- transformers
+def bench_transformers(model, args) -> dict[str, Any]:
+    """transformers' FastVlmForConditionalGeneration on the same weights and prompt."""
+    try:
+        from transformers import FastVlmForConditionalGeneration
+    except ImportError as e:
+        raise SystemExit(
+            "--compare transformers needs transformers ≥ 5 with timm (pip install -e '.[parity]')"
+        ) from e
+    from .weights import save_checkpoint
+
+    out: dict[str, Any] = {"name": "transformers"}
+    import transformers
+
+    out["version"] = transformers.__version__
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model.state_dict(), model.config, Path(tmp), fmt="hf")
+        hf = FastVlmForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
+    gc.collect()
+    size = model.config.vision.image_size
+    ids = torch.tensor([prompt_ids(model, seed=2)])
+    px = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    n = args.max_tokens
+    with torch.inference_mode():
+        hf.model.get_image_features(pixel_values=px[:, :, :64, :64])  # warm-up
+        t0 = time.perf_counter()
+        hf.model.get_image_features(pixel_values=px)
+        out["vision_s"] = time.perf_counter() - t0
+
+        def gen(k: int, net=hf, **kw) -> float:
+            t0 = time.perf_counter()
+            o = net.generate(
+                input_ids=ids,
+                pixel_values=px,
+                max_new_tokens=k,
+                min_new_tokens=k,
+                do_sample=False,
+                **kw,
+            )
+            dt = time.perf_counter() - t0
+            assert o.shape[1] == ids.shape[1] + k
+            return dt
+
+        for tag, kw in (("", {}), ("_static", {"cache_implementation": "static"})):
+            t1 = gen(1, **kw)
+            tn = gen(1 + n, **kw)
+            out[f"ttft{tag}_s"] = t1
+            out[f"decode{tag}_tok_s"] = n / max(tn - t1, 1e-9)
+    out["peak_rss_mb"] = peak_rss_mb()
+    del hf
+    gc.collect()
+    return out
+
+
+# ---------------------------------------------------------------------- agreement
+def greedy_agreement(base, quant, processor, n_images: int, max_tokens: int) -> float:
+    """Fraction of greedy tokens equal to the fp32 model's (position by position, shapes scenes)."""
+    from .engine.engine import Engine
+    from .engine.sampling import SamplingParams
+    from .train import shapes
+
+    same = total = 0
+    e_base, e_q = Engine(base, slots=1, max_len=512), Engine(quant, slots=1, max_len=512)
+    for i in range(n_images):
+        img, _ = shapes.draw_scene(shapes.image_rng(1000, i))
+        content = [
+            {"type": "image", "image": img},
+            {"type": "text", "text": shapes.DESCRIBE_PROMPT},
+        ]
+        msgs = [{"role": "user", "content": content}]
+        ids, px, _ = processor(msgs)
+        p = SamplingParams(max_tokens=max_tokens)
+        a = e_base.submit(ids, px, p).result()
+        b = e_q.submit(ids, px, p).result()
+        m = min(len(a), len(b))
+        same += sum(x == y for x, y in zip(a[:m], b[:m], strict=True))
+        total += max(len(a), len(b))
+    return same / max(total, 1)
+
+
+# ---------------------------------------------------------------------- main
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastvlm bench",
+        description="Time preprocessing, vision, prefill, decode and batching; compare against "
+        "the memory-bandwidth roofline and (optionally) transformers in the same run.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="repo id or folder (default: demo model)")
+    src.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random weights")
+    p.add_argument(
+        "--image-size",
+        default=None,
+        help="encoder resolution; a comma list (1024,512) also times TTFT at the extra sizes",
+    )
+    p.add_argument(
+        "--quant",
+        default="fp32",
+        help="comma list of weight precisions to measure: fp32,int8,int4 (or quant specs such "
+        "as llm=int4-g32 separated by ';')",
+    )
+    p.add_argument("--max-tokens", type=int, default=32, help="decode tokens per measurement")
+    p.add_argument("--concurrency", default="1,4", help="comma list of concurrent streams")
+    p.add_argument("--vision-batch", default="1,8", help="comma list of vision batch sizes")
+    p.add_argument("--compare", choices=["transformers"], default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--agreement", type=int, default=None, help="greedy-agreement images (trained models)"
+    )
+    p.add_argument("--json", dest="json_out", default=None, help="also write the JSON here")
+    return p
+
+
+def _quant_list(text: str) -> list[str]:
+    sep = ";" if ";" in text or "=" in text else ","
+    return [q.strip() for q in text.split(sep) if q.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    from .api import load, resolve_device
+    from .engine.allocator import tune_malloc
+
+    malloc_tuned = tune_malloc()  # before any big allocation; transformers shares it (same run)
+    from .processing import Processor
+    from .quant import quantize_model
+
+    dev = resolve_device(a.device)
+    concurrency = sorted({int(x) for x in a.concurrency.split(",")} | {1})
+    a.concurrency = concurrency
+    sizes = [int(x) for x in a.image_size.split(",")] if a.image_size else []
+    t0 = time.perf_counter()
+    if a.shape:
+        base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev)
+        processor = Processor(base.config, None)
+        source = f"shape {a.shape} (random weights)"
+    else:
+        vlm = load(a.model, device=dev, dtype="float32", image_size=sizes[0] if sizes else None)
+        base, processor = vlm.model, vlm.processor
+        source = str(vlm.path)
+    load_s = time.perf_counter() - t0
+    info = {
+        "source": source,
+        "image_size": base.config.vision.image_size,
+        "image_tokens": base.config.num_image_tokens,
+        "image_sizes": sizes or [base.config.vision.image_size],
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_s": load_s,
+        "malloc_tuned": malloc_tuned,
+    }
+    bw = measure_bandwidth(dev)
+    info["bandwidth_gb_s"] = bw
+    runs: list[dict[str, Any]] = []
+    quants = _quant_list(a.quant)
+    for q in quants:
+        if q in ("fp32", "none", "float32"):
+            model, label = base, "fastvlm fp32"
+        else:
+            model = copy.deepcopy(base)
+            quantize_model(model, q)
+            label = f"fastvlm {q}"
+        print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+        r = bench_engine(model, processor, a, label, bw)
+        if model is base:
+            r.update(
+                bench_vision_batches(
+                    base, [int(x) for x in a.vision_batch.split(",")], base.config.vision.image_size
+                )
+            )
+        elif a.agreement or (a.agreement is None and not a.shape):
+            r["greedy_agreement_vs_fp32"] = greedy_agreement(
+                base, model, processor, a.agreement or 20, 24
+            )
+        runs.append(r)
+        if model is not base:
+            del model
+            gc.collect()
+    for size in sizes[1:]:  # the same weights at another resolution: fewer image tokens
+        model = at_resolution(base, size)
+        print(f"[bench] fastvlm fp32 @{size}px ...", file=sys.stderr, flush=True)
+        a2 = argparse.Namespace(**{**vars(a), "concurrency": [1]})
+        proc = Processor(model.config, processor.tokenizer)
+        runs.append(bench_engine(model, proc, a2, f"fastvlm fp32 @{size}", bw))
+    ref = None
+    if a.compare == "transformers":
+        print("[bench] transformers ...", file=sys.stderr, flush=True)
+        ref = bench_transformers(base, a)
+    report(info, runs, ref)
+    result = {"info": info, "runs": runs, "transformers": ref, "ratios": ratios(runs, ref)}
+    line = json.dumps(result, default=float)
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(line)
+    return 0
+
+
+def ratios(runs: list[dict], ref: dict | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    fp = next((r for r in runs if r["name"].endswith("fp32")), None)
+    for r in runs:
+        if fp is not None and r is not fp and "@" not in r["name"]:
+            out[f"{r['name']} decode / fp32 decode"] = r["decode_tok_s"] / fp["decode_tok_s"]
+        for k in [k for k in r if k.startswith("aggregate_tok_s@")]:
+            out[f"{r['name']} {k} / 1 stream"] = r[k] / r["decode_tok_s"]
+    if ref is not None:
+        for r in runs:
+            out[f"{r['name']} ttft / transformers default ttft"] = r["ttft_s"] / ref["ttft_s"]
+            out[f"{r['name']} decode / transformers static decode"] = (
+                r["decode_tok_s"] / ref["decode_static_tok_s"]
+            )
+            out[f"{r['name']} vision / transformers vision (time)"] = (
+                r["vision_s"] + r["projector_s"]
+            ) / ref["vision_s"]
+    return out
+
+
+def report(info: dict, runs: list[dict], ref: dict | None) -> None:
+    print(
+        f"fastvlm bench — {info['source']}, {info['image_size']} px ({info['image_tokens']} "
+        f"image tokens), {info['device']}, {info['threads']} threads, torch {info['torch']}"
+    )
+    print(f"measured read bandwidth: {info['bandwidth_gb_s']:.1f} GB/s")
+    keys: list[str] = []
+    for r in runs + ([ref] if ref else []):
+        keys += [k for k in r if k != "name" and k not in keys]
+    cols = [r["name"] for r in runs] + ([ref["name"]] if ref else [])
+    w = max(len(k) for k in keys) + 2
+    print("".ljust(w) + "".join(c.rjust(18) for c in cols))
+    for k in keys:
+        vals = [r.get(k, "") for r in runs + ([ref] if ref else [])]
+        print(k.ljust(w) + "".join(_fmt(v).rjust(18) for v in vals))
+    rs = ratios(runs, ref)
+    if rs:
+        print("ratios:")
+        for k, v in rs.items():
+            print(f"  {k}: {v:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
