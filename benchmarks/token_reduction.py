@@ -65,6 +65,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    from fastvlm.engine.allocator import tune_malloc
+
+    tune_malloc()  # as fastvlm.load() and fastvlm bench do on CPU (big vision activations)
     model, build = load(a.model)
     native = model.config.num_image_tokens
     settings = [s * s for s in range(math.isqrt(native), 0, -1)]

@@ -177,15 +177,21 @@ def _load(options: dict[str, Any], worker: bool = True):
 
 
 _VLM = None  # one model per local worker process
+_LOAD_ERROR: str | None = None
 
 
 def _worker_init(options: dict[str, Any]) -> None:
-    global _VLM
-    _VLM = _load(options)
+    global _VLM, _LOAD_ERROR
+    try:
+        _VLM = _load(options)
+    except Exception as e:  # noqa: BLE001 — a raising initializer makes Pool respawn forever
+        _LOAD_ERROR = f"{type(e).__name__}: {e}"
 
 
 def _worker_run(job: tuple[list[dict], dict[str, Any]]) -> list[dict]:
     items, options = job
+    if _VLM is None:
+        raise FastVLMError(f"a batch worker could not load the model: {_LOAD_ERROR}")
     return caption_items(_VLM, items, options)
 
 
@@ -271,8 +277,11 @@ def run_ray(
         num_cpus=options.get("threads") or 1,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(options.get("threads") or 1)}},
     )
-    for r in ds.iter_rows():
-        yield json.loads(r["row"])
+    try:
+        for r in ds.iter_rows():
+            yield json.loads(r["row"])
+    except ray.exceptions.RayError as e:  # e.g. an actor could not load the model
+        raise FastVLMError(f"the Ray job failed: {e}") from e
 
 
 # ---------------------------------------------------------------------- the job
@@ -306,6 +315,10 @@ def run(
         from .model.fastvlm import check_tokens_per_image
 
         check_tokens_per_image(tokens_per_image, 1 << 30)
+    from .hub import resolve
+
+    # a typo in --model fails here, once, not in every worker; downloads once for all workers
+    model = str(resolve(model)) if model is not None else None
     items = load_items(input, prompt)[:limit]
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             sampling={k: v for k, v in _sampling(a).items() if v not in (None, [])},
             progress=not a.quiet,
         )
-    except (ValueError, TypeError) as e:  # FastVLMError included
+    except (FastVLMError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -139,6 +139,18 @@ def test_parquet_with_image_bytes(tmp_path):
     assert texts(out)["a"] == vlm.describe(str(paths[0]), PROMPT, max_tokens=TOKENS)
 
 
+def test_a_model_that_cannot_load_fails_the_job_cleanly(tmp_path):
+    make_images(tmp_path / "imgs", 2)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    r = cli(str(tmp_path / "imgs"), str(tmp_path / "o.jsonl"), "--model", str(broken), "-q")
+    assert r.returncode == 1 and "could not load the model" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli(str(tmp_path / "imgs"), str(tmp_path / "o.jsonl"), "--model", str(tmp_path / "missing"))
+    assert r.returncode == 1 and r.stderr.startswith("error:"), r.stderr
+
+
 def test_torn_last_line_is_cut(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": "a", "text": "x"}\n{"id": "b", "err')
