@@ -316,9 +316,13 @@ def run(
 
         check_tokens_per_image(tokens_per_image, 1 << 30)
     from .hub import resolve
+    from .weights import load_config
 
-    # a typo in --model fails here, once, not in every worker; downloads once for all workers
-    model = str(resolve(model)) if model is not None else None
+    # a typo in --model or a broken config fails here, once, not in every worker; a download
+    # happens once for all workers
+    folder = resolve(model)
+    load_config(folder, (load_kwargs or {}).get("image_size"))
+    model = str(folder) if model is not None else None
     items = load_items(input, prompt)[:limit]
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
