@@ -403,7 +403,6 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)
     from .api import load, resolve_device
     from .engine.allocator import tune_malloc
 

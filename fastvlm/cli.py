@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (see `fastvlm serve -h`)", add_help=False
+    )
+    sub.add_parser(
         "watch",
         help="live captions for a video file or camera, one per window (see `fastvlm watch -h`)",
         add_help=False,
@@ -340,6 +343,7 @@ TOOLS = {
     "lora": "fastvlm.train.lora",
     "quantize": "fastvlm.quant",
     "bench": "fastvlm.bench",
+    "serve": "fastvlm.server.app",
     "watch": "fastvlm.video",
     "batch": "fastvlm.batch",
 }

@@ -1,314 +1,476 @@
-"""Multi-image prompts, token reduction (tokens_per_image) and video input: tiny random models and
-the embedded demo model on CPU; images and videos are generated in the test (no network)."""
+"""Server media safety (fastvlm/server/media.py): SSRF guard, redirects, caps, bombs, files.
+
+No test here may send a packet outside 127.0.0.0/8 and [::1]: the `netguard` fixture makes
+name resolution of anything but loopback fail and turns any connect() to a non-loopback
+address into a recorded violation, so a broken guard fails the test instead of connecting.
+Private / link-local / metadata addresses are checked through the decision functions with
+fake DNS answers and a fake `_connect`.
+"""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import base64
+import http.server
+import io
+import ipaddress
+import socket
+import struct
+import threading
+import zlib
 
-import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from conftest import has_module, randomize, tiny_config
 from PIL import Image
 
-import fastvlm
-from fastvlm.cli import main
-from fastvlm.engine.engine import Engine
-from fastvlm.engine.generate import generate_step
-from fastvlm.engine.sampling import SamplingParams
-from fastvlm.errors import ImageError, VideoError
-from fastvlm.model.fastvlm import FastVLMModel
-from fastvlm.processing import Processor
-
-EXAMPLES = Path(__file__).parent.parent / "examples"
-needs_av = pytest.mark.skipif(not has_module("av"), reason="PyAV not installed (fastvlm[video])")
+from fastvlm.server import media
+from fastvlm.server.media import MediaError, MediaPolicy
 
 
-def image(seed: int, size: int = 96) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+def _is_loopback(host) -> bool:
+    h = str(host).strip("[]").split("%", 1)[0]
+    if h in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        try:
+            return socket.inet_aton(h)[0] == 127  # 127.1, 2130706433, 0x7f000001
+        except OSError:
+            return False
 
 
-def runs(ids: list[int], token: int) -> list[int]:
-    """Lengths of the consecutive runs of `token` in `ids`."""
-    out, n = [], 0
-    for i in [*ids, None]:
-        if i == token:
-            n += 1
-        elif n:
-            out.append(n)
-            n = 0
-    return out
-
-
-def user(*parts) -> list[dict]:
-    return [{"role": "user", "content": list(parts)}]
-
-
-def img_part(im) -> dict:
-    return {"type": "image", "image": im}
-
-
-TEXT = {"type": "text", "text": "Describe this image."}
-
-
-# ---------------------------------------------------------------------- multi-image
-@pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory, tokenizer):
-    from conftest import make_tiny_model
-
-    from fastvlm.weights import save_checkpoint
-
-    d = tmp_path_factory.mktemp("tiny") / "m"
-    model = make_tiny_model(seed=1, vocab_size=tokenizer.get_vocab_size(), tie=False)
-    save_checkpoint(model.state_dict(), model.config, d, "fastvlm")
-    tokenizer.save(str(d / "tokenizer.json"))
-    return fastvlm.load(str(d), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return fastvlm.load(device="cpu")  # the trained demo model: its image features matter
-
-
-def test_two_images_two_runs_and_the_model_sees_both(demo):
-    vlm, a, b = demo, EXAMPLES / "shapes3.png", EXAMPLES / "shapes4.png"
-    n = vlm.num_image_tokens
-    ids, px = vlm.encode(user(img_part(a), img_part(b), TEXT))
-    assert runs(ids, vlm.image_token_id) == [n, n] and px.shape[0] == 2
-
-    def last_logits(*ims):
-        ids, px = vlm.encode(user(*[img_part(i) for i in ims], TEXT))
-        with torch.no_grad():
-            return vlm.model(torch.tensor([ids]), px)[0, -1]
-
-    ab = last_logits(a, b)
-    for other in (last_logits(a, a), last_logits(b, b), last_logits(b, a), last_logits(a)):
-        assert (ab - other).abs().max() > 1e-2
-    text = vlm.describe(images=[a, b], max_tokens=4)
-    assert isinstance(text, str) and vlm.last_stats.image_tokens == 2 * n
-
-
-def test_images_across_a_conversation(tiny_vlm):
-    vlm = tiny_vlm
-    msgs = [
-        *user(img_part(image(1)), TEXT),
-        {"role": "assistant", "content": "a square"},
-        *user(img_part(image(2)), {"type": "text", "text": "And this one?"}),
-    ]
-    ids, px = vlm.encode(msgs)
-    assert len(runs(ids, vlm.image_token_id)) == 2 and px.shape[0] == 2
-    vlm.chat(msgs, max_tokens=3)
-
-
-def test_max_images_is_a_clear_error(tiny_vlm, tmp_path):
-    with pytest.raises(ImageError, match=r"3 images .* limit is 2"):
-        tiny_vlm.describe(images=[image(1), image(2), image(3)], max_images=2, max_tokens=2)
-    paths = []
-    for i in range(3):
-        paths += ["--image", str(tmp_path / f"{i}.png")]
-        image(i).save(paths[-1])
-    assert main(["describe", *paths, "--model", str(tiny_vlm.path), "--max-images", "2"]) == 1
-
-
-def test_cli_repeated_image_is_one_prompt(tiny_vlm, tmp_path, capsys):
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    image(1).save(a)
-    image(2).save(b)
-    argv = ["describe", "--image", str(a), "--image", str(b), "--model", str(tiny_vlm.path)]
-    assert main([*argv, "--json", "--max-tokens", "4"]) == 0
-    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert len(rows) == 1 and rows[0]["image_tokens"] == 2 * tiny_vlm.num_image_tokens
-    assert rows[0]["text"] == tiny_vlm.describe(images=[str(a), str(b)], max_tokens=4)
-
-
-# ---------------------------------------------------------------------- token reduction
-@pytest.fixture(scope="module")
-def model_1024():
-    cfg = tiny_config()
-    cfg.vision.image_size = 1024  # native grid 16 × 16 = 256 tokens, like the released models
-    torch.manual_seed(0)
-    return randomize(FastVLMModel(cfg), 0)
-
-
-def test_pooling_to_64_tokens(model_1024, tokenizer):
-    m = model_1024
-    assert m.config.num_image_tokens == 256
-    px = torch.rand(2, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = m.encode_images(px)  # (2, 256, C)
-        pooled = m.embed_images(px, 64)
-        feats = m.encode_images(px, 64)
-    assert full.shape[1] == 256 and pooled.shape == (2, 64, m.config.text.hidden_size)
-    grid = full.transpose(1, 2).reshape(2, -1, 16, 16)
-    manual = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # 2×2 means, row-major
-    torch.testing.assert_close(feats, manual)
-
-    proc = Processor(m.config, tokenizer)
-    msgs = user(img_part(image(1)), img_part(image(2)), TEXT)
-    ids, pixels, _ = proc(msgs, tokens_per_image=64)
-    assert runs(ids, m.config.image_token_id) == [64, 64]
-    p = SamplingParams(max_tokens=6, ignore_eos=True)
-    ref = list(generate_step(m, ids, pixels, p, tokens_per_image=64))
-    assert len(ref) == 6
-    eng = Engine(m, slots=2, max_len=256)
-    assert eng.submit(ids, pixels, p, tokens_per_image=64).result() == ref
-    with pytest.raises(ValueError, match="placeholder"):  # 64-token runs, native pixels
-        eng.submit(ids, pixels, p)
-    # the vision cache keys include the pooling: same pixels, another size → a fresh encode
-    ids16, _, _ = proc(msgs, tokens_per_image=16)
-    calls = eng.counters["vision_calls"]
-    assert len(eng.submit(ids16, pixels, p, tokens_per_image=16).result()) == 6
-    assert eng.counters["vision_calls"] == calls + 1
-    assert len(eng.submit(ids, pixels, p, tokens_per_image=64).result()) == 6
-    assert eng.counters["vision_calls"] == calls + 1  # cached
-
-
-@pytest.mark.parametrize("bad", [0, -4, 63, 300, 1024, 2.0])
-def test_bad_tokens_per_image(model_1024, tokenizer, bad):
-    proc = Processor(model_1024.config, tokenizer)
-    with pytest.raises(ValueError, match="perfect square"):
-        proc(user(img_part(image(1)), TEXT), tokens_per_image=bad)
-    with pytest.raises(ValueError, match="perfect square"):
-        Engine(model_1024, slots=1, max_len=64).submit(
-            [1, 2],
-            torch.zeros(1, 3, 1024, 1024),
-            SamplingParams(max_tokens=2),
-            tokens_per_image=bad,
-        )
-
-
-def test_demo_model_token_reduction_end_to_end(demo):
-    vlm = demo  # 256 px demo model: 4 × 4 = 16 native tokens
-    assert vlm.num_image_tokens == 16
-    for k in (16, 4, 1):
-        text = vlm.describe(EXAMPLES / "shapes3.png", max_tokens=8, tokens_per_image=k)
-        assert text and vlm.last_stats.image_tokens == k
-    ref = fastvlm.load(device="cpu", engine="reference") if _has_engine_kw() else vlm
-    assert ref.describe(EXAMPLES / "shapes3.png", max_tokens=8, tokens_per_image=4) == vlm.describe(
-        EXAMPLES / "shapes3.png", max_tokens=8, tokens_per_image=4
+@pytest.fixture(autouse=True)
+def netguard(monkeypatch):
+    violations: list[str] = []
+    real_gai, real_connect, real_connect_ex = (
+        socket.getaddrinfo,
+        socket.socket.connect,
+        socket.socket.connect_ex,
     )
 
+    def gai(host, *a, **k):
+        if host is None or _is_loopback(host):
+            return real_gai(host, *a, **k)
+        violations.append(f"resolve {host}")
+        raise socket.gaierror(socket.EAI_NONAME, f"netguard: no DNS in tests ({host})")
 
-def _has_engine_kw() -> bool:
-    import inspect
+    def check(sock, addr):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(addr[0]):
+            violations.append(f"connect {addr}")
+            raise AssertionError(f"netguard: test tried to connect to {addr}")
 
-    return "engine" in inspect.signature(fastvlm.load).parameters
+    def connect(self, addr):
+        check(self, addr)
+        return real_connect(self, addr)
 
+    def connect_ex(self, addr):
+        check(self, addr)
+        return real_connect_ex(self, addr)
 
-# ---------------------------------------------------------------------- video
-def make_video(path, seconds: float = 3, fps: int = 10, size: int = 64) -> None:
-    """A clip whose frames show their index in binary (5 black/white bands), so the order of the
-    decoded frames is checkable despite lossy compression."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(int(seconds * fps)):
-            a = np.zeros((size, size, 3), np.uint8)
-            for bit in range(5):
-                if i >> bit & 1:
-                    a[:, bit * size // 5 : (bit + 1) * size // 5] = 255
-            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    monkeypatch.setattr(socket, "getaddrinfo", gai)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    yield violations
 
 
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    if not has_module("av"):
-        pytest.skip("PyAV not installed (fastvlm[video])")
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    make_video(path)
-    return path
+def png_bytes(size=(32, 24), color=(200, 30, 30)) -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", size, color).save(b, "PNG")
+    return b.getvalue()
 
 
-def frame_number(frame) -> int:
-    a = np.asarray(frame.image.convert("L"), dtype=np.float64)
-    w = a.shape[1] // 5
-    return sum(1 << b for b in range(5) if a[:, b * w + 2 : (b + 1) * w - 2].mean() > 128)
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height greyscale pixels, with a tiny IDAT."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@needs_av
+# ---------------------------------------------------------------------- decision function
+LOOPBACK_DISGUISES = [
+    "127.0.0.1",
+    "127.1",
+    "2130706433",
+    "0x7f000001",
+    "0177.0.0.1",
+    "[::1]",
+    "::ffff:127.0.0.1",
+    "[::ffff:7f00:1]",
+    "127.255.255.254",
+]
+
+
+@pytest.mark.parametrize("host", LOOPBACK_DISGUISES)
+def test_loopback_disguises_refused(host):
+    ip = media.parse_ip(host)
+    assert ip is not None and media.blocked_reason(ip) == "loopback"
+    with pytest.raises(MediaError, match="loopback") as e:
+        media.resolve_checked(host, 80, MediaPolicy())
+    assert e.value.status == 400
+
+
 @pytest.mark.parametrize(
-    "fps,max_frames,expect_times",
+    "addr",
     [
-        (None, 7, None),  # uniform: 7 frames spread over 0.0 .. 2.9 s
-        (2, 16, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]),
-        (1, 16, [0.0, 1.0, 2.0]),
-        (10, 4, [0.0, 1.0, 1.9, 2.9]),  # 30 picks thinned evenly to 4
+        "10.0.0.1",
+        "10.255.255.255",
+        "172.16.5.4",
+        "172.31.0.1",
+        "192.168.1.1",
+        "169.254.169.254",  # cloud metadata
+        "169.254.0.1",
+        "100.64.0.1",  # carrier-grade NAT
+        "0.0.0.0",
+        "224.0.0.1",
+        "239.255.255.250",
+        "240.0.0.1",
+        "255.255.255.255",
+        "192.0.0.1",
+        "198.18.0.1",
+        "fd00::1",
+        "fe80::1",
+        "::",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "::ffff:169.254.169.254",
+        "64:ff9b::a9fe:a9fe",  # NAT64 form of 169.254.169.254
+        "2002:a9fe:a9fe::1",  # 6to4 form of 169.254.169.254
+        "fd00:ec2::254",  # AWS IPv6 metadata
     ],
 )
-def test_video_frames_in_time_order(clip, fps, max_frames, expect_times):
-    from fastvlm.video import read_frames
-
-    frames = read_frames(clip, fps=fps, max_frames=max_frames)
-    times = [f.time for f in frames]
-    assert len(frames) == (max_frames if expect_times is None else len(expect_times))
-    if expect_times is not None:
-        assert times == pytest.approx(expect_times, abs=1e-3)
-    else:
-        assert times[0] == 0.0 and times[-1] == pytest.approx(2.9, abs=1e-3)
-    assert times == sorted(times) and len(set(times)) == len(times)
-    for f in frames:  # the decoded pixels are the frame shown at that time
-        assert frame_number(f) == f.index == round(f.time * 10), (f.time, frame_number(f))
-        assert f.image.size == (64, 64)
+def test_private_and_special_addresses_refused(addr):
+    ip = ipaddress.ip_address(addr)
+    assert media.blocked_reason(ip) is not None, addr
+    with pytest.raises(MediaError):
+        media.resolve_checked(addr, 80, MediaPolicy())
 
 
-@needs_av
-def test_video_prompt_has_timestamps_and_one_run_per_frame(clip, demo):
-    vlm = demo
-    part = {"type": "video", "video": str(clip), "fps": 1}
-    ids, px, prompt = vlm.processor(user(part, TEXT), tokens_per_image=4)
-    assert "Frame 1 (0.0 s): <image>\nFrame 2 (1.0 s): <image>\nFrame 3 (2.0 s): <image>" in prompt
-    assert runs(ids, vlm.image_token_id) == [4, 4, 4] and px.shape[0] == 3
-    assert vlm.chat(user(part, TEXT), tokens_per_image=4, max_tokens=6)
-    assert vlm.last_stats.image_tokens == 12
-    with pytest.raises(ImageError, match="limit is 2"):
-        vlm.chat(user(part, TEXT), max_images=2, max_tokens=2)
+@pytest.mark.parametrize("addr", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "1.1.1.1"])
+def test_public_addresses_allowed_by_decision(addr):
+    assert media.blocked_reason(ipaddress.ip_address(addr)) is None
 
 
-@needs_av
-def test_unreadable_video_clear_errors(tmp_path, clip):
-    from fastvlm.video import read_frames
+def _fake_dns(monkeypatch, table: dict[str, list[str]], calls: list[str] | None = None):
+    def gai(host, port, *a, **k):
+        if calls is not None:
+            calls.append(host)
+        if host not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "unknown")
+        return [
+            (
+                socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                socket.SOCK_STREAM,
+                6,
+                "",
+                (ip, port),
+            )
+            for ip in table[host]
+        ]
 
-    bad = tmp_path / "bad.mp4"
-    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 10)
-    with pytest.raises(VideoError, match="bad.mp4: not a readable video"):
-        read_frames(bad)
-    with pytest.raises(VideoError, match="video not found"):
-        read_frames(tmp_path / "missing.mp4")
-    with pytest.raises(VideoError, match="over the 0 MiB video limit"):
-        read_frames(clip, max_bytes=100)
-    with pytest.raises(VideoError, match="pixel limit"):
-        read_frames(clip, max_pixels=100)
-    # CLI: one `error:` line, exit 1; a bad video is a bad input like a bad image
-    assert main(["describe", str(bad), "--max-tokens", "2"]) == 1
-
-
-@needs_av
-def test_cli_describe_video_and_watch(clip, capsys):
-    argv = ["describe", str(clip), "--fps", "1", "--max-frames", "16", "--tokens-per-image", "4"]
-    assert main([*argv, "--json", "--max-tokens", "5"]) == 0
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["image_tokens"] == 12 and row["text"]
-    assert main(["watch", str(clip), "--every", "1s", "--frames", "2", "--json"]
-                + ["--max-tokens", "4", "--tokens-per-image", "1"]) == 0  # fmt: skip
-    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert [(r["start"], r["end"]) for r in rows] == [(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]
-    assert all(len(r["frames"]) == 2 and r["text"] for r in rows)
-    assert rows[1]["frames"][0] >= 1.0 and rows[1]["frames"][-1] < 2.0
+    monkeypatch.setattr(media.socket, "getaddrinfo", gai)
 
 
-def test_parse_seconds():
-    from fastvlm.video import parse_seconds
+class _Connected(Exception):
+    pass
 
-    assert parse_seconds("2s") == 2.0 and parse_seconds("500ms") == 0.5
-    assert parse_seconds("1m") == 60.0 and parse_seconds("1.5") == 1.5
-    with pytest.raises(ValueError, match="duration"):
-        parse_seconds("soon")
+
+def _fake_connect(monkeypatch, seen: list):
+    def fake(ip, port, timeout):
+        seen.append((str(ip), port))
+        raise _Connected(str(ip))
+
+    monkeypatch.setattr(media, "_connect", fake)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [["169.254.169.254"], ["10.1.2.3"], ["192.168.0.10"], ["93.184.216.34", "10.0.0.1"], ["::1"]],
+)
+def test_names_resolving_to_private_addresses_refused_before_connect(monkeypatch, answer):
+    seen: list = []
+    _fake_dns(monkeypatch, {"images.example": answer})
+    _fake_connect(monkeypatch, seen)
+    with pytest.raises(MediaError, match="address"):
+        media.fetch_url("http://images.example/cat.png", MediaPolicy())
+    assert seen == []  # refused before any socket was opened
+
+
+def test_connection_is_pinned_to_the_checked_address(monkeypatch):
+    """DNS rebinding: the name is resolved once per hop and the socket goes to that IP."""
+    calls: list[str] = []
+    seen: list = []
+    _fake_dns(monkeypatch, {"images.example": ["93.184.216.34"]}, calls)
+    _fake_connect(monkeypatch, seen)
+    with pytest.raises(_Connected):
+        media.fetch_url("http://images.example:8080/cat.png", MediaPolicy())
+    assert calls == ["images.example"]
+    assert seen == [("93.184.216.34", 8080)]
+
+
+def test_allowed_media_domains_exempts_only_named_hosts(monkeypatch):
+    _fake_dns(monkeypatch, {"intranet.corp": ["10.0.0.5"], "evil.corp": ["10.0.0.6"]})
+    policy = MediaPolicy(allowed_media_domains=["intranet.corp"])
+    assert [str(a) for a in media.resolve_checked("intranet.corp", 80, policy)] == ["10.0.0.5"]
+    assert media.host_allowed("img.intranet.corp", ["intranet.corp"])
+    assert not media.host_allowed("evilintranet.corp", ["intranet.corp"])
+    with pytest.raises(MediaError):
+        media.resolve_checked("evil.corp", 80, policy)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://127.0.0.1/x.png",
+        "gopher://127.0.0.1/",
+        "http://user:pw@127.0.0.1/x.png",
+        "javascript:alert(1)",
+        "",
+    ],
+)
+def test_bad_schemes_and_credentials_refused(url):
+    with pytest.raises(MediaError):
+        media.load_media_image(url, MediaPolicy(allowed_media_domains=["127.0.0.1"]))
+
+
+def test_remote_fetching_can_be_switched_off():
+    with pytest.raises(MediaError, match="data URL"):
+        media.load_media_image("http://127.0.0.1/x.png", MediaPolicy(allow_remote=False))
+
+
+# ---------------------------------------------------------------------- a real local server
+class _ImageServer:
+    """HTTP server on 127.0.0.1 with a few routes; records every path it was asked for."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict, bytes]]) -> None:
+        self.hits: list[str] = []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.hits.append(self.path)
+                status, headers, body = routes.get(self.path, (404, {}, b"no"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v.replace("PORT", str(outer.port)))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def image_server():
+    img = png_bytes()
+    srv = _ImageServer(
+        {
+            "/ok.png": (200, {"Content-Type": "image/png"}, img),
+            "/to-ok": (302, {"Location": "/ok.png"}, b""),
+            "/to-localhost": (302, {"Location": "http://localhost:PORT/ok.png"}, b""),
+            "/to-ipv6": (301, {"Location": "http://[::1]:PORT/ok.png"}, b""),
+            "/to-127.1": (307, {"Location": "http://127.1:PORT/ok.png"}, b""),
+            "/to-metadata": (302, {"Location": "http://169.254.169.254/latest/"}, b""),
+            "/loop": (302, {"Location": "/loop"}, b""),
+            "/big": (200, {"Content-Type": "image/png"}, b"\0" * 300_000),
+            "/text": (200, {"Content-Type": "text/plain"}, b"hello, not an image"),
+        }
+    )
+    yield srv
+    srv.close()
+
+
+ALLOW_LOCAL = MediaPolicy(allowed_media_domains=["127.0.0.1"], max_image_bytes=200_000)
+
+
+def test_fetch_from_allowed_host_and_redirect_to_it(image_server):
+    assert media.load_media_image(image_server.url("/ok.png"), ALLOW_LOCAL).size == (32, 24)
+    assert media.load_media_image(image_server.url("/to-ok"), ALLOW_LOCAL).size == (32, 24)
+    assert image_server.hits == ["/ok.png", "/to-ok", "/ok.png"]
+
+
+@pytest.mark.parametrize("path", ["/to-localhost", "/to-ipv6", "/to-127.1", "/to-metadata"])
+def test_redirect_to_loopback_or_metadata_refused(image_server, path, netguard):
+    with pytest.raises(MediaError, match="address") as e:
+        media.load_media_image(image_server.url(path), ALLOW_LOCAL)
+    assert e.value.status == 400
+    assert image_server.hits == [path]  # the redirect target was never contacted
+    assert not [v for v in netguard if v.startswith("connect")]
+
+
+def test_loopback_refused_without_allow_list(image_server):
+    for host in ("127.0.0.1", "localhost", "127.1", "2130706433", "0x7f000001"):
+        with pytest.raises(MediaError, match="loopback"):
+            media.load_media_image(image_server.url("/ok.png", host), MediaPolicy())
+    assert image_server.hits == []
+
+
+def test_redirect_limit_byte_cap_and_non_image(image_server):
+    with pytest.raises(MediaError, match="redirected more than"):
+        media.load_media_image(image_server.url("/loop"), ALLOW_LOCAL)
+    with pytest.raises(MediaError) as e:
+        media.load_media_image(image_server.url("/big"), ALLOW_LOCAL)
+    assert e.value.status == 413
+    with pytest.raises(MediaError, match="not a readable image"):
+        media.load_media_image(image_server.url("/text"), ALLOW_LOCAL)
+    with pytest.raises(MediaError, match="HTTP 404"):
+        media.load_media_image(image_server.url("/missing"), ALLOW_LOCAL)
+
+
+def test_https_verifies_the_certificate_of_the_host_name(tmp_path):
+    """The pinned HTTPS connection still checks the certificate: a self-signed server fails."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    srv = _ImageServer({"/ok.png": (200, {"Content-Type": "image/png"}, png_bytes())})
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    srv.httpd.socket = ctx.wrap_socket(srv.httpd.socket, server_side=True)
+    try:
+        url = f"https://127.0.0.1:{srv.port}/ok.png"
+        with pytest.raises(MediaError, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            media.load_media_image(url, ALLOW_LOCAL)
+    finally:
+        srv.close()
+
+
+def test_fetch_timeout(monkeypatch):
+    """A server that accepts but never answers is cut off by the deadline."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    try:
+        port = srv.getsockname()[1]
+        policy = MediaPolicy(allowed_media_domains=["127.0.0.1"], fetch_timeout_s=0.5)
+        with pytest.raises(MediaError, match="could not be fetched|timed out"):
+            media.load_media_image(f"http://127.0.0.1:{port}/slow.png", policy)
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------------- data URLs, bytes
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def test_data_url_ok_and_rgb():
+    img = media.load_media_image(data_url(png_bytes((40, 30))), MediaPolicy())
+    assert img.mode == "RGB" and img.size == (40, 30)
+
+
+@pytest.mark.parametrize(
+    "url, status",
+    [
+        ("data:image/png;base64,!!!notbase64", 400),
+        ("data:image/png,rawdata", 400),
+        ("data:text/html;base64," + base64.b64encode(b"<b>").decode(), 400),
+        (data_url(b"GIF89a this is not really a gif"), 400),
+        (data_url(b""), 400),
+        (data_url(bomb_png(100_000, 100_000)), 413),  # 1e10 pixels
+        (data_url(bomb_png(6_000, 6_000)), 413),  # over our cap, under PIL's own
+    ],
+)
+def test_bad_data_urls(url, status):
+    with pytest.raises(MediaError) as e:
+        media.load_media_image(url, MediaPolicy())
+    assert e.value.status == status
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_common_formats_decode(fmt):
+    b = io.BytesIO()
+    Image.new("RGB", (20, 10), (10, 200, 30)).save(b, fmt)
+    assert media.load_media_image(data_url(b.getvalue()), MediaPolicy()).size == (20, 10)
+
+
+def test_exotic_formats_are_never_opened(monkeypatch):
+    """EPS would hand the bytes to Ghostscript; other rare decoders are refused likewise."""
+    from PIL import EpsImagePlugin
+
+    def boom(*a, **k):
+        raise AssertionError("the EPS decoder was reached")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", boom)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n%%EndComments\n"
+    for data in (eps, b"P6\n2 2\n255\n" + b"\0" * 12):  # EPS, PPM
+        with pytest.raises(MediaError, match="not a readable image"):
+            media.load_media_image(data_url(data), MediaPolicy())
+
+
+def test_data_url_byte_cap_checked_before_decoding():
+    with pytest.raises(MediaError) as e:
+        media.load_media_image(data_url(b"\0" * 5000), MediaPolicy(max_image_bytes=1000))
+    assert e.value.status == 413
+
+
+# ---------------------------------------------------------------------- local files
+def test_local_files_refused_by_default():
+    for url in ("file:///etc/passwd", "/etc/passwd", "../../etc/passwd", "file://host/etc/x"):
+        with pytest.raises(MediaError):
+            media.load_media_image(url, MediaPolicy())
+
+
+def test_local_files_only_under_allowed_path(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "a.png").write_bytes(png_bytes())
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png_bytes())
+    (root / "link.png").symlink_to(outside)
+    policy = MediaPolicy(allowed_local_media_path=str(root))
+    assert media.load_media_image(f"file://{root}/a.png", policy).size == (32, 24)
+    assert media.load_media_image("a.png", policy).size == (32, 24)
+    for url in (
+        f"file://{outside}",
+        "file:///etc/passwd",
+        "../secret.png",
+        f"{root}/../secret.png",
+        "link.png",  # a symlink inside pointing outside
+    ):
+        with pytest.raises(MediaError, match="outside|not found"):
+            media.load_media_image(url, policy)
