@@ -13,7 +13,8 @@ Design decisions:
   and runs them again).
 * Workers hold one loaded model each and caption `--batch-size` items at a time through the
   model's engine (continuous batching inside the worker): local processes by default (spawn,
-  torch threads per worker = 1 unless `--threads`), or **Ray Data** with `--ray`: `from_items`
+  torch threads per worker = 1 unless `--threads`; spread round-robin over the GPUs when there
+  are several), or **Ray Data** with `--ray`: `from_items`
   + `map_batches` over an actor class (one actor per worker, one GPU per actor when the cluster
   has GPUs), on a local cluster or `--ray-address`. Ray is imported only on that path.
 * Greedy decoding is the default, so local and Ray runs of the same input give the same rows.
@@ -183,6 +184,14 @@ _LOAD_ERROR: str | None = None
 def _worker_init(options: dict[str, Any]) -> None:
     global _VLM, _LOAD_ERROR
     try:
+        import multiprocessing as mp
+
+        import torch
+
+        n_gpu = torch.cuda.device_count()
+        if options["load"].get("device", "auto") in (None, "auto") and n_gpu > 1:
+            rank = (mp.current_process()._identity or (1,))[0] - 1  # Pool workers count from 1
+            options = {**options, "load": {**options["load"], "device": f"cuda:{rank % n_gpu}"}}
         _VLM = _load(options)
     except Exception as e:  # noqa: BLE001 — a raising initializer makes Pool respawn forever
         _LOAD_ERROR = f"{type(e).__name__}: {e}"
