@@ -6,7 +6,8 @@ TTFT, decode tok/s, aggregate tok/s with N concurrent streams, vision images/s a
 peak memory and model-bandwidth utilisation (MBU); `--quant fp32,int8,int4` measures each weight
 precision in the same run; `--compare transformers` runs transformers' FastVLM on the same
 weights and inputs in the same process and prints ratios. Output: a human-readable table, then
-ONE JSON object as the last stdout line (`--json FILE` also writes it).
+ONE JSON object as the last stdout line (`--json FILE` also writes it). `fastvlm bench serve
+--url ...` is the client-side load test of a running server (fastvlm/server/loadtest.py).
 
 Design decisions:
 * Measure the limit, don't assume it. The bench times a large `torch.sum` over a buffer bigger
@@ -400,6 +401,11 @@ def _quant_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # client-side load test of a running server
+        from .server.loadtest import main as loadtest
+
+        return loadtest(argv[1:])
     a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
