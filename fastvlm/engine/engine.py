@@ -116,6 +116,7 @@ class Engine:
         prefix_reuse: bool = True,
         compile: bool = False,
         span_bucket: int = 64,
+        cpu_kernels: bool = True,
     ) -> None:
         cfg = model.config.text
         ctx = cfg.max_position_embeddings
@@ -129,11 +130,19 @@ class Engine:
             eos_ids = e if isinstance(e, list) else [] if e is None else [e]
         self.model = model
         self.slots, self.max_len = slots, max_len
+        self.device = model.lm_head.weight.device
+        self.fast_linears = 0
+        if cpu_kernels and self.device.type == "cpu" and not compile:
+            # Decode GEMVs at memory bandwidth (fastvlm/kernels): swaps the decoder's fp32
+            # Linears in place (same Parameters; quantized layers use the kernels already).
+            from ..kernels import available, use_fast_linears
+
+            if available():
+                self.fast_linears = use_fast_linears(model)
         self.eos_ids = set(eos_ids)
         self.vocab_limit = vocab_limit
         self.prefix_reuse = prefix_reuse
         self.span_bucket = span_bucket
-        self.device = model.lm_head.weight.device
         self.image_token_id = model.config.image_token_id
         self.cache = SlotKVCache.for_model(model, slots, max_len)
         self.vision_cache = VisionCache(vision_cache_size)

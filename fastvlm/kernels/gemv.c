@@ -1,0 +1,327 @@
+/* Decode GEMV / small-GEMM kernels for AVX2 + FMA CPUs (fastvlm/kernels/__init__.py).
+ *
+ * All compute y (M, N) fp32 = x (M, K) fp32 @ W^T (+ bias) for small M, reading each weight
+ * element once per block of up to 8 rows of x: a tile of NB weight rows is streamed through
+ * registers while MM x rows (L1/L2 resident) are multiplied against it.  OpenMP hands out
+ * chunks of 16 tiles dynamically (each chunk one contiguous slice of W: hardware-prefetch
+ * friendly; a descheduled thread on a shared machine does not hold a fixed share).  Every
+ * pointer is contiguous row-major; the caller checks shapes and dtypes.
+ *
+ *   fp32: W float (N, K).
+ *   int8: W int8 (N, K), scales float (N,):          y = scale[n] * sum_k q[n,k] x[m,k].
+ *   int4: W uint8 (N, K/2), low nibble = even column; scales, zb float (N, K/G) with
+ *         zb = zero - 8 * scale, so w = q * scale + zb (tinygemm's (q - 8) * scale + zero).
+ *         M <= 4: y = sum_g scale_g * dot_g(q, x) + sum_g zb_g * sum_g(x) (raw nibbles, one
+ *         convert per weight); M = 5..8: w dequantized in registers, shared by all rows.
+ *         x is permuted once per call into the nibble order of 16-column blocks.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INL static inline __attribute__((always_inline))
+#define MAXM 8
+#ifndef FVK_PF
+#define FVK_PF 0 /* software prefetch distance in bytes (0: off) */
+#endif
+
+INL float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* ------------------------------------------------------------------ fp32 */
+INL void f32_tile(const float *x, const float *w, const float *bias, float *y, int64_t n,
+                  int64_t K, int64_t N, const int MM, const int NB) {
+    __m256 acc[4][MAXM];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const float *wr = w + n * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+#if FVK_PF
+            _mm_prefetch((const char *)(wr + j * K + k) + FVK_PF, _MM_HINT_T0);
+#endif
+            wv[j] = _mm256_loadu_ps(wr + j * K + k);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            __m256 xv = _mm256_loadu_ps(x + m * K + k);
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; j++) acc[j][m] = _mm256_fmadd_ps(wv[j], xv, acc[j][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            float s = hsum(acc[j][m]);
+            for (int64_t t = k; t < K; t++) s += wr[j * K + t] * x[m * K + t];
+            y[m * N + n + j] = s + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+#define F32_CASE(MM, NB)                                                                      \
+    case MM: {                                                                                \
+        int64_t nblk = N / NB;                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                          \
+        for (int64_t b = 0; b < nblk; b++) f32_tile(x, w, bias, y, b * NB, K, N, MM, NB);   \
+        for (int64_t n = nblk * NB; n < N; n++) f32_tile(x, w, bias, y, n, K, N, MM, 1);     \
+        break;                                                                                \
+    }
+
+static void f32_block(const float *x, const float *w, const float *bias, float *y, int64_t M,
+                      int64_t N, int64_t K, int nt) {
+    switch (M) {
+        F32_CASE(1, 4)
+        F32_CASE(2, 4)
+        F32_CASE(3, 2)
+        F32_CASE(4, 2)
+        F32_CASE(5, 1)
+        F32_CASE(6, 1)
+        F32_CASE(7, 1)
+        F32_CASE(8, 1)
+    }
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T + bias; rows of x in blocks of 8. */
+void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
+                    int64_t N, int64_t K, int nt) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+        int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+        f32_block(x + m0 * K, w, bias, y + m0 * N, mm, N, K, nt);
+    }
+}
+
+/* ------------------------------------------------------------------ int8 */
+INL void i8_tile(const float *x, const int8_t *w, const float *scales, const float *bias,
+                 float *y, int64_t n, int64_t K, int64_t N, const int MM, const int NB) {
+    __m256 acc[8][MAXM];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int8_t *wr = w + n * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NB; j++) {
+            const int8_t *p = wr + j * K + k;
+            __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+            __m256 w1 = _mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) {
+                acc[j][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[j][m]);
+                acc[j][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[j][m]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            float s = hsum(acc[j][m]);
+            for (int64_t t = k; t < K; t++) s += (float)wr[j * K + t] * x[m * K + t];
+            y[m * N + n + j] = s * scales[n + j] + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+#define I8_CASE(MM, NB)                                                                       \
+    case MM: {                                                                                \
+        int64_t nblk = N / NB;                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                          \
+        for (int64_t b = 0; b < nblk; b++)                                                    \
+            i8_tile(x, w, scales, bias, y, b * NB, K, N, MM, NB);                             \
+        for (int64_t n = nblk * NB; n < N; n++) i8_tile(x, w, scales, bias, y, n, K, N, MM, 1); \
+        break;                                                                                \
+    }
+
+static void i8_block(const float *x, const int8_t *w, const float *scales, const float *bias,
+                     float *y, int64_t M, int64_t N, int64_t K, int nt) {
+    switch (M) {
+        I8_CASE(1, 8)
+        I8_CASE(2, 4)
+        I8_CASE(3, 2)
+        I8_CASE(4, 2)
+        I8_CASE(5, 1)
+        I8_CASE(6, 1)
+        I8_CASE(7, 1)
+        I8_CASE(8, 1)
+    }
+}
+
+void fvk_linear_i8(const float *x, const int8_t *w, const float *scales, const float *bias,
+                   float *y, int64_t M, int64_t N, int64_t K, int nt) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+        int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+        i8_block(x + m0 * K, w, scales, bias, y + m0 * N, mm, N, K, nt);
+    }
+}
+
+/* ------------------------------------------------------------------ int4 */
+/* 8 bytes (16 columns) are zero-extended to 8 int32 lanes; lane i holds columns 2i (low nibble,
+ * `& 15`) and 2i+1 (high nibble, `>> 4`).  xp holds x in that order per 16 columns:
+ * [x0 x2 .. x14 | x1 x3 .. x15].  sx[m, g] = sum of x[m] over group g. */
+static void prep_x(const float *x, float *xp, float *sx, int64_t M, int64_t K, int64_t G) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            const float *s = x + m * K + k0;
+            float *d = xp + m * K + k0;
+            for (int i = 0; i < 8; i++) {
+                d[i] = s[2 * i];
+                d[8 + i] = s[2 * i + 1];
+            }
+        }
+        for (int64_t g = 0; g < K / G; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * K + k];
+            sx[m * (K / G) + g] = t;
+        }
+    }
+}
+
+/* 16 weights (8 bytes) as two float vectors of raw nibble values q (lo = even columns). */
+INL void nib16(const uint8_t *p, __m256 *lo, __m256 *hi) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+    *hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+
+/* Small M (MM * NB <= 4): per group, gacc = dot(q, x) over raw nibbles, then
+ * acc += scale * gacc; the offsets add sum_g zb[g] * sx[m, g] at the end.  One convert per
+ * weight, no per-weight dequantization. */
+INL void i4_tile_dot(const float *xp, const float *sx, const uint8_t *w, const float *scales,
+                     const float *zb, const float *bias, float *y, int64_t n, int64_t K,
+                     int64_t N, int64_t G, const int MM, const int NB) {
+    __m256 acc[4][4];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t ng = K / G, K2 = K / 2;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 ga[4][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) ga[j][m] = _mm256_setzero_ps();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; j++) {
+                __m256 lo, hi;
+                nib16(w + (n + j) * K2 + k / 2, &lo, &hi);
+#pragma GCC unroll 4
+                for (int m = 0; m < MM; m++) {
+                    ga[j][m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp + m * K + k), ga[j][m]);
+                    ga[j][m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp + m * K + k + 8), ga[j][m]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m256 sv = _mm256_broadcast_ss(scales + (n + j) * ng + g);
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) acc[j][m] = _mm256_fmadd_ps(ga[j][m], sv, acc[j][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) {
+            const float *z = zb + (n + j) * ng, *sm = sx + m * ng;
+            float t = hsum(acc[j][m]);
+            for (int64_t g = 0; g < ng; g++) t += z[g] * sm[g];
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+/* Larger M: dequantize 16 weights in registers (w = q * scale + zb, shared by all MM rows),
+ * then one FMA per row. */
+INL void i4_tile_deq(const float *xp, const uint8_t *w, const float *scales, const float *zb,
+                     const float *bias, float *y, int64_t n, int64_t K, int64_t N, int64_t G,
+                     const int MM) {
+    __m256 acc[MAXM];
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; m++) acc[m] = _mm256_setzero_ps();
+    const int64_t ng = K / G, K2 = K / 2;
+    const uint8_t *wr = w + n * K2;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 sv = _mm256_broadcast_ss(scales + n * ng + g);
+        __m256 zv = _mm256_broadcast_ss(zb + n * ng + g);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+            __m256 lo, hi;
+            nib16(wr + k / 2, &lo, &hi);
+            lo = _mm256_fmadd_ps(lo, sv, zv);
+            hi = _mm256_fmadd_ps(hi, sv, zv);
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) {
+                acc[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xp + m * K + k), acc[m]);
+                acc[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xp + m * K + k + 8), acc[m]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MM; m++) y[m * N + n] = hsum(acc[m]) + (bias ? bias[n] : 0.0f);
+}
+
+#define I4_DOT_CASE(MM, NB)                                                                   \
+    case MM: {                                                                                \
+        int64_t nblk = N / NB;                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                     \
+        for (int64_t b = 0; b < nblk; b++)                                                    \
+            i4_tile_dot(xp, sx, w, scales, zb, bias, y, b * NB, K, N, G, MM, NB);             \
+        for (int64_t n = nblk * NB; n < N; n++)                                               \
+            i4_tile_dot(xp, sx, w, scales, zb, bias, y, n, K, N, G, MM, 1);                   \
+        break;                                                                                \
+    }
+#define I4_DEQ_CASE(MM)                                                                       \
+    case MM: {                                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                     \
+        for (int64_t n = 0; n < N; n++) i4_tile_deq(xp, w, scales, zb, bias, y, n, K, N, G, MM); \
+        break;                                                                                \
+    }
+
+static void i4_block(const float *xp, const float *sx, const uint8_t *w, const float *scales,
+                     const float *zb, const float *bias, float *y, int64_t M, int64_t N,
+                     int64_t K, int64_t G, int nt) {
+    switch (M) {
+        I4_DOT_CASE(1, 4)
+        I4_DOT_CASE(2, 2)
+        I4_DOT_CASE(3, 1)
+        I4_DOT_CASE(4, 1)
+        I4_DEQ_CASE(5)
+        I4_DEQ_CASE(6)
+        I4_DEQ_CASE(7)
+        I4_DEQ_CASE(8)
+    }
+}
+
+/* Returns 0, or -1 when K is not a multiple of 16 and G, or -2 when out of memory. */
+int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const float *zb,
+                  const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                  int nt) {
+    if (K % 16 || G % 16 || K % G) return -1;
+    int64_t mb = M < MAXM ? M : MAXM;
+    size_t bytes = (size_t)(mb * K + mb * (K / G)) * sizeof(float);
+    float *xp = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!xp) return -2;
+    float *sx = xp + mb * K;
+    for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+        int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+        prep_x(x + m0 * K, xp, sx, mm, K, G);
+        i4_block(xp, sx, w, scales, zb, bias, y + m0 * N, mm, N, K, G, nt);
+    }
+    free(xp);
+    return 0;
+}
+
+int fvk_abi_version(void) { return 1; }

@@ -1,0 +1,289 @@
+"""fastvlm.kernels: the C decode kernels against float64 references, the quantized-layer and
+FastLinear integrations, and the fallbacks (compile failure, FASTVLM_KERNELS=0). CPU, seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_model
+from torch import nn
+
+from fastvlm import kernels, quant
+from fastvlm.kernels import FastLinear, use_fast_linears
+from fastvlm.quant import Int4Linear, Int8Linear, Scheme
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=f"fastvlm kernels unavailable: {kernels.unavailable_reason()}"
+)
+ROWS = list(range(1, 10))  # 1..8 are the register-tiled cases, 9 = a block of 8 plus 1
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------- kernels vs float64
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 896), (131, 4864), (13, 44), (5, 3)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fp32_matches_float64(m, n, k, with_bias):
+    g = gen(m * 1000 + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    y = kernels.linear_fp32(x, w, b)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert rel_err(y, ref) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 896), (131, 4864), (13, 44), (9, 5)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_matches_float64(m, n, k, with_bias):
+    g = gen(m * 1000 + n + 1)
+    x = torch.randn(m, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) + 0.01
+    b = torch.randn(n, generator=g) * 10 if with_bias else None
+    ref = (x.double() @ q.double().T) * s.double() + (0 if b is None else b.double())
+    assert rel_err(kernels.linear_int8(x, q, s, b), ref) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 512), (131, 4864)])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int4_matches_float64(m, n, k, group_size, with_bias):
+    g = gen(m * 1000 + n + group_size)
+    x = torch.randn(m, k, generator=g)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // group_size, generator=g) + 0.01
+    z = torch.randn(n, k // group_size, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    w = (
+        (q.double() - 8) * s.double().repeat_interleave(group_size, 1)
+    ) + z.double().repeat_interleave(group_size, 1)
+    ref = x.double() @ w.T + (0 if b is None else b.double())
+    packed = quant.pack_nibbles(q).contiguous()
+    assert rel_err(kernels.linear_int4(x, packed, s, z, group_size, b), ref) < 1e-5
+    zb = kernels.int4_zb(s, z)  # the cached-offset form the modules use
+    assert rel_err(kernels.linear_int4(x, packed, s, None, group_size, b, zb=zb), ref) < 1e-5
+
+
+@needs_kernels
+def test_large_m_uses_row_blocks():
+    g = gen(7)
+    x, w = torch.randn(67, 96, generator=g), torch.randn(40, 96, generator=g)
+    assert rel_err(kernels.linear_fp32(x, w), x.double() @ w.double().T) < 1e-5
+    assert kernels.linear_fp32(x[:0], w).shape == (0, 40)
+
+
+@needs_kernels
+def test_misuse_raises_value_error():
+    x, w = torch.randn(2, 64), torch.randn(8, 64)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.linear_fp32(x.double(), w)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.linear_fp32(torch.randn(2, 63), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.linear_fp32(x, torch.randn(64, 8).T)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.linear_fp32(x, w, torch.randn(7))
+    q = torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.linear_int8(x, q, torch.ones(8, dtype=torch.float16))
+    p = torch.zeros(8, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="group_size"):
+        kernels.linear_int4(x, p, torch.ones(8, 1), torch.zeros(8, 1), 48)
+    with pytest.raises(ValueError, match="scales"):
+        kernels.linear_int4(x, p, torch.ones(8, 1), torch.zeros(8, 1), 32)
+
+
+# ---------------------------------------------------------------------- quantized layers
+def spy(monkeypatch, name: str) -> list[int]:
+    """Record M of each call of kernels.<name> (modules call it through the module)."""
+    calls, real = [], getattr(kernels, name)
+
+    def wrapped(x, m, *a, **kw):
+        calls.append(m)
+        return real(x, m, *a, **kw)
+
+    monkeypatch.setattr(kernels, name, wrapped)
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 4, 8, 40])
+def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m):
+    lin = nn.Linear(96, 80)
+    layer = Int8Linear.from_linear(lin)
+    x = torch.randn(m, 1, 96)
+    ref = layer._dequant(x.reshape(-1, 96)).reshape(m, 1, 80)  # fp32 dequantize + F.linear
+    calls = spy(monkeypatch, "_run_i8")
+    y = layer(x)
+    assert calls == [m]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    if quant.HAS_INT8_KERNEL:  # the torch int8 op in bf16, the previous default CPU path
+        old = layer._kernel(x.reshape(-1, 96)).reshape(m, 1, 80)
+        torch.testing.assert_close(y, old, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("m", [1, 3, 8, 20])
+def test_int4_linear_uses_kernel_and_matches_previous_paths(monkeypatch, group_size, m):
+    lin = nn.Linear(512, 48)
+    layer = Int4Linear.from_linear(lin, Scheme(4, group_size, False))
+    layer.repack()  # with the kernels: the portable nibble form stays, no tinygemm copy
+    assert layer.qweight.shape == (48, 256) and not layer.packed.numel()
+    x = torch.randn(m, 512)
+    ref = layer._dequant(x)
+    calls = spy(monkeypatch, "_run_i4")
+    y = layer(x)
+    assert calls == [m]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # bf16 input: computed in fp32 by the kernel, returned as bf16
+    yb = layer(x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), ref, rtol=3e-2, atol=3e-2)
+    if quant.HAS_INT4_KERNEL:  # tinygemm in bf16, the previous default CPU path
+        monkeypatch.setattr(kernels, "_enabled", False)
+        old = Int4Linear.from_linear(lin, Scheme(4, group_size, False))
+        old.repack()
+        assert old.packed.numel()
+        torch.testing.assert_close(y, old(x), rtol=3e-2, atol=3e-2)
+
+
+@needs_kernels
+def test_quant_cache_follows_in_place_updates():
+    layer = Int8Linear.from_linear(nn.Linear(64, 16))
+    x = torch.randn(2, 64)
+    y1 = layer(x)
+    with torch.no_grad():
+        layer.scales.mul_(2)
+    torch.testing.assert_close(layer(x), 2 * y1 - layer.bias, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_quantized_model_with_kernel_matches_dequant_path(monkeypatch):
+    model = make_tiny_model(vocab_size=304)
+    quant.quantize_model(model, "int4-g32")
+    ids = torch.randint(4, 300, (1, 6))
+    with torch.no_grad():
+        hidden = model.language_model.embed_tokens(ids)
+        fast = [model.lm_head(hidden[:, i : i + 1]) for i in range(6)]  # decode-shaped (B, 1, K)
+        monkeypatch.setattr(kernels, "_enabled", False)
+        slow = [model.lm_head._dequant(hidden[0, i : i + 1])[None] for i in range(6)]
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- FastLinear
+@needs_kernels
+def test_fast_linear_matches_and_handles_shapes(monkeypatch):
+    lin = nn.Linear(72, 40)
+    fast = FastLinear.from_linear(lin)
+    assert fast.weight is lin.weight and fast.bias is lin.bias
+    assert set(fast.state_dict()) == {"weight", "bias"}
+    calls = spy(monkeypatch, "_run_f32")
+    with torch.no_grad():
+        for shape in [(72,), (1, 72), (3, 1, 72), (8, 72), (2, 9, 72)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(fast(x), lin(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1, 3, 8]  # 18 rows > MAX_M: F.linear
+    x = torch.randn(2, 72, requires_grad=True)  # autograd: the torch path, gradients flow
+    fast(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    assert calls == [1, 1, 3, 8]
+
+
+@needs_kernels
+def test_use_fast_linears_keeps_logits_and_tying(monkeypatch):
+    from fastvlm.engine.generate import generate_step
+    from fastvlm.engine.sampling import SamplingParams
+
+    model = make_tiny_model(vocab_size=304)
+    g = gen(3)
+    ids = torch.randint(4, 300, (1, 6), generator=g)  # 6 rows: the kernel handles prefill too
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    with torch.no_grad():
+        before = model(ids)
+    toks_before = list(generate_step(model, ids[0].tolist(), None, params))
+    n_layers = len(model.language_model.layers)
+    assert use_fast_linears(model) == 7 * n_layers + 1  # q k v o gate up down + lm_head
+    q_proj = model.language_model.layers[0].self_attn.q_proj
+    assert type(q_proj) is FastLinear and type(model.lm_head) is FastLinear
+    assert model.lm_head.weight is model.language_model.embed_tokens.weight  # still tied
+    assert type(model.mm_projector[0]) is nn.Linear  # only the decoder and lm_head
+    assert use_fast_linears(model) == 0  # idempotent
+    calls = spy(monkeypatch, "_run_f32")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-5)
+    assert calls and max(calls) == 6
+    calls.clear()
+    assert list(generate_step(model, ids[0].tolist(), None, params)) == toks_before
+    assert calls.count(1) >= 11 * (7 * n_layers + 1)  # every decode step went through it
+    # quantizing a model that already has FastLinears still swaps them
+    summary = quant.quantize_model(model, "int8")
+    assert summary.components["llm"].layers == 7 * n_layers + 1
+    assert type(model.lm_head) is Int8Linear and type(q_proj) is FastLinear
+
+
+# ---------------------------------------------------------------------- fallbacks
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """A kernels module state that re-checks everything, with an empty cache dir."""
+    monkeypatch.setenv("FASTVLM_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTVLM_KERNELS", raising=False)
+    kernels._reset()
+    yield tmp_path / "cache"
+    monkeypatch.undo()
+    kernels._reset()
+
+
+def test_compile_failure_falls_back(monkeypatch, fresh_kernels):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert not kernels.available()
+    assert "compile failed" in kernels.unavailable_reason()
+    assert not list(fresh_kernels.glob("*.so"))  # nothing half-written left behind
+    with pytest.raises(RuntimeError, match="not available"):
+        kernels.linear_fp32(torch.randn(1, 8), torch.randn(4, 8))
+    lin = nn.Linear(32, 16)
+    fast, q8 = FastLinear.from_linear(lin), Int8Linear.from_linear(lin)
+    q4 = Int4Linear.from_linear(lin, Scheme(4, 32, False))
+    q4.repack()
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), lin(x))
+        torch.testing.assert_close(q8(x), q8._dequant(x), rtol=2e-2, atol=2e-2)
+        if quant.HAS_INT4_KERNEL:
+            assert q4.packed.numel()  # torch's int4 layout again
+        torch.testing.assert_close(q4(x), lin(x), rtol=0.1, atol=0.1)
+
+
+def test_missing_compiler_and_env_switch(monkeypatch, fresh_kernels):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert not kernels.available() and "no C compiler" in kernels.unavailable_reason()
+    kernels._reset()
+    monkeypatch.setenv("FASTVLM_KERNELS", "0")
+    assert not kernels.available() and "FASTVLM_KERNELS=0" in kernels.unavailable_reason()
+
+
+@needs_kernels
+def test_builds_into_cache_dir_once(fresh_kernels):
+    assert kernels.available()
+    libs = list(fresh_kernels.glob("gemv-*.so"))
+    assert len(libs) == 1 and not list(fresh_kernels.glob(".build-*"))
+    x, w = torch.randn(2, 16), torch.randn(3, 16)
+    torch.testing.assert_close(kernels.linear_fp32(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    mtime = libs[0].stat().st_mtime_ns
+    kernels._reset()
+    assert kernels.available() and libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
