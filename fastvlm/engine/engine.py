@@ -32,6 +32,7 @@ from collections import OrderedDict, deque
 
 import torch
 
+from ..model.fastvlm import check_tokens_per_image
 from .kv_cache import SlotKVCache
 from .request import _DONE, Key, RequestHandle, stream_text
 from .sampling import SamplingParams, make_generator, sample
@@ -178,9 +179,11 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         image_embeds: torch.Tensor | None = None,
+        tokens_per_image: int | None = None,
     ) -> RequestHandle:
         """Queue a request (thread-safe). Images as `pixel_values` (N, 3, S, S) — encoded once per
-        distinct image thanks to the vision cache — or precomputed `image_embeds` (N, tokens, D)."""
+        distinct image thanks to the vision cache — or precomputed `image_embeds` (N, tokens, D).
+        `tokens_per_image` pools each image's features to that many tokens (token reduction)."""
         params = params or SamplingParams()
         params.validate()
         ids = [int(i) for i in torch.as_tensor(input_ids).reshape(-1).tolist()]
@@ -196,8 +199,10 @@ class Engine:
             raise ValueError("pass pixel_values or image_embeds, not both")
         if pixel_values is not None:
             px = pixel_values if pixel_values.ndim == 4 else pixel_values[None]
-            req._pixels, req._tpi = px, self.model.config.num_image_tokens
-            req._hashes = [content_hash(p) for p in px]
+            native = self.model.config.num_image_tokens
+            req._pixels, req._tpi = px, check_tokens_per_image(tokens_per_image, native)
+            pool = "" if req._tpi == native else f"@{req._tpi}"  # pooled embeds: own cache key
+            req._hashes = [content_hash(p) + pool for p in px]
         elif image_embeds is not None:
             em = image_embeds if image_embeds.ndim == 3 else image_embeds[None]
             req._embeds, req._tpi = em, em.shape[1]
@@ -426,7 +431,11 @@ class Engine:
         if todo:
             px = req._pixels[todo].to(self.device)
             self.counters["vision_calls"] += 1
-            for i, e in zip(todo, self.model.embed_images(px), strict=True):
+            pooled = req._tpi != self.model.config.num_image_tokens
+            embeds = (
+                self.model.embed_images(px, req._tpi) if pooled else self.model.embed_images(px)
+            )
+            for i, e in zip(todo, embeds, strict=True):
                 found[req._hashes[i]] = e
                 self.vision_cache.put(req._hashes[i], e)
         req.stats.vision_s += time.perf_counter() - t0
