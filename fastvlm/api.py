@@ -165,8 +165,18 @@ class FastVLM:
         """The pixel tensor (1, 3, S, S) the model sees for `image`."""
         return self.processor.pixels([image])
 
-    def encode(self, messages: list[dict]) -> tuple[list[int], torch.Tensor | None]:
-        ids, pixels, _ = self.processor(messages)
+    def encode(
+        self,
+        messages: list[dict],
+        *,
+        tokens_per_image: int | None = None,
+        max_images: int | None = None,
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Messages → (input ids, pixels); `tokens_per_image` sets the placeholder run length,
+        `max_images` overrides `processor.max_images` (video frames count as images)."""
+        ids, pixels, _ = self.processor(
+            messages, tokens_per_image=tokens_per_image, max_images=max_images
+        )
         return ids, pixels
 
     @staticmethod
@@ -183,16 +193,31 @@ class FastVLM:
 
     @staticmethod
     def describe_messages(images: list[ImageInput], prompt: str) -> list[dict]:
-        content: list[dict] = [{"type": "image", "image": im} for im in images]
+        from .video import is_video  # video paths become video parts (sampled frames)
+
+        content: list[dict] = [
+            {"type": "video", "video": im} if is_video(im) else {"type": "image", "image": im}
+            for im in images
+        ]
         content.append({"type": "text", "text": prompt})
         return [{"role": "user", "content": content}]
 
     # ------------------------------------------------------------------ generation
-    def stream_chunks(self, messages: list[dict], **sampling) -> Iterator[Chunk]:
+    def stream_chunks(
+        self,
+        messages: list[dict],
+        *,
+        tokens_per_image: int | None = None,
+        max_images: int | None = None,
+        **sampling,
+    ) -> Iterator[Chunk]:
+        """Text chunks for `messages`; `tokens_per_image` pools each image to that many tokens
+        (a perfect square ≤ `num_image_tokens`), `max_images` caps images + video frames."""
         params = self._params(sampling)
-        ids, pixels = self.encode(messages)
+        tpi = tokens_per_image
+        ids, pixels = self.encode(messages, tokens_per_image=tpi, max_images=max_images)
         if self._use_engine(len(ids), params):
-            handle = self.engine.submit(ids, pixels, params)
+            handle = self.engine.submit(ids, pixels, params, tokens_per_image=tpi)
             for chunk in stream_text(handle, self.tokenizer):
                 self.last_stats = chunk.stats
                 yield chunk
@@ -207,6 +232,7 @@ class FastVLM:
             params,
             eos_ids=self.eos_ids,
             vocab_limit=self.vocab_limit,
+            tokens_per_image=tpi,
         ):
             self.last_stats = chunk.stats
             yield chunk
@@ -284,6 +310,7 @@ def load(
     download: bool = True,
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
+    backend: str = "auto",
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
@@ -291,8 +318,17 @@ def load(
     `image_size` overrides the encoder resolution (a multiple of 64; fewer image tokens).
     `engine="reference"` uses the slow reference decoder; `engine_options` go to `Engine`
     (slots, max_len, vision_cache_size, prefix_reuse, compile).
+    `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
+    anything else on PyTorch), "torch" or "onnxruntime".
     """
     folder = hub.resolve(model, download=download)
+    if backend not in ("auto", "torch", "onnxruntime"):
+        raise ValueError(f"unknown backend {backend!r}: use auto, torch or onnxruntime")
+    exported = (folder / "fastvlm_export.json").exists()
+    if backend == "onnxruntime" or (backend == "auto" and exported):
+        from .export.ort_backend import load_onnx
+
+        return load_onnx(folder)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu":

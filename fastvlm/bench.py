@@ -6,7 +6,8 @@ TTFT, decode tok/s, aggregate tok/s with N concurrent streams, vision images/s a
 peak memory and model-bandwidth utilisation (MBU); `--quant fp32,int8,int4` measures each weight
 precision in the same run; `--compare transformers` runs transformers' FastVLM on the same
 weights and inputs in the same process and prints ratios. Output: a human-readable table, then
-ONE JSON object as the last stdout line (`--json FILE` also writes it).
+ONE JSON object as the last stdout line (`--json FILE` also writes it). `fastvlm bench serve
+--url ...` is the client-side load test of a running server (fastvlm/server/loadtest.py).
 
 Design decisions:
 * Measure the limit, don't assume it. The bench times a large `torch.sum` over a buffer bigger
@@ -273,6 +274,39 @@ def bench_vision_batches(model, batches: list[int], image_size: int) -> dict[str
     return out
 
 
+# ---------------------------------------------------------------------- ONNX Runtime
+def bench_onnxruntime(model, processor, args, quant: str, bandwidth: float) -> dict[str, Any]:
+    """Export `model` (decoder at `quant`: fp32 | int8 | int4) and time generation on ORT."""
+    from .engine.generate import Stats
+    from .engine.sampling import SamplingParams
+    from .export.onnx import export_onnx
+    from .export.ort_backend import OrtModel, ort_generate_step
+
+    llm = {"fp32": "fp32", "none": "fp32", "float32": "fp32"}.get(quant, quant)
+    out: dict[str, Any] = {"name": f"onnxruntime {llm}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        export_onnx(model, tmp, f"llm={llm}", None, parity=False, log=lambda *a, **k: None)
+        out["export_s"] = time.perf_counter() - t0
+        files = {f.name: f.stat().st_size for f in (Path(tmp) / "onnx").iterdir()}
+        out["decoder_mb"] = sum(v for k, v in files.items() if k.startswith("decoder")) / 2**20
+        ort = OrtModel(Path(tmp), torch.get_num_threads())
+        size = model.config.vision.image_size
+        px = processor.pixels([random_image(size, seed=1)])
+        ids = prompt_ids(model, seed=2)
+        p = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
+        list(ort_generate_step(ort, ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=2)))
+        st = Stats()
+        list(ort_generate_step(ort, ids, px, p, stats=st))
+        del ort
+    out["vision_s"] = st.vision_s
+    out["ttft_s"] = st.prefill_s
+    out["prefill_s"] = st.prefill_s - st.vision_s
+    out["decode_tok_s"] = st.decode_tps
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
 # ---------------------------------------------------------------------- transformers
 def bench_transformers(model, args) -> dict[str, Any]:
     """transformers' FastVlmForConditionalGeneration on the same weights and prompt."""
@@ -385,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4", help="comma list of concurrent streams")
     p.add_argument("--vision-batch", default="1,8", help="comma list of vision batch sizes")
     p.add_argument("--compare", choices=["transformers"], default=None)
+    p.add_argument(
+        "--backend",
+        default="torch",
+        help="comma list: torch (our engine) and/or onnxruntime (exported graphs, same "
+        "weights, each --quant precision for the decoder)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -400,10 +440,14 @@ def _quant_list(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # client-side load test of a running server
+        from .server.loadtest import main as loadtest
+
+        return loadtest(argv[1:])
     a = build_parser().parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    torch.set_flush_denormal(True)
     from .api import load, resolve_device
     from .engine.allocator import tune_malloc
 
@@ -442,7 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     info["bandwidth_gb_s"] = bw
     runs: list[dict[str, Any]] = []
     quants = _quant_list(a.quant)
-    for q in quants:
+    backends = [b.strip() for b in a.backend.split(",") if b.strip()]
+    if set(backends) - {"torch", "onnxruntime"}:
+        raise SystemExit(f"unknown backend in {a.backend!r}: use torch and/or onnxruntime")
+    for q in quants if "torch" in backends else []:
         if q in ("fp32", "none", "float32"):
             model, label = base, "fastvlm fp32"
         else:
@@ -465,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         if model is not base:
             del model
             gc.collect()
+    for q in quants if "onnxruntime" in backends else []:
+        print(f"[bench] onnxruntime {q} (export + run) ...", file=sys.stderr, flush=True)
+        runs.append(bench_onnxruntime(base, processor, a, q, bw))
+        gc.collect()
     for size in sizes[1:]:  # the same weights at another resolution: fewer image tokens
         model = at_resolution(base, size)
         print(f"[bench] fastvlm fp32 @{size}px ...", file=sys.stderr, flush=True)
@@ -489,11 +540,23 @@ def ratios(runs: list[dict], ref: dict | None) -> dict[str, float]:
     fp = next((r for r in runs if r["name"].endswith("fp32")), None)
     for r in runs:
         if fp is not None and r is not fp and "@" not in r["name"]:
-            out[f"{r['name']} decode / fp32 decode"] = r["decode_tok_s"] / fp["decode_tok_s"]
+            if not r["name"].startswith("onnxruntime"):
+                out[f"{r['name']} decode / fp32 decode"] = r["decode_tok_s"] / fp["decode_tok_s"]
         for k in [k for k in r if k.startswith("aggregate_tok_s@")]:
             out[f"{r['name']} {k} / 1 stream"] = r[k] / r["decode_tok_s"]
+    for r in runs:
+        if r["name"].startswith("onnxruntime "):
+            q = r["name"].split()[1]
+            mine = next((x for x in runs if x["name"] in (f"fastvlm {q}",)), None)
+            if mine is not None:
+                out[f"fastvlm {q} decode / onnxruntime {q} decode"] = (
+                    mine["decode_tok_s"] / r["decode_tok_s"]
+                )
+                out[f"fastvlm {q} ttft / onnxruntime {q} ttft"] = mine["ttft_s"] / r["ttft_s"]
     if ref is not None:
         for r in runs:
+            if r["name"].startswith("onnxruntime"):
+                continue
             out[f"{r['name']} ttft / transformers default ttft"] = r["ttft_s"] / ref["ttft_s"]
             out[f"{r['name']} decode / transformers static decode"] = (
                 r["decode_tok_s"] / ref["decode_static_tok_s"]

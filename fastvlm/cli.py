@@ -66,6 +66,34 @@ def _sampling(a: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _add_media_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tokens-per-image",
+        type=int,
+        default=None,
+        help="pool each image to K tokens (a perfect square ≤ the model's native count, e.g. "
+        "256/144/64/16 for 1024 px models, 16/4/1 for the demo model)",
+    )
+    p.add_argument(
+        "--max-images", type=int, default=None, help="per-request image limit (frames included)"
+    )
+    p.add_argument("--fps", type=float, default=None, help="video: sample this many frames/s")
+    p.add_argument("--max-frames", type=int, default=16, help="video: at most this many frames")
+
+
+def _media(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(tokens_per_image=a.tokens_per_image, max_images=a.max_images)
+
+
+def _part(path: str, a: argparse.Namespace) -> dict:
+    """A content part for an image or video path (videos sampled with --fps / --max-frames)."""
+    from .video import is_video
+
+    if is_video(path):
+        return {"type": "video", "video": path, "fps": a.fps, "max_frames": a.max_frames}
+    return {"type": "image", "image": path}
+
+
 def _load(a: argparse.Namespace):
     from .api import load
 
@@ -87,18 +115,21 @@ def _error(msg: str) -> int:
 
 # ---------------------------------------------------------------------- describe
 def cmd_describe(a: argparse.Namespace) -> int:
-    images = list(a.images) + list(a.image or [])
-    if not images:
+    # Each positional IMAGE/VIDEO is described on its own; all --image files go in one prompt.
+    runs = [[p] for p in a.images] + ([list(a.image)] if a.image else [])
+    if not runs:
         return _error("give at least one image: fastvlm describe IMAGE [IMAGE ...]")
     vlm = _load(a)
     failures = 0
-    for path in images:
-        messages = vlm.describe_messages([path], a.prompt)
-        if len(images) > 1 and not a.json:
+    for paths in runs:
+        path = paths[0] if len(paths) == 1 else ",".join(map(str, paths))
+        content = [_part(p, a) for p in paths] + [{"type": "text", "text": a.prompt}]
+        if len(runs) > 1 and not a.json:
             print(f"== {path}", flush=True)
         try:
             text, last = [], None
-            for chunk in vlm.stream_chunks(messages, **_sampling(a)):
+            messages = [{"role": "user", "content": content}]
+            for chunk in vlm.stream_chunks(messages, **_media(a), **_sampling(a)):
                 last = chunk
                 text.append(chunk.text)
                 if not a.json and chunk.text:
@@ -173,8 +204,10 @@ def cmd_chat(a: argparse.Namespace) -> int:
             path = line[len("/image") :].strip()
             try:
                 from .processing import load_image
+                from .video import is_video
 
-                load_image(path)  # validate now, not mid-conversation
+                if not is_video(path):
+                    load_image(path)  # validate now, not mid-conversation
                 pending.append(path)
                 print(f"(attached {path})", file=sys.stderr)
             except FastVLMError as e:
@@ -183,13 +216,11 @@ def cmd_chat(a: argparse.Namespace) -> int:
         if line.startswith("/"):
             print(CHAT_HELP, file=sys.stderr)
             continue
-        content = [{"type": "image", "image": p} for p in pending] + [
-            {"type": "text", "text": line}
-        ]
+        content = [_part(p, a) for p in pending] + [{"type": "text", "text": line}]
         turn = history + [{"role": "user", "content": content}]
         try:
             reply = []
-            for delta in vlm.stream_chat(turn, **_sampling(a)):
+            for delta in vlm.stream_chat(turn, **_media(a), **_sampling(a)):
                 reply.append(delta)
                 print(delta, end="", flush=True)
             print(flush=True)
@@ -234,10 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastvlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("describe", help="describe one or more images")
-    p.add_argument("images", nargs="*", help="image files")
+    p = sub.add_parser("describe", help="describe images or videos")
+    p.add_argument("images", nargs="*", help="image or video files, each described on its own")
     p.add_argument(
-        "--image", "--image-file", dest="image", action="append", help="image (repeatable)"
+        "--image",
+        "--image-file",
+        dest="image",
+        action="append",
+        help="image (repeatable): all --image files go into ONE prompt",
     )
     p.add_argument("--prompt", "-p", default="Describe this image.")
     p.add_argument(
@@ -246,15 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_media_args(p)
     p.set_defaults(func=cmd_describe)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat about images")
     p.add_argument(
-        "--image", "--image-file", dest="image", action="append", help="image for the first turn"
+        "--image",
+        "--image-file",
+        dest="image",
+        action="append",
+        help="image or video for the first turn (repeatable)",
     )
     p.add_argument("--system", default=None, help="system prompt")
     _add_model_args(p)
     _add_sampling_args(p)
+    _add_media_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("download", help="download a model from the Hugging Face Hub")
@@ -274,6 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8/int4 weight-only quantization (see `fastvlm quantize -h`)",
         add_help=False,
     )
+    sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (see `fastvlm serve -h`)", add_help=False
+    )
+    sub.add_parser(
+        "export",
+        help="export to ONNX / Core ML / TFLite with parity checks (see `fastvlm export -h`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "watch",
+        help="live captions for a video file or camera, one per window (see `fastvlm watch -h`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "batch",
+        help="caption a folder / manifest into JSONL, local workers or Ray (`fastvlm batch -h`)",
+        add_help=False,
+    )
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
@@ -289,6 +348,10 @@ TOOLS = {
     "lora": "fastvlm.train.lora",
     "quantize": "fastvlm.quant",
     "bench": "fastvlm.bench",
+    "serve": "fastvlm.server.app",
+    "export": "fastvlm.export",
+    "watch": "fastvlm.video",
+    "batch": "fastvlm.batch",
 }
 
 

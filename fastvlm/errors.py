@@ -31,3 +31,7 @@ class ConfigError(FastVLMError, ValueError):
 
 class TokenizerError(FastVLMError, RuntimeError):
     """Text encoding was asked for but the model folder has no usable tokenizer."""
+
+
+class VideoError(ImageError):
+    """A video could not be read (missing, corrupt, no video stream, too large, PyAV missing)."""

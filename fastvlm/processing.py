@@ -8,6 +8,11 @@ Design decisions:
 * Prompts are rendered to a string with literal `<image>` markers, split on them, and each image
   becomes `num_image_tokens` copies of `image_token_id`, so the model sees final lengths.
 * No network here: URLs are the server's job (server/media.py). Data URLs are decoded locally.
+* Several images per message and per conversation: each gets its own placeholder run, in order.
+  `tokens_per_image` (token reduction, pooled in the model) shortens every run to that count.
+  A video part `{"type": "video", "video": path}` becomes its sampled frames, each introduced by
+  its timestamp ("Frame 1 (0.0 s): <image>"), so the model sees time order (fastvlm/video.py).
+  `max_images` (frames included) bounds one request's vision work with a clear error.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import FastVLMConfig
 from .errors import ImageError, TokenizerError
+from .model.fastvlm import check_tokens_per_image
 
 IMAGE_MARKER = "<image>"
+DEFAULT_MAX_IMAGES = 64  # per request, video frames included
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray | torch.Tensor
 
 
@@ -68,7 +75,9 @@ def _open(fp: io.BytesIO, name: str) -> Image.Image:
         return img
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused, too many pixels (decompression bomb guard): {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:  # its message names a BytesIO object: not useful
+        raise ImageError(f"{name}: not a readable image (unknown format or corrupt)") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({e})") from e
 
 
@@ -187,9 +196,36 @@ def _parts(content: Any) -> list[dict]:
             if isinstance(src, dict):
                 src = src.get("url")
             out.append({"type": "image", "image": src})
+        elif t in ("video", "video_url", "input_video"):
+            out.append(_video_part(p))
         else:
             raise ValueError(f"unsupported content part type {t!r}")
     return out
+
+
+def _video_part(p: dict) -> dict:
+    """A video part → one text part with a timestamped `<image>` marker per frame + the frames.
+
+    `{"type": "video", "video": path, "fps": 1, "max_frames": 16}` is decoded here (video.py);
+    `{"type": "video", "frames": [images], "timestamps": [s, ...]}` is already decoded."""
+    if p.get("frames") is not None:
+        images = list(p["frames"])
+        times = p.get("timestamps") or [None] * len(images)
+        if len(times) != len(images):
+            raise ValueError("a video part needs one timestamp per frame")
+    else:
+        from .video import read_frames
+
+        src = p.get("video", p.get("video_url", p.get("url")))
+        if isinstance(src, dict):
+            src = src.get("url")
+        frames = read_frames(src, fps=p.get("fps"), max_frames=p.get("max_frames") or 16)
+        images, times = [f.image for f in frames], [f.time for f in frames]
+    lines = [
+        f"Frame {i}{'' if t is None else f' ({t:.1f} s)'}: {IMAGE_MARKER}"
+        for i, t in enumerate(times, 1)
+    ]
+    return {"type": "text", "text": "\n".join(lines), "frames": images}
 
 
 def render_segments(
@@ -218,9 +254,10 @@ def render_segments(
         parts = _parts(m.get("content"))
         texts = [p["text"] for p in parts if p["type"] == "text"]
         imgs = [p["image"] for p in parts if p["type"] == "image"]
-        if imgs and role != "user":
+        frames = [f for p in parts for f in p.get("frames", ())]  # their markers are in texts
+        if (imgs or frames) and role != "user":
             raise ValueError("images are only allowed in user messages")
-        images.extend(imgs)
+        images.extend(imgs + frames)
         if style == "hf":
             body = IMAGE_MARKER * len(imgs) + "".join("\n" + t for t in texts)
         else:
@@ -248,9 +285,12 @@ def render_chat(
 class Processor:
     """Prompt + images → (input_ids, pixel_values) for one FastVLM config and tokenizer."""
 
-    def __init__(self, config: FastVLMConfig, tokenizer=None) -> None:
+    def __init__(
+        self, config: FastVLMConfig, tokenizer=None, max_images: int | None = DEFAULT_MAX_IMAGES
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.max_images = max_images  # None = no limit
 
     @property
     def num_image_tokens(self) -> int:
@@ -264,15 +304,19 @@ class Processor:
             )
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def tokenize(self, prompt: str, n_images: int | None = None) -> list[int]:
-        """Split on `<image>` markers and expand each into the image placeholder run."""
+    def tokenize(
+        self, prompt: str, n_images: int | None = None, tokens_per_image: int | None = None
+    ) -> list[int]:
+        """Split on `<image>` markers and expand each into the image placeholder run
+        (`tokens_per_image` long when given, else the model's native count)."""
         chunks = prompt.split(IMAGE_MARKER)
         if n_images is not None and len(chunks) - 1 != n_images:
             raise ValueError(
                 f"the prompt has {len(chunks) - 1} <image> markers but {n_images} images were given"
             )
         ids: list[int] = []
-        run = [self.config.image_token_id] * self.num_image_tokens
+        n = check_tokens_per_image(tokens_per_image, self.num_image_tokens)
+        run = [self.config.image_token_id] * n
         for i, chunk in enumerate(chunks):
             if i:
                 ids.extend(run)
@@ -298,10 +342,22 @@ class Processor:
         )
 
     def __call__(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        *,
+        tokens_per_image: int | None = None,
+        max_images: int | None = None,
     ) -> tuple[list[int], torch.Tensor | None, str]:
+        n = check_tokens_per_image(tokens_per_image, self.num_image_tokens)  # fail before decoding
         prompt, images = render_chat(
             messages, self.config.chat_template, self.config.system_prompt, add_generation_prompt
         )
+        limit = self.max_images if max_images is None else max_images
+        if limit is not None and len(images) > limit:
+            raise ImageError(
+                f"this request has {len(images)} images (video frames included) but the limit is "
+                f"{limit}: send fewer images, lower a video's max_frames, or raise max_images"
+            )
         pixel_values = self.pixels(images)  # images first: a bad image fails before tokenizing
-        return self.tokenize(prompt, len(images)), pixel_values, prompt
+        return self.tokenize(prompt, len(images), n), pixel_values, prompt

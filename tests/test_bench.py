@@ -64,3 +64,17 @@ def test_at_resolution_shares_weights():
 
 def test_tune_malloc_is_idempotent():
     assert tune_malloc() == tune_malloc()
+
+
+def test_bench_onnxruntime_backend(capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    rc = bench.main(
+        ["--shape", "tiny", "--image-size", "64", "--quant", "fp32", "--max-tokens", "4",
+         "--backend", "torch,onnxruntime", "--vision-batch", "1", "--concurrency", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ort = next(r for r in result["runs"] if r["name"] == "onnxruntime fp32")
+    assert ort["decode_tok_s"] > 0 and ort["decoder_mb"] > 0 and ort["ttft_s"] > 0
+    assert "fastvlm fp32 decode / onnxruntime fp32 decode" in result["ratios"]

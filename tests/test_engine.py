@@ -417,3 +417,13 @@ def test_api_rejects_unknown_engine(tiny_dir):
 
     with pytest.raises(ValueError, match="engine must be one of"):
         fastvlm.load(tiny_dir, device="cpu", engine="turbo")
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}])
+def test_extreme_sampling_params_do_not_crash(kw):
+    from fastvlm.engine.sampling import sample
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    out = sample(logits, SamplingParams(**kw), g)
+    assert out.tolist() == [1]  # both settings collapse to the argmax

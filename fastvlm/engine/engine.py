@@ -32,6 +32,7 @@ from collections import OrderedDict, deque
 
 import torch
 
+from ..model.fastvlm import check_tokens_per_image
 from .kv_cache import SlotKVCache
 from .request import _DONE, Key, RequestHandle, stream_text
 from .sampling import SamplingParams, make_generator, sample
@@ -115,6 +116,7 @@ class Engine:
         prefix_reuse: bool = True,
         compile: bool = False,
         span_bucket: int = 64,
+        cpu_kernels: bool = True,
     ) -> None:
         cfg = model.config.text
         ctx = cfg.max_position_embeddings
@@ -128,11 +130,19 @@ class Engine:
             eos_ids = e if isinstance(e, list) else [] if e is None else [e]
         self.model = model
         self.slots, self.max_len = slots, max_len
+        self.device = model.lm_head.weight.device
+        self.fast_linears = 0
+        if cpu_kernels and self.device.type == "cpu" and not compile:
+            # Decode GEMVs at memory bandwidth (fastvlm/kernels): swaps the decoder's fp32
+            # Linears in place (same Parameters; quantized layers use the kernels already).
+            from ..kernels import available, use_fast_linears
+
+            if available():
+                self.fast_linears = use_fast_linears(model)
         self.eos_ids = set(eos_ids)
         self.vocab_limit = vocab_limit
         self.prefix_reuse = prefix_reuse
         self.span_bucket = span_bucket
-        self.device = model.lm_head.weight.device
         self.image_token_id = model.config.image_token_id
         self.cache = SlotKVCache.for_model(model, slots, max_len)
         self.vision_cache = VisionCache(vision_cache_size)
@@ -169,9 +179,11 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         image_embeds: torch.Tensor | None = None,
+        tokens_per_image: int | None = None,
     ) -> RequestHandle:
         """Queue a request (thread-safe). Images as `pixel_values` (N, 3, S, S) — encoded once per
-        distinct image thanks to the vision cache — or precomputed `image_embeds` (N, tokens, D)."""
+        distinct image thanks to the vision cache — or precomputed `image_embeds` (N, tokens, D).
+        `tokens_per_image` pools each image's features to that many tokens (token reduction)."""
         params = params or SamplingParams()
         params.validate()
         ids = [int(i) for i in torch.as_tensor(input_ids).reshape(-1).tolist()]
@@ -187,8 +199,10 @@ class Engine:
             raise ValueError("pass pixel_values or image_embeds, not both")
         if pixel_values is not None:
             px = pixel_values if pixel_values.ndim == 4 else pixel_values[None]
-            req._pixels, req._tpi = px, self.model.config.num_image_tokens
-            req._hashes = [content_hash(p) for p in px]
+            native = self.model.config.num_image_tokens
+            req._pixels, req._tpi = px, check_tokens_per_image(tokens_per_image, native)
+            pool = "" if req._tpi == native else f"@{req._tpi}"  # pooled embeds: own cache key
+            req._hashes = [content_hash(p) + pool for p in px]
         elif image_embeds is not None:
             em = image_embeds if image_embeds.ndim == 3 else image_embeds[None]
             req._embeds, req._tpi = em, em.shape[1]
@@ -417,7 +431,11 @@ class Engine:
         if todo:
             px = req._pixels[todo].to(self.device)
             self.counters["vision_calls"] += 1
-            for i, e in zip(todo, self.model.embed_images(px), strict=True):
+            pooled = req._tpi != self.model.config.num_image_tokens
+            embeds = (
+                self.model.embed_images(px, req._tpi) if pooled else self.model.embed_images(px)
+            )
+            for i, e in zip(todo, embeds, strict=True):
                 found[req._hashes[i]] = e
                 self.vision_cache.put(req._hashes[i], e)
         req.stats.vision_s += time.perf_counter() - t0

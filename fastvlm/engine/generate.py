@@ -65,8 +65,10 @@ def generate_step(
     eos_ids: Iterable[int] = (),
     vocab_limit: int | None = None,
     stats: Stats | None = None,
+    tokens_per_image: int | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids (EOS included, then stop). Batch size 1."""
+    """Yield generated token ids (EOS included, then stop). Batch size 1. `tokens_per_image`
+    pools each image's features to that many tokens (see `FastVLMModel.embed_images`)."""
     params = params or SamplingParams()
     params.validate()
     stats = stats if stats is not None else Stats()
@@ -84,7 +86,9 @@ def generate_step(
     cache = KVCache.for_model(model, 1, t + params.max_tokens)
     t0 = time.perf_counter()
     if image_embeds is None and pixel_values is not None:
-        image_embeds = model.embed_images(pixel_values.to(device))
+        px = pixel_values.to(device)
+        pool = tokens_per_image not in (None, model.config.num_image_tokens)
+        image_embeds = model.embed_images(px, tokens_per_image) if pool else model.embed_images(px)
         _sync(device)
         stats.vision_s = time.perf_counter() - t0
     stats.prompt_tokens = t
@@ -180,6 +184,7 @@ def stream_generate(
     eos_ids: Iterable[int] = (),
     vocab_limit: int | None = None,
     step_fn=None,
+    tokens_per_image: int | None = None,
 ) -> Iterator[Chunk]:
     """Text deltas with stop-string handling; the last chunk carries `finish_reason` and stats."""
     params = params or SamplingParams()
@@ -187,6 +192,7 @@ def stream_generate(
     stats = Stats()
     step = step_fn or generate_step
     eos = set(eos_ids)
+    pool = {} if tokens_per_image is None else {"tokens_per_image": tokens_per_image}
     tokens = step(
         model,
         input_ids,
@@ -196,6 +202,7 @@ def stream_generate(
         eos_ids=eos,
         vocab_limit=vocab_limit,
         stats=stats,
+        **pool,
     )
     yield from text_chunks(
         tokens, tokenizer, params.stop, set() if params.ignore_eos else eos, stats

@@ -68,7 +68,10 @@ def sample(
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1)
-    logits = logits / params.temperature
+    # Shift by the max and floor the temperature (1e-300 is 0 in float32): a tiny temperature
+    # then makes a one-hot softmax instead of inf - inf = nan.
+    t = max(params.temperature, 1e-6)
+    logits = (logits - logits.amax(-1, keepdim=True)) / t
     if params.top_k > 0:
         k = min(params.top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]
@@ -78,6 +81,7 @@ def sample(
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass *before* it already reaches top_p (always keep the first)
         drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(-1)

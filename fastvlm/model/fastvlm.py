@@ -5,18 +5,41 @@ expanded to `num_image_tokens` copies of `image_token_id` *before* the model run
 so sequence lengths are known up front and merging is a masked scatter whose count is asserted.
 Apple's −200 sentinel and transformers' 256×`<image>` ids both reduce to this form.
 
+Token reduction: `embed_images(px, tokens_per_image=K)` average-pools the encoder's side × side
+feature grid (16×16 = 256 for the released models at 1024 px) to a √K × √K grid *before* the
+projector (adaptive average pooling keeps the row-major spatial layout the LLM was trained on);
+the processor expands each image to K placeholders to match.
+
 Internal parameter names ("our own format") are Apple's with the wrapper prefixes stripped:
 `vision_tower.*`, `mm_projector.{0,2}.*`, `language_model.{embed_tokens,layers,norm}.*`, `lm_head`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import FastVLMConfig
 from .fastvithd import FastViTHD, RepCPE, RepMixer, identity_kernel
 from .qwen2 import KVCacheLike, Qwen2Model
+
+
+def check_tokens_per_image(tokens_per_image: int | None, native: int) -> int:
+    """The number of image tokens to use: `native` for None, else a validated perfect square."""
+    if tokens_per_image is None:
+        return native
+    k = tokens_per_image
+    side = math.isqrt(k) if isinstance(k, int) and k > 0 else 0
+    if isinstance(k, bool) or not side or side * side != k or k > native:
+        choices = ", ".join(str(i * i) for i in range(math.isqrt(native), 0, -1))
+        raise ValueError(
+            f"tokens_per_image must be a perfect square no larger than this model's native "
+            f"{native} image tokens ({choices}), got {tokens_per_image!r}"
+        )
+    return k
 
 
 class FastVLMModel(nn.Module):
@@ -74,14 +97,23 @@ class FastVLMModel(nn.Module):
         return self.config.image_token_id
 
     # ------------------------------------------------------------------ vision
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) → vision features (N, tokens, C) in row-major (h, w) order."""
-        feats = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype))
+    def encode_images(
+        self, pixel_values: torch.Tensor, tokens_per_image: int | None = None
+    ) -> torch.Tensor:
+        """(N, 3, S, S) → vision features (N, tokens, C) in row-major (h, w) order; with
+        `tokens_per_image` the (h, w) grid is average-pooled to √tokens × √tokens first."""
+        feats = self.vision_tower(pixel_values.to(self.lm_head.weight.dtype))  # (N, C, h, w)
+        native = feats.shape[-2] * feats.shape[-1]
+        k = check_tokens_per_image(tokens_per_image, native)
+        if k != native:
+            feats = F.adaptive_avg_pool2d(feats, math.isqrt(k))  # (N, C, √k, √k)
         return feats.flatten(2).transpose(1, 2)
 
-    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) → projected image embeddings (N, tokens, D)."""
-        return self.mm_projector(self.encode_images(pixel_values))
+    def embed_images(
+        self, pixel_values: torch.Tensor, tokens_per_image: int | None = None
+    ) -> torch.Tensor:
+        """(N, 3, S, S) → projected image embeddings (N, tokens, D); see `encode_images`."""
+        return self.mm_projector(self.encode_images(pixel_values, tokens_per_image))
 
     # ------------------------------------------------------------------ text
     def embed(

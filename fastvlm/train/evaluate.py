@@ -77,7 +77,12 @@ def load_rows(a: argparse.Namespace) -> list[dict]:
 
 @torch.inference_mode()
 def evaluate(
-    vlm, rows: list[dict], max_tokens: int, out_path: str | None, progress: bool = True
+    vlm,
+    rows: list[dict],
+    max_tokens: int,
+    out_path: str | None,
+    progress: bool = True,
+    tokens_per_image: int | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -96,7 +101,8 @@ def evaluate(
     for _key, group in by_image.items():
         try:
             pixels = vlm.preprocess(group[0]["image"]).to(vlm.device)
-            embeds = vlm.model.embed_images(pixels)  # once per image, reused for every question
+            # once per image, reused for every question; pooled with --tokens-per-image
+            embeds = vlm.model.embed_images(pixels, tokens_per_image)
         except FastVLMError as e:
             embeds, err = None, str(e)
         for r in group:
@@ -112,7 +118,7 @@ def evaluate(
                 prompt, _ = render_chat(
                     [{"role": "user", "content": content}], cfg.chat_template, cfg.system_prompt
                 )
-                ids = vlm.processor.tokenize(prompt, 1)
+                ids = vlm.processor.tokenize(prompt, 1, tokens_per_image)
                 pred, _ = generate(
                     vlm.model,
                     vlm.tokenizer,
@@ -183,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", "-o", default=None, help="per-example results (JSONL)")
     p.add_argument("--device", default="auto")
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument(
+        "--tokens-per-image", type=int, default=None, help="pool image features to K tokens"
+    )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     if not (a.data or a.shapes):
@@ -192,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vlm = load(a.model, device=a.device, image_size=a.image_size)
     rows = load_rows(a)
-    s = evaluate(vlm, rows, a.max_tokens, a.output, progress=not a.quiet)
+    s = evaluate(vlm, rows, a.max_tokens, a.output, not a.quiet, a.tokens_per_image)
     for t, v in s["per_type"].items():
         extra = f"  token-F1 {v['token_f1']:.3f}" if "token_f1" in v else ""
         print(

@@ -1,0 +1,458 @@
+"""`fastvlm export onnx MODEL OUT`: three ONNX graphs in the onnx-community layout + parity.
+
+Output folder (plain, no genai_config; `fastvlm.load(OUT)` runs it on ONNX Runtime):
+
+    OUT/config.json  tokenizer.json  README.md  fastvlm_export.json (precision, I/O, parity)
+    OUT/onnx/vision_encoder.onnx        pixel_values (N, 3, S, S) → image_embeds (N, tokens, D)
+    OUT/onnx/embed_tokens.onnx          input_ids (B, T) → inputs_embeds (B, T, D)
+    OUT/onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids,
+                                        past_key_values.{i}.key/value → logits, present.{i}.*
+
+Design decisions:
+* The TorchScript exporter (`dynamo=False`) traces the wrappers of wrappers.py: it handles the
+  variable-length KV-cache inputs (empty past on the first call) with plain `dynamic_axes`, takes
+  seconds, and its output runs unchanged on every ONNX Runtime version we tried.
+* Precision is applied on the ONNX graphs, after export, with ONNX Runtime's own tools:
+  fp16 = `float16.convert_float_to_float16(keep_io_types=True)` (I/O stays fp32, so one runtime
+  serves every preset); int8 / int4 decoder = `MatMulNBitsQuantizer` (weight-only, symmetric,
+  block 32, lm_head included). Graphs over 1.5 GB keep their weights in one `*.onnx_data` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from .precision import as_precision, describe, resolve_precision
+from .wrappers import DecoderStep, EmbedTokens, VisionEncoder, export_friendly, kv_names
+
+ALLOWED = {
+    "vision": ("fp32", "fp16"),
+    "projector": ("fp32", "fp16"),
+    "embed": ("fp32", "fp16"),
+    "llm": ("fp32", "fp16", "int8", "int4"),
+}
+DEFAULT_OPSET = 17
+BLOCK_SIZE = 32
+EXTERNAL_DATA_BYTES = 1_500_000_000
+# MatMulNBits compute type: 4 = int8 activations × int4/int8 weights (CPU fast path, ~1.4-2x the
+# decode speed of 0 = fp32 compute at 0.5B shape); 0 keeps fp32 activations.
+DEFAULT_ACCURACY_LEVEL = 4
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    precision: dict[str, str]
+    files: dict[str, int] = field(default_factory=dict)  # relative path → bytes
+    parity: object | None = None  # ParityReport
+    seconds: float = 0.0
+
+    def size(self, prefix: str) -> int:
+        return sum(n for p, n in self.files.items() if Path(p).name.startswith(prefix))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, names_in, names_out, dyn, opset):
+    """TorchScript-export `module` to `path` (weights possibly in side files next to it)."""
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(names_in),
+            output_names=list(names_out),
+            dynamic_axes=dyn,
+            do_constant_folding=True,
+        )
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        data = path.name + "_data"
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data,
+            size_threshold=1024,
+        )
+        (path.parent / data).chmod(0o644)  # onnx writes it 0600; the folder is meant to be shared
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _to_fp16(model, block: list[str] | None = None):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(
+        model, keep_io_types=True, node_block_list=block or None, disable_shape_infer=True
+    )
+
+
+def _quantize(model, bits: int, accuracy_level: int | None):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+                             accuracy_level=accuracy_level)  # fmt: skip
+    import logging
+
+    level = logging.getLogger("onnxruntime.quantization").level
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    try:
+        q.process()
+    finally:
+        logging.getLogger("onnxruntime.quantization").setLevel(level)
+    return q.model.model
+
+
+def export_graphs(
+    model,
+    out: Path,
+    precision: dict[str, str],
+    opset: int = DEFAULT_OPSET,
+    log=print,
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+) -> None:
+    """Write the three graphs of `model` (a FastVLMModel on CPU, fp32) under `out/onnx/`."""
+    with export_friendly(model):
+        _export_graphs(model, out, precision, opset, log, accuracy_level)
+
+
+def _export_graphs(
+    model,
+    out: Path,
+    precision: dict[str, str],
+    opset: int = DEFAULT_OPSET,
+    log=print,
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+) -> None:
+    import onnx
+
+    if opset < 17:
+        raise ConfigError("ONNX export needs opset ≥ 17")
+    model = model.float().eval()
+    cfg = model.config
+    t = cfg.text
+    onnx_dir = out / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tmp = Path(tmp)
+        # ---- vision encoder + projector
+        s = cfg.vision.image_size
+        px = torch.zeros(1, 3, s, s)
+        t0 = time.perf_counter()
+        _export(
+            VisionEncoder(model),
+            (px,),
+            tmp / "vision.onnx",
+            ["pixel_values"],
+            ["image_embeds"],
+            {"pixel_values": {0: "num_images"}, "image_embeds": {0: "num_images"}},
+            opset,
+        )
+        g = onnx.load(str(tmp / "vision.onnx"))
+        vis, proj = precision["vision"], precision["projector"]
+        if "fp16" in (vis, proj):
+            names = [n.name for n in g.graph.node]
+            block = [n for n in names if ("mm_projector" in n) == (vis == "fp16")]
+            g = _to_fp16(g, block if vis != proj else None)
+        _save(g, onnx_dir / "vision_encoder.onnx")
+        del g
+        log(f"  vision_encoder.onnx ({vis}, projector {proj}) {time.perf_counter() - t0:.1f}s")
+        # ---- token embeddings
+        t0 = time.perf_counter()
+        _export(
+            EmbedTokens(model),
+            (torch.zeros(1, 4, dtype=torch.long),),
+            tmp / "embed.onnx",
+            ["input_ids"],
+            ["inputs_embeds"],
+            {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}},
+            opset,
+        )
+        g = onnx.load(str(tmp / "embed.onnx"))
+        if precision["embed"] == "fp16":
+            g = _to_fp16(g)
+        _save(g, onnx_dir / "embed_tokens.onnx")
+        del g
+        log(f"  embed_tokens.onnx ({precision['embed']}) {time.perf_counter() - t0:.1f}s")
+        # ---- decoder (merged: prefill and decode, past may be empty)
+        t0 = time.perf_counter()
+        past_names, present_names = kv_names(t.num_hidden_layers)
+        p = 2  # trace with a non-empty past so the concat is not specialised away
+        past = [torch.zeros(1, t.num_key_value_heads, p, t.head_dim) for _ in past_names]
+        args = (
+            torch.zeros(1, 3, t.hidden_size),
+            torch.ones(1, p + 3, dtype=torch.long),
+            torch.arange(p, p + 3)[None],
+            *past,
+        )
+        dyn = {
+            "inputs_embeds": {0: "batch", 1: "sequence_length"},
+            "attention_mask": {0: "batch", 1: "total_sequence_length"},
+            "position_ids": {0: "batch", 1: "sequence_length"},
+            "logits": {0: "batch", 1: "sequence_length"},
+        }
+        dyn |= {n: {0: "batch", 2: "past_sequence_length"} for n in past_names}
+        dyn |= {n: {0: "batch", 2: "total_sequence_length"} for n in present_names}
+        _export(
+            DecoderStep(model),
+            args,
+            tmp / "decoder.onnx",
+            ["inputs_embeds", "attention_mask", "position_ids", *past_names],
+            ["logits", *present_names],
+            dyn,
+            opset,
+        )
+        gc.collect()
+        g = onnx.load(str(tmp / "decoder.onnx"))
+        llm = precision["llm"]
+        if llm in ("int8", "int4"):
+            g = _quantize(g, 8 if llm == "int8" else 4, accuracy_level)
+        elif llm == "fp16":
+            g = _to_fp16(g)
+        _save(g, onnx_dir / "decoder_model_merged.onnx")
+        del g
+        gc.collect()
+        log(f"  decoder_model_merged.onnx ({llm}) {time.perf_counter() - t0:.1f}s")
+
+
+README = """# {name} — ONNX export (fastvlm)
+
+Exported by `fastvlm export onnx` (fastvlm {version}); precision: `{precision}`.
+
+| file | inputs | outputs |
+|---|---|---|
+| onnx/vision_encoder.onnx | pixel_values float32 (N, 3, {s}, {s}) | \
+image_embeds float32 (N, {tok}, {d}) |
+| onnx/embed_tokens.onnx | input_ids int64 (B, T) | inputs_embeds float32 (B, T, {d}) |
+| onnx/decoder_model_merged.onnx | inputs_embeds (B, T, {d}), attention_mask int64 (B, P+T), \
+position_ids int64 (B, T), past_key_values.{{0..{last}}}.key/value float32 (B, {kv}, P, {hd}) | \
+logits float32 (B, T, {v}), present.{{0..{last}}}.key/value (B, {kv}, P+T, {hd}) |
+
+Prompt ids contain {tok} copies of the image token id {image_id} per image; replace those rows of
+`inputs_embeds` with `image_embeds` before the first decoder call (past length P = 0, shape
+(B, {kv}, 0, {hd})). Pixels: resize/pad to {s}×{s}, RGB, scaled to [0, 1], mean {mean}, std {std}.
+
+Run it with fastvlm (ONNX Runtime backend, same API as the PyTorch model):
+
+```python
+import fastvlm
+vlm = fastvlm.load("{out}")          # detects the export → ONNX Runtime
+print(vlm.describe("image.png"))
+```
+
+Parity against PyTorch at export time:
+
+```
+{parity}
+```
+"""
+
+
+def write_folder(model, tokenizer, out: Path, precision: dict[str, str], opset: int) -> dict:
+    """config.json, tokenizer.json and the manifest next to the graphs."""
+    from .. import __version__
+    from ..weights import config_to_format
+    from .ort_backend import MANIFEST, ONNX_FILES
+
+    cfg = model.config
+    (out / "config.json").write_text(json.dumps(config_to_format(cfg, "fastvlm"), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(str(out / "tokenizer.json"))
+    t = cfg.text
+    manifest = {
+        "format": "onnx",
+        "fastvlm_version": __version__,
+        "precision": precision,
+        "opset": opset,
+        "files": ONNX_FILES,
+        "image_size": cfg.vision.image_size,
+        "num_image_tokens": cfg.num_image_tokens,
+        "image_token_id": cfg.image_token_id,
+        "num_layers": t.num_hidden_layers,
+        "num_key_value_heads": t.num_key_value_heads,
+        "head_dim": t.head_dim,
+        "weight_block_size": BLOCK_SIZE if precision["llm"] in ("int8", "int4") else None,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def export_onnx(
+    model,
+    out: str | Path,
+    precision: str | dict[str, str] | None = None,
+    tokenizer=None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    parity: bool = True,
+    min_agreement: float | None = None,
+    threads: int | None = None,
+    name: str = "FastVLM",
+    log=print,
+    accuracy_level: int | None = DEFAULT_ACCURACY_LEVEL,
+) -> ExportResult:
+    """Export an in-memory `FastVLMModel` (fp32, CPU) to `out`; run the parity check.
+
+    `precision`: a preset name ("quality", "balanced", "small"), a spec such as
+    "vision=fp16,llm=int4" (applied on top of "quality"), or a resolved dict.
+    """
+    from .. import __version__
+    from . import parity as parity_mod
+    from .ort_backend import MANIFEST, OrtModel, load_onnx
+
+    prec = as_precision(precision, ALLOWED, "ONNX")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log(f"exporting ONNX ({describe(prec)}) to {out}")
+    export_graphs(model, out, prec, opset, log, accuracy_level)
+    manifest = write_folder(model, tokenizer, out, prec, opset)
+    if prec["llm"] in ("int8", "int4"):
+        manifest["accuracy_level"] = accuracy_level
+    res = ExportResult(out, prec, seconds=time.perf_counter() - t0)
+    for f in sorted((out / "onnx").iterdir()):
+        res.files[f"onnx/{f.name}"] = f.stat().st_size
+    if parity:
+        ort_model = OrtModel(out, threads)
+        vlm = load_onnx(out, threads) if tokenizer is not None else None
+
+        def greedy(ids, px, n):
+            from .ort_backend import ort_generate_step
+
+            if vlm is not None:
+                return vlm.generate_ids(ids, px, max_tokens=n, ignore_eos=True)
+            from ..engine.sampling import SamplingParams
+
+            return list(
+                ort_generate_step(ort_model, ids, px, SamplingParams(max_tokens=n, ignore_eos=True))
+            )
+
+        res.parity = parity_mod.check(
+            model,
+            tokenizer,
+            "onnxruntime",
+            prec,
+            embed_images=ort_model.embed_images,
+            logits=ort_model.logits,
+            greedy=greedy,
+            min_agreement=min_agreement,
+        )
+        manifest["parity"] = res.parity.to_dict()
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    t = model.config.text
+    readme = README.format(
+        name=name,
+        version=__version__,
+        precision=describe(prec),
+        s=model.config.vision.image_size,
+        tok=model.config.num_image_tokens,
+        d=t.hidden_size,
+        v=t.vocab_size,
+        kv=t.num_key_value_heads,
+        hd=t.head_dim,
+        last=t.num_hidden_layers - 1,
+        image_id=model.config.image_token_id,
+        mean=list(model.config.image_mean),
+        std=list(model.config.image_std),
+        out=out,
+        parity=str(res.parity) if res.parity else "(skipped: --no-parity)",
+    )
+    (out / "README.md").write_text(readme)
+    return res
+
+
+# ---------------------------------------------------------------------- CLI
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder, Hugging Face repo id, or 'tiny' (embedded demo)")
+    p.add_argument("out", help="output folder (created; must be empty or absent unless --force)")
+    p.add_argument("--preset", choices=["quality", "balanced", "small"], default=None,
+                   help="quality: all fp32; balanced: fp16 vision + int8 LLM; small: fp16 vision "
+                   "+ int4 LLM (default: quality)")  # fmt: skip
+    p.add_argument("--precision", default=None,
+                   help="per-component override, e.g. vision=fp16,projector=fp16,llm=int4 "
+                   "(components: vision, projector, embed, llm)")  # fmt: skip
+    p.add_argument("--image-size", type=int, default=None, help="encoder resolution override")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="teacher-forced greedy agreement floor (default by precision)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass --force")
+        shutil.rmtree(out)
+
+
+def load_source(a: argparse.Namespace):
+    """(model fp32 on CPU, tokenizer, folder) for an export command."""
+    from ..hub import resolve
+    from ..tokenization import load_tokenizer
+    from ..weights import load_config, load_model
+
+    folder = Path(resolve(a.model))
+    cfg = load_config(folder, a.image_size)
+    model = load_model(folder, device="cpu", dtype=torch.float32, trust_pickle=a.trust_pickle,
+                       config=cfg)  # fmt: skip
+    return model.eval(), load_tokenizer(folder), folder
+
+
+def print_result(res: ExportResult) -> int:
+    for rel, n in res.files.items():
+        print(f"  {rel:40s} {_mb(n):>12s}")
+    print(f"  total {_mb(sum(res.files.values()))} in {res.seconds:.1f}s → {res.out}")
+    if res.parity is not None:
+        print(res.parity)
+        return 0 if res.parity.passed else 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastvlm export onnx", description=__doc__.split("\n")[0])
+    add_common_args(p)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (≥ 17)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--accuracy-level", type=int, default=DEFAULT_ACCURACY_LEVEL,
+                   choices=[0, 1, 2, 3, 4], help="MatMulNBits compute type for int8/int4 "
+                   "decoders: 4 = int8 activations (fast on CPU, default), 0 = fp32")  # fmt: skip
+    a = p.parse_args(argv)
+    prec = resolve_precision(a.preset, a.precision, ALLOWED, "ONNX")  # fail before loading
+    out = Path(a.out)
+    prepare_out(out, a.force)
+    model, tok, folder = load_source(a)
+    res = export_onnx(
+        model, out, prec, tok, opset=a.opset, parity=not a.no_parity,
+        min_agreement=a.min_agreement, threads=a.threads, name=folder.name,
+        accuracy_level=a.accuracy_level,
+    )  # fmt: skip
+    return print_result(res)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""ONNX Runtime backend: generation on an exported folder through the `FastVLM` API.
+
+`fastvlm.load(folder)` returns an `OrtFastVLM` when `folder` holds an ONNX export (it has
+`fastvlm_export.json`), or when `backend="onnxruntime"` is asked for. It is a `FastVLM` whose
+`model` is an `OrtModel` (three ONNX Runtime sessions) instead of a `FastVLMModel`:
+
+* prompts, images and chat templates go through the same `Processor` (fastvlm/processing.py);
+* `ort_generate_step` mirrors engine/generate.py's `generate_step` (same signature, same `Stats`,
+  same `sample()` for greedy / temperature / top-k / top-p / repetition penalty), so
+  `stream_generate(..., step_fn=ort_generate_step)` reuses the detokenizer, stop strings and
+  finish reasons unchanged.
+
+For benchmarks: `OrtFastVLM.generate_ids(input_ids, pixel_values, max_tokens=N, ignore_eos=True)`
+fills `last_stats` (vision_s, prefill_s, decode_s, generation_tokens), like the torch path.
+Threads: `intra_op_threads`, else $FASTVLM_ORT_THREADS, else $OMP_NUM_THREADS (as torch), else
+ONNX Runtime's default (all cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..api import FastVLM
+from ..engine.generate import Chunk, Stats, stream_generate
+from ..engine.sampling import SamplingParams, make_generator, sample
+from ..errors import CheckpointError, ConfigError
+from ..processing import Processor
+from ..tokenization import load_tokenizer
+from ..weights import load_config
+from .wrappers import kv_names
+
+MANIFEST = "fastvlm_export.json"
+ONNX_FILES = {
+    "vision": "onnx/vision_encoder.onnx",
+    "embed": "onnx/embed_tokens.onnx",
+    "decoder": "onnx/decoder_model_merged.onnx",
+}
+
+
+def is_onnx_export(folder: Path) -> bool:
+    p = Path(folder) / MANIFEST
+    if not p.exists():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == "onnx"
+    except ValueError:
+        return False
+
+
+class OrtModel:
+    """The three exported graphs behind a small model-like interface (batch 1, numpy inside)."""
+
+    def __init__(self, folder: Path, intra_op_threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ConfigError(
+                "the ONNX Runtime backend needs onnxruntime: pip install 'fastvlm[export]'"
+            ) from e
+        self.folder = Path(folder)
+        if not is_onnx_export(self.folder):
+            raise CheckpointError(
+                f"{folder} is not a fastvlm ONNX export (no {MANIFEST}); make one with "
+                "`fastvlm export onnx MODEL OUT`"
+            )
+        self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        self.config = load_config(self.folder)
+        opts = ort.SessionOptions()
+        env = os.environ.get("FASTVLM_ORT_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        intra_op_threads = intra_op_threads or (int(env) if env and env.isdigit() else None)
+        if intra_op_threads:
+            opts.intra_op_num_threads = int(intra_op_threads)
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        files = self.manifest.get("files", ONNX_FILES)
+        self.sessions = {}
+        for key in ("vision", "embed", "decoder"):
+            path = self.folder / files[key]
+            if not path.exists():
+                raise CheckpointError(f"{path} is missing: re-run the export")
+            self.sessions[key] = ort.InferenceSession(
+                str(path), opts, providers=["CPUExecutionProvider"]
+            )
+        t = self.config.text
+        self.past_names, self.present_names = kv_names(t.num_hidden_layers)
+        self.kv_shape = (t.num_key_value_heads, t.head_dim)
+        self.kv_dtype = np.float32
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    def embed_images(self, pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
+        px = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
+        return self.sessions["vision"].run(None, {"pixel_values": px})[0]  # (N, tok, D)
+
+    def embed(self, ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """ids (1, T) → embeddings (1, T, D) with image placeholder rows replaced."""
+        is_image = ids == self.config.image_token_id
+        safe = np.where(is_image, 0, ids).astype(np.int64)
+        x = self.sessions["embed"].run(None, {"input_ids": safe})[0].astype(np.float32)
+        n = int(is_image.sum())
+        if n or image_embeds is not None:
+            rows = (
+                np.zeros((0, x.shape[-1]), np.float32)
+                if image_embeds is None
+                else image_embeds.reshape(-1, x.shape[-1])
+            )
+            if rows.shape[0] != n:
+                raise ValueError(
+                    f"image features ({rows.shape[0]} rows) and image placeholder tokens ({n}) "
+                    "do not match"
+                )
+            x[is_image] = rows
+        return x
+
+    def empty_past(self, batch: int = 1) -> list[np.ndarray]:
+        kv, hd = self.kv_shape
+        return [np.zeros((batch, kv, 0, hd), self.kv_dtype) for _ in self.past_names]
+
+    def step(
+        self, embeds: np.ndarray, start: int, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """embeds (1, T, D) at positions start..start+T-1 → logits (1, T, V), new past."""
+        t = embeds.shape[1]
+        feeds = {
+            "inputs_embeds": np.ascontiguousarray(embeds, dtype=np.float32),
+            "attention_mask": np.ones((1, start + t), np.int64),
+            "position_ids": np.arange(start, start + t, dtype=np.int64)[None],
+            **dict(zip(self.past_names, past, strict=True)),
+        }
+        out = self.sessions["decoder"].run(None, feeds)
+        return out[0], out[1:]
+
+    def logits(self, ids: list[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Full-sequence logits (1, T, V) in one call (no cache): the parity check's view."""
+        x = self.embed(np.asarray(ids, np.int64)[None], image_embeds)
+        return self.step(x, 0, self.empty_past())[0]
+
+
+def ort_generate_step(
+    model: OrtModel,
+    input_ids: list[int] | torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    params: SamplingParams | None = None,
+    *,
+    image_embeds: np.ndarray | None = None,
+    eos_ids: Iterable[int] = (),
+    vocab_limit: int | None = None,
+    stats: Stats | None = None,
+) -> Iterator[int]:
+    """`generate_step` on ONNX Runtime: same arguments, same sampling, same stats."""
+    params = params or SamplingParams()
+    params.validate()
+    stats = stats if stats is not None else Stats()
+    ids = np.asarray(torch.as_tensor(input_ids).reshape(-1).tolist(), np.int64)[None]
+    t = ids.shape[1]
+    cfg = model.config.text
+    if t + params.max_tokens > cfg.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({t} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+            f"context of {cfg.max_position_embeddings} tokens"
+        )
+    eos = set() if params.ignore_eos else set(eos_ids)
+    gen = make_generator(params.seed, "cpu")
+    t0 = time.perf_counter()
+    if image_embeds is None and pixel_values is not None:
+        image_embeds = model.embed_images(pixel_values)
+        stats.vision_s = time.perf_counter() - t0
+    stats.prompt_tokens = t
+    stats.image_tokens = int((ids == model.image_token_id).sum())
+    logits, past = model.step(model.embed(ids, image_embeds), 0, model.empty_past())
+    seen = torch.from_numpy(ids)
+    image_id = model.image_token_id
+    for i in range(params.max_tokens):
+        last = torch.from_numpy(logits[:, -1].astype(np.float32))  # (1, V)
+        if image_id < last.shape[-1]:
+            last[..., image_id] = float("-inf")
+        tok = sample(
+            last, params, gen, seen if params.repetition_penalty != 1 else None, vocab_limit
+        )
+        token = int(tok)
+        if i == 0:
+            stats.prefill_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+        stats.generation_tokens = i + 1
+        stats.decode_s = time.perf_counter() - t1
+        yield token
+        if token in eos or i == params.max_tokens - 1:
+            return
+        if params.repetition_penalty != 1:
+            seen = torch.cat([seen, tok.view(1, 1)], dim=1)
+        x = model.embed(np.array([[token]], np.int64))
+        logits, past = model.step(x, t + i, past)
+
+
+class OrtFastVLM(FastVLM):
+    """`FastVLM` on ONNX Runtime: describe / chat / stream / stream_chunks / generate_ids."""
+
+    def __init__(self, model: OrtModel, processor: Processor, tokenizer, path: Path) -> None:
+        # "reference": no torch Engine over these sessions; callers (the server) serialize
+        super().__init__(model, processor, tokenizer, path, engine="reference")
+        self.backend = "onnxruntime"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def precision(self) -> dict[str, str]:
+        return dict(self.model.manifest.get("precision", {}))
+
+    def __repr__(self) -> str:
+        p = ",".join(f"{k}={v}" for k, v in self.precision.items())
+        return f"OrtFastVLM(path={str(self.path)!r}, backend='onnxruntime', precision={p!r})"
+
+    def stream_chunks(self, messages: list[dict], **sampling) -> Iterator[Chunk]:
+        params = self._params(sampling)
+        ids, pixels = self.encode(messages)
+        for chunk in stream_generate(
+            self.model,
+            self.tokenizer,
+            ids,
+            pixels,
+            params,
+            eos_ids=self.eos_ids,
+            vocab_limit=self.vocab_limit,
+            step_fn=ort_generate_step,
+        ):
+            self.last_stats = chunk.stats
+            yield chunk
+
+    def stream_chat(self, messages: list[dict], **sampling) -> Iterator[str]:
+        for chunk in self.stream_chunks(messages, **sampling):
+            if chunk.text:
+                yield chunk.text
+
+    def chat(self, messages: list[dict], **sampling) -> str:
+        return "".join(self.stream_chat(messages, **sampling))
+
+    def generate_ids(
+        self, input_ids: list[int], pixel_values: torch.Tensor | None = None, **sampling
+    ) -> list[int]:
+        """Token ids in, generated ids out; fills `last_stats` (for `fastvlm bench`)."""
+        params = self._params(sampling)
+        stats = Stats()
+        out = list(
+            ort_generate_step(
+                self.model,
+                input_ids,
+                pixel_values,
+                params,
+                eos_ids=self.eos_ids,
+                vocab_limit=self.vocab_limit,
+                stats=stats,
+            )
+        )
+        self.last_stats = stats
+        return out
+
+
+def load_onnx(folder: str | Path, intra_op_threads: int | None = None) -> OrtFastVLM:
+    """Load an exported ONNX folder (see `fastvlm export onnx`) as an `OrtFastVLM`."""
+    folder = Path(folder)
+    model = OrtModel(folder, intra_op_threads)
+    tok = load_tokenizer(folder)
+    return OrtFastVLM(model, Processor(model.config, tok), tok, folder)

@@ -1,0 +1,210 @@
+"""Export wrappers: FastVLM split into three modules with plain tensor inputs and outputs.
+
+Exporters (ONNX, Core ML, LiteRT) trace `forward(*tensors) -> tensors`; they cannot follow our
+`KVCache` objects, keyword options or Python-side merging. So the model is cut where the
+onnx-community FastVLM builds cut it, and the runtime glues the parts back together:
+
+* `VisionEncoder`   pixel_values (N, 3, S, S) → image_embeds (N, tokens, D)   (tower + projector)
+* `EmbedTokens`     input_ids (B, T) int64 → inputs_embeds (B, T, D)
+* `DecoderStep`     inputs_embeds (B, T, D), attention_mask (B, P+T) int64, position_ids (B, T)
+                    int64, past_key_values.{i}.key/value (B, kv, P, hd) → logits (B, T, V),
+                    present.{i}.key/value (B, kv, P+T, hd)
+* `StatefulDecoder` (Core ML) inputs_embeds (1, T, D) + causal_mask (1, 1, T, P+T) → logits; the
+                    KV cache lives in two registered buffers that Core ML turns into model state.
+
+Design decisions:
+* The decoder is "merged" (one graph for prefill and decode, P = 0 on the first call) with a
+  concatenating KV cache, the layout transformers.js and the onnx-community builds use. The
+  causal + padding mask is built inside the graph from `attention_mask`, so callers pass only
+  what HF callers pass.
+* The wrappers reuse the model's own modules (`Qwen2Model.layers`, `lm_head`, `embed_images`)
+  through the `KVCacheLike` seam. `export_friendly(model)` swaps, for the duration of an export
+  only, the two modules whose fused kernels the exporters cannot lower (`F.rms_norm`, SDPA with
+  `enable_gqa`) for plain-op twins sharing the same parameters; the parity check at the end of
+  every export compares against the unswapped model, so the twins cannot drift unnoticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.fastvlm import FastVLMModel
+from ..model.qwen2 import Qwen2Attention, RMSNorm, rope_cos_sin, rotate_half
+
+
+class _PlainRMSNorm(RMSNorm):
+    """RMSNorm from primitive ops (the TorchScript ONNX exporter has no `aten::rms_norm`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class _PlainAttention(Qwen2Attention):
+    """Qwen2 attention with GQA as an explicit K/V repeat (exporters reject `enable_gqa`).
+    Export wrappers always pass a mask."""
+
+    def forward(self, x, cos, sin, positions, mask, cache):
+        assert mask is not None, "export wrappers build their own mask"
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin  # (B, heads, T, hd)
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, kv, S, hd)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+SWAPS = {RMSNorm: _PlainRMSNorm, Qwen2Attention: _PlainAttention}
+
+
+@contextmanager
+def export_friendly(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily give the decoder's norm / attention modules their plain-op twins (same
+    parameters, class swap only); restored on exit."""
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in SWAPS]
+    for m, cls in swapped:
+        m.__class__ = SWAPS[cls]
+    try:
+        yield model
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def kv_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """ONNX input / output names of the KV cache, in the order `DecoderStep` takes them."""
+    past, present = [], []
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            past.append(f"past_key_values.{i}.{kind}")
+            present.append(f"present.{i}.{kind}")
+    return past, present
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values (N, 3, S, S) float32 → image_embeds (N, tokens, D)."""
+
+    def __init__(self, model: FastVLMModel) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()  # exporters restore the wrapper's mode recursively: never leave it training
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_images(pixel_values)
+
+
+class EmbedTokens(nn.Module):
+    """input_ids (B, T) int64 → inputs_embeds (B, T, D). Image placeholder rows are replaced by
+    the runtime, so their ids only need to be in range."""
+
+    def __init__(self, model: FastVLMModel) -> None:
+        super().__init__()
+        self.embed_tokens = model.language_model.embed_tokens
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+
+class _ConcatCache:
+    """KVCacheLike that appends the new K/V to the given past and records the results."""
+
+    def __init__(self, past: list[torch.Tensor]) -> None:
+        self.past = past
+        self.present: list[torch.Tensor] = []
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        k = torch.cat([self.past[2 * layer], k], dim=2)  # (B, kv, P+T, hd)
+        v = torch.cat([self.past[2 * layer + 1], v], dim=2)
+        self.present += [k, v]
+        return k, v
+
+
+def _run_layers(model: FastVLMModel, x, positions, mask, cache) -> torch.Tensor:
+    lm = model.language_model
+    cfg = lm.config
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    for layer in lm.layers:
+        x = layer(x, cos, sin, positions, mask, cache)
+    return model.lm_head(lm.norm(x))
+
+
+class DecoderStep(nn.Module):
+    """One merged decoder call: prefill (P = 0) or decode (T = 1) over a concatenating cache."""
+
+    def __init__(self, model: FastVLMModel) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.text.num_hidden_layers
+        self.eval()
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # (B, T, D)
+        attention_mask: torch.Tensor,  # (B, P+T) int64, 1 = real token
+        position_ids: torch.Tensor,  # (B, T) int64
+        *past: torch.Tensor,  # 2 × layers tensors (B, kv, P, hd)
+    ) -> tuple[torch.Tensor, ...]:
+        t = inputs_embeds.shape[1]
+        total = attention_mask.shape[1]
+        q_pos = torch.arange(t, device=inputs_embeds.device) + (total - t)  # (T,)
+        k_pos = torch.arange(total, device=inputs_embeds.device)  # (P+T,)
+        causal = k_pos[None, :] <= q_pos[:, None]  # (T, P+T)
+        mask = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, P+T)
+        cache = _ConcatCache(list(past))
+        logits = _run_layers(self.model, inputs_embeds, position_ids, mask, cache)
+        return (logits, *cache.present)
+
+
+class _StateCache:
+    """KVCacheLike writing into (layers, 1, kv, max_len, hd) buffers at [P, P+T) in place."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor, end) -> None:
+        self.k, self.v, self.start, self.end = k, v, start, end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        self.k[layer : layer + 1, :, :, self.start : self.end] = k[None]
+        self.v[layer : layer + 1, :, :, self.start : self.end] = v[None]
+        return self.k[layer, :, :, : self.end], self.v[layer, :, :, : self.end]
+
+
+class StatefulDecoder(nn.Module):
+    """Core ML decoder: the KV cache is model state (two buffers), batch 1.
+
+    inputs_embeds (1, T, D) and causal_mask (1, 1, T, P+T) float (0 = attend, -inf = masked, as
+    Apple's stateful Llama example); P = causal_mask.shape[-1] - T is the number of cached tokens.
+    Output: logits (1, T, V).
+    """
+
+    def __init__(self, model: FastVLMModel, max_len: int) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config.text
+        shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        dtype = model.lm_head.weight.dtype
+        self.register_buffer("key_cache", torch.zeros(shape, dtype=dtype))
+        self.register_buffer("value_cache", torch.zeros(shape, dtype=dtype))
+        self.eval()
+
+    def forward(self, inputs_embeds: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        t = inputs_embeds.shape[1]
+        end = causal_mask.shape[-1]
+        start = end - t
+        positions = (torch.arange(t, device=inputs_embeds.device) + start)[None]  # (1, T)
+        cache = _StateCache(self.key_cache, self.value_cache, start, end)
+        return _run_layers(self.model, inputs_embeds, positions, causal_mask, cache)

@@ -1,0 +1,432 @@
+"""FastAPI routes + lifespan for `fastvlm serve`; everything else lives in serving / media.
+
+Design decisions:
+* The model loads in a background task after the socket is open, so `/health` can say
+  "loading" (503) until it is ready and orchestrators see the difference from "dead".
+* One small ASGI guard in front of the app does the checks that must happen before a body is
+  read: the API key (401) and the request-size cap (413, counted while streaming the body, so a
+  lying or absent Content-Length does not help); it also counts responses per status for
+  /metrics.
+* Every error, including FastAPI's validation errors and unknown routes, is rendered as an
+  OpenAI error object `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from html import escape
+from importlib import resources
+from typing import Any
+
+from .media import MediaPolicy
+from .metrics import Metrics
+from .protocol import APIError, ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelList
+from .serving import ChatService, ServeLimits
+
+log = logging.getLogger("fastvlm.server")
+
+DEFAULT_MODEL_NAME = "fastvlm-tiny"
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    image_size: int | None = None
+    trust_pickle: bool = False
+    engine: str = "fast"  # "fast" = continuous batching, "reference" = the slow oracle decoder
+    slots: int | None = None  # requests the engine decodes together (None: its default)
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_request_bytes: int = 64 * 1024 * 1024
+    cors_origins: list[str] = field(default_factory=list)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model or DEFAULT_MODEL_NAME
+
+
+def _error_json(status: int, message: str, code: str | None = None, param: str | None = None):
+    return APIError(status, message, code=code, param=param).body()
+
+
+class _Guard:
+    """ASGI middleware: API key, request-size cap, per-status request counter."""
+
+    def __init__(self, app, cfg: ServerConfig, metrics: Metrics) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.metrics = metrics
+
+    async def _reply(self, send, status: int, body: dict, headers=()) -> None:
+        raw = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(raw)).encode()),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": raw})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope.get("path", "")
+        counted = path.startswith("/v1/chat/")
+        status_box: list[int] = []
+
+        async def send_counted(msg) -> None:
+            if msg["type"] == "http.response.start":
+                status_box.append(msg["status"])
+            await send(msg)
+
+        snd = send_counted if counted else send
+        try:
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            key = self.cfg.api_key
+            if key and path.startswith("/v1/"):
+                auth = headers.get("authorization", "")
+                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(token.encode(), key.encode()):
+                    return await self._reply(
+                        snd,
+                        401,
+                        _error_json(
+                            401,
+                            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                            code="invalid_api_key",
+                        ),
+                        [(b"www-authenticate", b"Bearer")],
+                    )
+            limit = self.cfg.max_request_bytes
+            length = headers.get("content-length", "")
+            if length.isdigit() and int(length) > limit:
+                return await self._reply(snd, 413, _too_large(limit))
+            seen = 0
+
+            async def receive_capped():
+                nonlocal seen
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    seen += len(msg.get("body", b""))
+                    if seen > limit:  # FastAPI passes HTTPExceptions from body reads through
+                        from starlette.exceptions import HTTPException
+
+                        raise HTTPException(413, _too_large(limit)["error"]["message"])
+                return msg
+
+            await self.app(scope, receive_capped, snd)
+        finally:
+            if counted:
+                self.metrics.requests[str(status_box[0] if status_box else 499)] += 1
+
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def _too_large(limit: int) -> dict:
+    return _error_json(
+        413, f"request body is larger than the limit of {limit} bytes", code="request_too_large"
+    )
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
+    """FastAPI/pydantic errors → (message, param, code) the way OpenAI phrases them."""
+    e = errors[0] if errors else {}
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    kind = e.get("type", "")
+    if kind == "json_invalid":
+        return "request body is not valid JSON", None, "invalid_json"
+    if kind == "extra_forbidden":
+        return f"unrecognized request argument supplied: {param}", param, "unsupported_parameter"
+    if kind == "missing":
+        return f"missing required parameter: {param}", param, "missing_required_parameter"
+    msg = e.get("msg", "invalid request")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"invalid value for {param or 'body'}: {msg}{more}", param, "invalid_value"
+
+
+def create_app(cfg: ServerConfig | None = None, vlm=None):
+    """The ASGI app. `vlm` = an already loaded FastVLM (tests); otherwise loaded at start-up."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from starlette.background import BackgroundTask
+    from starlette.exceptions import HTTPException
+    from starlette.responses import StreamingResponse
+
+    cfg = cfg or ServerConfig()
+    metrics = Metrics()
+    state: dict[str, Any] = {"service": None, "error": None}
+
+    def make_service(model) -> ChatService:
+        return ChatService(model, cfg.model_name, cfg.limits, cfg.media, metrics)
+
+    async def load() -> None:
+        try:
+            from ..api import load as load_model
+
+            model = await asyncio.to_thread(
+                load_model,
+                cfg.model,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                trust_pickle=cfg.trust_pickle,
+                image_size=cfg.image_size,
+                engine=cfg.engine,
+                engine_options={"slots": cfg.slots} if cfg.slots else None,
+            )
+            state["service"] = make_service(model)
+            log.info("model %s loaded; ready", cfg.model_name)
+        except Exception as e:  # reported by /health and every request
+            log.exception("model failed to load")
+            state["error"] = f"{type(e).__name__}: {e}"
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = None
+        if vlm is not None:
+            state["service"] = make_service(vlm)
+        else:
+            task = asyncio.create_task(load())
+        yield
+        if task is not None and not task.done():
+            task.cancel()
+        svc = state["service"]
+        if svc is not None:  # uvicorn already waited for in-flight responses; stop the rest
+            svc.cancel_all()
+
+    app = FastAPI(
+        title="fastvlm",
+        version="1",
+        description="OpenAI-compatible chat completions for FastVLM vision-language models.",
+        lifespan=lifespan,
+    )
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cfg.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(_Guard, cfg=cfg, metrics=metrics)
+
+    def service() -> ChatService:
+        if state["service"] is None:
+            msg = (
+                f"model failed to load: {state['error']}"
+                if state["error"]
+                else "model is still loading; retry shortly (GET /health says when it is ready)"
+            )
+            raise APIError(503, msg, code="model_not_ready", headers={"Retry-After": "2"})
+        return state["service"]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        msg, param, code = _validation_message(list(e.errors()))
+        return JSONResponse(_error_json(400, msg, code, param), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        return JSONResponse(
+            _error_json(e.status_code, str(e.detail), HTTP_CODES.get(e.status_code)),
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unhandled error", exc_info=e)
+        return JSONResponse(_error_json(500, "internal server error", "internal"), 500)
+
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground():
+        html = resources.files("fastvlm.server").joinpath("playground.html").read_text("utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", escape(cfg.model_name)))
+
+    @app.get("/health")
+    async def health():
+        if state["service"] is not None:
+            return {"status": "ok", "model": cfg.model_name}
+        status = "error" if state["error"] else "loading"
+        return JSONResponse({"status": status, "detail": state["error"]}, status_code=503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return PlainTextResponse(
+            metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.get("/v1/models", response_model=ModelList, responses=errors)
+    async def models():
+        service()
+        return {"object": "list", "data": [{"id": cfg.model_name, "created": 0}]}
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={
+            **errors,
+            200: {"content": {"text/event-stream": {}}, "description": "completion or SSE"},
+        },
+    )
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        svc = service()
+        ticket = svc.admit()
+        try:
+            job = await svc.prepare(req)
+            if not job.stream:
+                out = await svc.complete(job, ticket, request.is_disconnected)
+                return JSONResponse(out.model_dump(exclude_none=True))
+            events, run = await svc.stream(job, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+
+        async def cleanup() -> None:  # runs after the stream, also after a disconnect
+            await events.aclose()
+            svc.finish(run)
+
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(cleanup),
+        )
+
+    app.state.fastvlm = state
+    app.state.metrics = metrics
+    return app
+
+
+# ---------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastvlm serve", description="OpenAI-compatible chat-completions server."
+    )
+    p.add_argument("--model", "--model-path", "-m", default=None, help="repo id or folder")
+    p.add_argument("--served-model-name", default=None, help="model id clients must send")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--engine", default="fast", choices=["fast", "reference"])
+    p.add_argument("--slots", type=int, default=None, help="batch size of the engine (default 8)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FASTVLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $FASTVLM_API_KEY)",
+    )
+    p.add_argument("--max-concurrency", type=int, default=64, help="in-flight requests; more → 429")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens allowed")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="request body cap")
+    p.add_argument("--max-image-mb", type=float, default=20.0, help="encoded image size cap")
+    p.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    p.add_argument("--max-images", type=int, default=16, help="images per request")
+    p.add_argument("--fetch-timeout", type=float, default=10.0, help="image URL fetch timeout (s)")
+    p.add_argument(
+        "--no-remote-media", action="store_true", help="refuse http(s) image URLs altogether"
+    )
+    p.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        help="serve file:// and path images from under this folder only (default: none)",
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        nargs="*",
+        default=[],
+        help="hosts that may be fetched even if they resolve to private/loopback addresses",
+    )
+    p.add_argument("--cors-origins", nargs="*", default=[], help="origins allowed by CORS")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model=a.model,
+        device=a.device,
+        dtype=a.dtype,
+        image_size=a.image_size,
+        trust_pickle=a.trust_pickle,
+        engine=a.engine,
+        slots=a.slots,
+        served_model_name=a.served_model_name,
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key or None,
+        max_request_bytes=int(a.max_request_mb * 1024 * 1024),
+        cors_origins=list(a.cors_origins),
+        limits=ServeLimits(
+            max_concurrency=a.max_concurrency,
+            max_tokens_limit=a.max_tokens_limit,
+            max_images=a.max_images,
+        ),
+        media=MediaPolicy(
+            max_image_bytes=int(a.max_image_mb * 1024 * 1024),
+            max_image_pixels=a.max_image_pixels,
+            fetch_timeout_s=a.fetch_timeout,
+            allowed_local_media_path=a.allowed_local_media_path,
+            allowed_media_domains=list(a.allowed_media_domains),
+            allow_remote=not a.no_remote_media,
+        ),
+        log_level=a.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        import uvicorn
+    except ImportError:
+        print("error: the server needs extra packages: pip install 'fastvlm[server]'")
+        return 1
+    cfg = config_from_args(a)
+    from ..hub import resolve
+
+    resolve(cfg.model)  # a typo or an offline miss fails here, not as a server that never loads
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)
+    uvicorn.run(
+        create_app(cfg),
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

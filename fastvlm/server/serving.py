@@ -1,0 +1,492 @@
+"""The chat service: OpenAI request → messages + verified images → FastVLM → completion or SSE
+chunks. No HTTP here (app.py owns routes); errors are `APIError`s carrying their status.
+
+Design decisions:
+* Generation is blocking torch code, so each request iterates `vlm.stream_chunks` in its own
+  worker thread and hands chunks to the event loop through an `asyncio.Queue`
+  (`loop.call_soon_threadsafe`). Cancelling (client gone, shutdown) sets an event the worker
+  checks after every chunk; the worker then closes the generator, which frees the engine slot.
+* When `FastVLM` has a shared, thread-safe engine (`vlm.engine`), concurrent workers are batched
+  by it; otherwise (reference decoder) a lock runs them one at a time. Either way the HTTP side
+  is the same.
+* Admission control is a counter, not a queue: more than `max_concurrency` admitted requests
+  → 429 with Retry-After at once, so overload is visible to clients instead of piling up.
+* Everything a request can get wrong (params, images, context length) is checked before the
+  first byte is sent, so it gets a 4xx status, not an error inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import FastVLMError
+from ..processing import render_chat
+from .media import MediaError, MediaPolicy, load_media_image
+from .metrics import Metrics
+from .protocol import (
+    APIError,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    PromptTokensDetails,
+    Usage,
+    new_id,
+    now,
+    unsupported_params,
+)
+
+log = logging.getLogger("fastvlm.server")
+
+
+@dataclass(slots=True)
+class ServeLimits:
+    max_concurrency: int = 64  # admitted requests (running + waiting); more → 429
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    max_prompt_chars: int = 1_000_000  # text characters over all messages; more → 413
+    max_images: int = 16  # images per request
+    max_messages: int = 1024  # messages per request (each adds template tokens)
+    retry_after_s: int = 1
+
+
+@dataclass(slots=True)
+class Job:
+    """A validated request, ready to generate."""
+
+    id: str
+    messages: list[dict]
+    sampling: dict[str, Any]
+    stream: bool
+    include_usage: bool
+    created: int = field(default_factory=now)
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class Ticket:
+    """One admitted request's concurrency slot; `release()` is idempotent."""
+
+    def __init__(self, service: ChatService) -> None:
+        self.service: ChatService | None = service
+
+    def release(self) -> None:
+        if self.service is not None:
+            self.service.admitted -= 1
+            self.service = None
+
+
+class _Run:
+    """One generation in a worker thread; `get()` yields ("chunk", Chunk) / ("error", exc) /
+    ("done", None) on the event loop."""
+
+    def __init__(self, service: ChatService, job: Job, ticket: Ticket) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.ticket = ticket
+        self.first_seen = False
+        self.finished = False
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancel_event = threading.Event()
+        self.service = service
+        self.job = job
+        self.thread = threading.Thread(target=self._work, name=f"gen-{job.id}", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # loop closed during shutdown: nobody is listening any more
+            self.cancel_event.set()
+
+    def _work(self) -> None:
+        svc = self.service
+        lock = svc.gen_lock
+        try:
+            if lock is not None:
+                lock.acquire()
+            try:
+                if self.cancel_event.is_set():
+                    return
+                gen = svc.vlm.stream_chunks(self.job.messages, **self.job.sampling)
+                try:
+                    for chunk in gen:
+                        self._put(("chunk", chunk))
+                        if self.cancel_event.is_set():
+                            break
+                finally:
+                    gen.close()  # frees the engine slot when we stop early
+            finally:
+                if lock is not None:
+                    lock.release()
+        except BaseException as e:  # noqa: BLE001 - handed to the event loop, never lost
+            self._put(("error", e))
+        finally:
+            self._put(("done", None))
+
+    async def get(self) -> tuple[str, Any]:
+        return await self.queue.get()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+
+def _error_from(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, MediaError):
+        return APIError(e.status, str(e), param="messages", code=e.code)
+    if isinstance(e, (FastVLMError, ValueError, TypeError)):
+        return APIError(400, str(e), code="invalid_request")
+    log.exception("generation failed", exc_info=e)
+    return APIError(500, f"internal error during generation ({type(e).__name__})", code="internal")
+
+
+class ChatService:
+    def __init__(
+        self,
+        vlm,
+        model_name: str,
+        limits: ServeLimits | None = None,
+        media: MediaPolicy | None = None,
+        metrics: Metrics | None = None,
+        serialize: bool | None = None,
+    ) -> None:
+        self.vlm = vlm
+        self.model_name = model_name
+        self.limits = limits or ServeLimits()
+        self.media = media or MediaPolicy()
+        self.metrics = metrics or Metrics()
+        if serialize is None:  # a FastVLM with a shared engine batches concurrent threads
+            has_engine = hasattr(type(vlm), "engine") or "engine" in vars(vlm)
+            serialize = not has_engine or getattr(vlm, "engine_kind", None) == "reference"
+        self.gen_lock = threading.Lock() if serialize else None
+        self.admitted = 0
+        self.runs: set[_Run] = set()
+        self.context_len = vlm.config.text.max_position_embeddings
+
+    # ------------------------------------------------------------------ admission
+    def admit(self) -> Ticket:
+        """Take a concurrency slot or fail fast with 429 + Retry-After."""
+        if self.admitted >= self.limits.max_concurrency:
+            raise APIError(
+                429,
+                f"server busy: {self.admitted} requests in flight (limit "
+                f"{self.limits.max_concurrency}); retry after {self.limits.retry_after_s} s",
+                code="server_busy",
+                headers={"Retry-After": str(self.limits.retry_after_s)},
+            )
+        self.admitted += 1
+        return Ticket(self)
+
+    def cancel_all(self) -> None:
+        for r in list(self.runs):
+            r.cancel()
+
+    # ------------------------------------------------------------------ request → job
+    async def prepare(self, req: ChatCompletionRequest) -> Job:
+        t0 = time.perf_counter()  # TTFT / latency metrics include image fetching and tokenizing
+        if req.model != self.model_name:
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {self.model_name!r} "
+                "(see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        bad = unsupported_params(req)
+        if bad:
+            raise APIError(
+                400,
+                f"unsupported parameter(s): {', '.join(bad)} (this server supports max_tokens, "
+                "max_completion_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
+                "stop, ignore_eos, stream, stream_options and n=1)",
+                param=bad[0],
+                code="unsupported_parameter",
+            )
+        messages, urls = self._messages(req)
+        images = await asyncio.gather(
+            *(asyncio.to_thread(load_media_image, u, self.media) for u in urls),
+            return_exceptions=True,
+        )
+        for im in images:
+            if isinstance(im, BaseException):
+                raise _error_from(im)
+        it = iter(images)
+        for m in messages:
+            if isinstance(m["content"], list):
+                for p in m["content"]:
+                    if p["type"] == "image":
+                        p["image"] = next(it)
+        n_prompt = await asyncio.to_thread(self._count_prompt, messages)
+        sampling = self._sampling(req, n_prompt)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Job(new_id(), messages, sampling, bool(req.stream), include_usage, t0=t0)
+
+    def _messages(self, req: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
+        if len(req.messages) > self.limits.max_messages:
+            raise APIError(
+                400,
+                f"{len(req.messages)} messages in one request, more than the limit of "
+                f"{self.limits.max_messages}",
+                param="messages",
+                code="too_many_messages",
+            )
+        out: list[dict] = []
+        urls: list[str] = []
+        chars = 0
+        for i, m in enumerate(req.messages):
+            role = "system" if m.role == "developer" else m.role
+            if m.content is None or isinstance(m.content, str):
+                chars += len(m.content or "")
+                out.append({"role": role, "content": m.content or ""})
+                continue
+            parts: list[dict] = []
+            for p in m.content:
+                if p.type in ("text", "input_text"):
+                    chars += len(p.text)
+                    parts.append({"type": "text", "text": p.text})
+                elif p.type == "video_url":
+                    raise APIError(
+                        400,
+                        "video_url content parts are not supported yet; send frames as images",
+                        param=f"messages[{i}].content",
+                        code="unsupported_content",
+                    )
+                else:
+                    if role != "user":
+                        raise APIError(
+                            400,
+                            "images are only allowed in user messages",
+                            param=f"messages[{i}].content",
+                        )
+                    url = p.image_url if isinstance(p.image_url, str) else p.image_url.url
+                    urls.append(url)
+                    parts.append({"type": "image", "image": None})
+            out.append({"role": role, "content": parts})
+        if chars > self.limits.max_prompt_chars:
+            raise APIError(
+                413,
+                f"messages hold {chars} characters of text, more than the limit of "
+                f"{self.limits.max_prompt_chars}",
+                param="messages",
+                code="prompt_too_large",
+            )
+        if len(urls) > self.limits.max_images:
+            raise APIError(
+                400,
+                f"{len(urls)} images in one request, more than the limit of "
+                f"{self.limits.max_images}",
+                param="messages",
+                code="too_many_images",
+            )
+        return out, urls
+
+    def _count_prompt(self, messages: list[dict]) -> int:
+        """Prompt length in tokens, image placeholders included (text-only work, no pixels)."""
+        cfg = self.vlm.config
+        try:
+            prompt, images = render_chat(messages, cfg.chat_template, cfg.system_prompt)
+            return len(self.vlm.processor.tokenize(prompt, len(images)))
+        except (FastVLMError, ValueError) as e:
+            raise APIError(400, str(e), param="messages") from e
+
+    def _sampling(self, req: ChatCompletionRequest, n_prompt: int) -> dict[str, Any]:
+        room = self.context_len - n_prompt
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt is {n_prompt} tokens (images included), which leaves no room in "
+                f"the model's context of {self.context_len} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.limits.max_tokens_limit, room)
+        elif max_tokens > self.limits.max_tokens_limit:
+            raise APIError(
+                400,
+                f"{param}={max_tokens} is more than this server's limit of "
+                f"{self.limits.max_tokens_limit}",
+                param=param,
+                code="max_tokens_too_large",
+            )
+        elif max_tokens > room:
+            raise APIError(
+                400,
+                f"prompt ({n_prompt} tokens, images included) + {param} ({max_tokens}) exceeds "
+                f"the model's context of {self.context_len} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        stop = [s for s in stop if s]
+        if len(stop) > 16:
+            raise APIError(400, "at most 16 stop strings", param="stop")
+        s: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            # OpenAI's default is 1. Below 1e-4 sampling equals argmax but dividing logits by
+            # such a temperature overflows to inf/nan, so it is greedy decoding outright.
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "stop": stop,
+        }
+        if s["temperature"] < 1e-4:
+            s["temperature"] = 0.0
+        # top_p below float32's range rounds to 0 in the sampler and drops every token; any
+        # top_p this small keeps only the most likely token, as 1e-6 does.
+        s["top_p"] = max(s["top_p"], 1e-6)
+        for name in ("top_k", "repetition_penalty", "seed", "ignore_eos"):
+            if getattr(req, name) is not None:
+                s[name] = getattr(req, name)
+        return s
+
+    # ------------------------------------------------------------------ generation
+    def _start(self, job: Job, ticket: Ticket) -> _Run:
+        run = _Run(self, job, ticket)
+        self.runs.add(run)
+        self.metrics.waiting += 1
+        return run
+
+    def _on_first(self, run: _Run) -> None:
+        run.first_seen = True
+        self.metrics.waiting -= 1
+        self.metrics.running += 1
+        self.metrics.ttft.observe(time.perf_counter() - run.job.t0)
+
+    def finish(self, run: _Run, last=None, cancelled: bool = True) -> None:
+        """Account for a run exactly once and give its slot back (idempotent)."""
+        if run.finished:
+            return
+        run.finished = True
+        self.runs.discard(run)
+        run.ticket.release()
+        m = self.metrics
+        if run.first_seen:
+            m.running -= 1
+        else:
+            m.waiting -= 1
+        if cancelled:
+            m.cancelled += 1
+            run.cancel()
+        if last is not None:
+            m.prompt_tokens += last.stats.prompt_tokens
+            m.image_tokens += last.stats.image_tokens
+            m.generation_tokens += last.stats.generation_tokens
+            if not cancelled:
+                m.latency.observe(time.perf_counter() - run.job.t0)
+
+    @staticmethod
+    def _usage(stats) -> Usage:
+        return Usage(
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.generation_tokens,
+            total_tokens=stats.prompt_tokens + stats.generation_tokens,
+            prompt_tokens_details=PromptTokensDetails(image_tokens=stats.image_tokens),
+        )
+
+    async def complete(
+        self,
+        job: Job,
+        ticket: Ticket,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> ChatCompletion:
+        """Run to the end; a disconnect noticed while waiting cancels the generation."""
+        run = self._start(job, ticket)
+        texts: list[str] = []
+        last = None
+        getter: asyncio.Task | None = None
+        next_check = time.monotonic() + 0.5
+        try:
+            while True:
+                getter = getter or asyncio.ensure_future(run.get())
+                done, _ = await asyncio.wait({getter}, timeout=0.5)
+                if is_disconnected is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.5  # tokens keep coming: check by time
+                    if await is_disconnected():
+                        raise APIError(499, "client disconnected", code="client_disconnected")
+                if not done:
+                    continue
+                kind, item = getter.result()
+                getter = None
+                if kind == "done":
+                    break
+                if kind == "error":
+                    raise _error_from(item)
+                if not run.first_seen:
+                    self._on_first(run)
+                texts.append(item.text)
+                last = item
+        finally:
+            if getter is not None:
+                getter.cancel()
+            self.finish(run, last, cancelled=last is None or last.finish_reason is None)
+        if last is None:
+            raise APIError(500, "generation produced no output", code="internal")
+        return ChatCompletion(
+            id=job.id,
+            created=job.created,
+            model=self.model_name,
+            choices=[
+                Choice(
+                    message=AssistantMessage(content="".join(texts)),
+                    finish_reason=last.finish_reason or "stop",
+                )
+            ],
+            usage=self._usage(last.stats),
+        )
+
+    async def stream(self, job: Job, ticket: Ticket) -> tuple[AsyncIterator[str], _Run]:
+        """Start generating; return (SSE event stream, run). The first chunk (or the error) is
+        awaited here, so failures before any token still become a proper 4xx response. The
+        caller must call `finish(run)` if the stream is never iterated to the end."""
+        run = self._start(job, ticket)
+        kind, item = await run.get()
+        if kind == "error":
+            self.finish(run)
+            raise _error_from(item)
+        if kind == "chunk":
+            self._on_first(run)
+        return self._events(job, run, (kind, item)), run
+
+    def _frame(self, job: Job, choices: list[dict], usage: Usage | None = None) -> str:
+        d: dict[str, Any] = {
+            "id": job.id,
+            "object": "chat.completion.chunk",
+            "created": job.created,
+            "model": self.model_name,
+            "choices": choices,
+        }
+        if job.include_usage:  # OpenAI: usage null on every chunk, filled on the last one
+            d["usage"] = usage.model_dump() if usage is not None else None
+        return f"data: {json.dumps(d, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    async def _events(self, job: Job, run: _Run, first: tuple[str, Any]) -> AsyncIterator[str]:
+        def choice(delta: dict, finish: str | None = None) -> list[dict]:
+            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+        last = None
+        try:
+            yield self._frame(job, choice({"role": "assistant", "content": ""}))
+            kind, item = first
+            while kind != "done":
+                if kind == "error":  # after the 200 went out: report in-band, then end
+                    yield f"data: {json.dumps(_error_from(item).body())}\n\n"
+                    break
+                last = item
+                if item.text:
+                    yield self._frame(job, choice({"content": item.text}))
+                if item.finish_reason:
+                    yield self._frame(job, choice({}, item.finish_reason))
+                kind, item = await run.get()
+            if last is not None and job.include_usage:
+                yield self._frame(job, [], usage=self._usage(last.stats))
+            yield "data: [DONE]\n\n"
+        finally:  # also runs when the client disconnects (the task is cancelled mid-await)
+            self.finish(run, last, cancelled=last is None or last.finish_reason is None)

@@ -1,0 +1,335 @@
+"""Video input: decode with PyAV, sample frames, and caption a stream window by window.
+
+Design decisions:
+* Frames are chosen from the exact presentation times of the stream's packets, read in a cheap
+  demux-only pass (no decoding), then only the chosen frames are decoded in a second pass. So
+  "uniform" really means evenly spread over the frames that exist (first and last included), and
+  `fps=r` picks the frame nearest each multiple of 1/r seconds. When `fps` asks for more frames
+  than `max_frames`, the picks are thinned uniformly, so the whole clip stays covered.
+* A video becomes ordinary images for the model: each frame is one image with its own placeholder
+  run, introduced by its timestamp ("Frame 3 (1.0 s): <image>"), in time order (processing.py).
+  Each frame is encoded once; identical frames share one encoder call through the engine's vision
+  cache. Token reduction (`tokens_per_image`) is what makes many frames affordable.
+* `watch` is the live-captioning loop: a reader thread cuts the stream into windows of `every`
+  seconds; for a camera, a window that arrives while the model is still busy replaces the waiting
+  one (captions stay current), while a file is captioned window by window, nothing dropped.
+* PyAV is an optional extra (`pip install 'fastvlm[video]'`), imported only here.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import VideoError
+
+VIDEO_EXTENSIONS = {
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp",
+}  # fmt: skip
+MAX_VIDEO_BYTES = 2 << 30  # 2 GiB
+MAX_FRAME_PIXELS = 7680 * 4320  # 8K UHD
+MAX_DURATION_S = 4 * 3600.0
+
+
+@dataclass(slots=True)
+class Frame:
+    index: int  # position among the stream's frames, presentation order
+    time: float  # seconds since the first frame
+    image: Any  # PIL.Image.Image (RGB)
+
+
+def is_video(src: Any) -> bool:
+    """True for a path with a video extension or a capture device (/dev/videoN)."""
+    if not isinstance(src, (str, os.PathLike)):
+        return False
+    s = str(src)
+    return s.startswith("/dev/video") or Path(s).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _av():
+    try:
+        import av
+    except ImportError as e:
+        raise VideoError(
+            "video input needs PyAV: pip install 'fastvlm[video]' (or pip install av)"
+        ) from e
+    return av
+
+
+def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):
+    """(container, video stream) for a path, a capture device or a file-like object."""
+    av = _av()
+    kw: dict[str, Any] = {}
+    name = str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__
+    if isinstance(src, str) and src.isdigit():  # "0" → first camera
+        src = name = f"/dev/video{src}"
+    if isinstance(src, (str, os.PathLike)):
+        s = str(src)
+        if s.startswith(("http://", "https://")):
+            raise VideoError(f"{s[:80]}: URLs are not fetched by the library; download it first")
+        if s.startswith("/dev/video"):
+            kw["format"] = "v4l2"
+        p = Path(s).expanduser()
+        if not p.exists():
+            raise VideoError(f"video not found: {p}")
+        if p.is_dir():
+            raise VideoError(f"{p} is a folder, not a video")
+        if p.is_file() and p.stat().st_size > max_bytes:
+            raise VideoError(
+                f"{p}: {p.stat().st_size / 2**20:.0f} MiB is over the {max_bytes / 2**20:.0f} MiB "
+                "video limit; cut or re-encode it (e.g. ffmpeg -t 60) or raise max_bytes"
+            )
+        src = str(p)
+    try:
+        container = av.open(src, **kw)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"{name}: not a readable video ({e})") from e
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{name}: has no video stream")
+    return container, container.streams.video[0], name
+
+
+def frame_times(src: Any, max_bytes: int = MAX_VIDEO_BYTES) -> list[float]:
+    """Presentation times (s, from the first frame) of every frame, from a demux-only pass."""
+    av = _av()
+    container, stream, name = _open(src, max_bytes)
+    try:
+        pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
+    except av.FFmpegError as e:
+        raise VideoError(f"{name}: corrupt video ({e})") from e
+    finally:
+        container.close()
+    if not pts:
+        raise VideoError(f"{name}: no decodable video frames")
+    tb = float(stream.time_base)
+    times = [(p - pts[0]) * tb for p in pts]
+    if times[-1] > MAX_DURATION_S:
+        raise VideoError(f"{name}: {times[-1]:.0f} s is over the {MAX_DURATION_S:.0f} s limit")
+    return times
+
+
+def sample_indices(times: list[float], fps: float | None, max_frames: int) -> list[int]:
+    """Which frames to keep: `max_frames` spread evenly (fps None) or one per 1/fps seconds
+    (nearest frame, thinned evenly to `max_frames`). Sorted, unique."""
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be ≥ 1, got {max_frames}")
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if not times:
+        return []
+    n = len(times)
+    if fps is None:
+        idx = np.linspace(0, n - 1, min(max_frames, n)).round().astype(int)
+    else:
+        t = np.asarray(times)
+        targets = np.arange(0.0, t[-1] + 1e-6, 1.0 / fps)
+        right = np.clip(np.searchsorted(t, targets), 0, n - 1)
+        left = np.clip(right - 1, 0, n - 1)
+        idx = np.where(np.abs(t[left] - targets) <= np.abs(t[right] - targets), left, right)
+        idx = np.unique(idx)
+        if len(idx) > max_frames:
+            idx = idx[np.linspace(0, len(idx) - 1, max_frames).round().astype(int)]
+    return sorted({int(i) for i in idx})
+
+
+def read_frames(
+    src: Any,
+    fps: float | None = None,
+    max_frames: int = 16,
+    *,
+    max_bytes: int = MAX_VIDEO_BYTES,
+    max_pixels: int = MAX_FRAME_PIXELS,
+) -> list[Frame]:
+    """Decode the sampled frames of a video file, in time order (see `sample_indices`)."""
+    av = _av()
+    times = frame_times(src, max_bytes)
+    want = sample_indices(times, fps, max_frames)
+    container, stream, name = _open(src, max_bytes)
+    tb, first, out = float(stream.time_base), None, []
+    wanted = set(want)
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            if first is None:
+                first = frame.pts or 0
+            if i in wanted:
+                if frame.width * frame.height > max_pixels:
+                    raise VideoError(
+                        f"{name}: {frame.width}x{frame.height} frames are over the "
+                        f"{max_pixels} pixel limit"
+                    )
+                t = (frame.pts - first) * tb if frame.pts is not None else times[i]
+                out.append(Frame(i, round(t, 3), frame.to_image()))
+                if len(out) == len(want):
+                    break
+    except av.FFmpegError as e:
+        raise VideoError(f"{name}: corrupt video ({e})") from e
+    finally:
+        container.close()
+    if not out:
+        raise VideoError(f"{name}: no decodable video frames")
+    return out
+
+
+def iter_frames(src: Any, fps: float | None = None) -> Iterator[Frame]:
+    """Stream frames (file or camera) in decode order, at most `fps` per second of video."""
+    av = _av()
+    container, stream, name = _open(src)
+    tb = float(stream.time_base) if stream.time_base else 0.0
+    first, next_t = None, 0.0
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            if frame.pts is None or not tb:
+                t = i / float(stream.average_rate or 30)
+            else:
+                first = frame.pts if first is None else first
+                t = (frame.pts - first) * tb
+            if fps is not None:
+                if t + 1e-6 < next_t:
+                    continue
+                next_t += 1.0 / fps * max(1, int((t - next_t) * fps) + 1)
+            if frame.width * frame.height > MAX_FRAME_PIXELS:
+                raise VideoError(f"{name}: {frame.width}x{frame.height} frames are too large")
+            yield Frame(i, round(t, 3), frame.to_image())
+    except av.FFmpegError as e:
+        raise VideoError(f"{name}: corrupt video ({e})") from e
+    finally:
+        container.close()
+
+
+def windows(
+    src: Any, every: float = 2.0, frames_per_window: int = 4
+) -> Iterator[tuple[float, float, list[Frame]]]:
+    """(start s, end s, frames) per window of `every` seconds; `frames_per_window` evenly spaced.
+    Live sources (cameras) drop windows the consumer is too slow for; files drop nothing."""
+    if not every > 0:
+        raise ValueError(f"every must be > 0 seconds, got {every}")
+    live = isinstance(src, str) and (src.isdigit() or src.startswith("/dev/video"))
+    q: queue.Queue = queue.Queue(maxsize=1 if live else 4)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if live:  # replace the stale waiting window
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        pass
+
+    def reader() -> None:
+        try:
+            k, buf = 0, []
+            for f in iter_frames(src, fps=frames_per_window / every):
+                if stop.is_set():
+                    return
+                while f.time >= (k + 1) * every:
+                    if buf:
+                        put((k * every, (k + 1) * every, buf))
+                    k, buf = k + 1, []
+                if len(buf) < frames_per_window:
+                    buf.append(f)
+            if buf:
+                put((k * every, (k + 1) * every, buf))
+        except BaseException as e:  # surfaces in the consumer
+            put(e)
+        put(None)
+
+    t = threading.Thread(target=reader, name="fastvlm-video-reader", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def parse_seconds(s: str) -> float:
+    """'2s' / '500ms' / '1.5' / '1m' → seconds."""
+    v = s.strip().lower()
+    for suffix, mult in (("ms", 1e-3), ("s", 1.0), ("m", 60.0)):
+        if v.endswith(suffix):
+            v, scale = v[: -len(suffix)], mult
+            break
+    else:
+        scale = 1.0
+    try:
+        out = float(v) * scale
+    except ValueError:
+        raise ValueError(f"not a duration: {s!r} (use e.g. 2s, 500ms, 1m)") from None
+    if not out > 0:
+        raise ValueError(f"duration must be > 0, got {s!r}")
+    return out
+
+
+def video_part(frames: list[Frame]) -> dict:
+    """A pre-decoded video content part for `FastVLM.chat` messages."""
+    return {
+        "type": "video",
+        "frames": [f.image for f in frames],
+        "timestamps": [f.time for f in frames],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fastvlm watch VIDEO|DEVICE --every 2s`: one streamed caption per window."""
+    import argparse
+    import json
+    import sys
+
+    from .cli import _add_model_args, _add_sampling_args, _load, _sampling
+
+    p = argparse.ArgumentParser(
+        prog="fastvlm watch",
+        description="Caption a video file or a camera (/dev/videoN, or its index) window by "
+        "window, as a live-captioning app would.",
+    )
+    p.add_argument("source", help="video file, /dev/videoN, or a camera index such as 0")
+    p.add_argument("--every", default="2s", help="window length: 2s, 500ms, 1m (default 2s)")
+    p.add_argument("--frames", type=int, default=4, help="frames per window (default 4)")
+    p.add_argument("--prompt", "-p", default="Describe what happens in these frames.")
+    p.add_argument("--tokens-per-image", type=int, default=None, help="pool each frame to K tokens")
+    p.add_argument("--json", action="store_true", help="one JSON object per window")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    a = p.parse_args(argv)
+    try:
+        every = parse_seconds(a.every)
+        if a.frames < 1:
+            raise ValueError("--frames must be ≥ 1")
+        vlm = _load(a)
+        for start, end, frames in windows(a.source, every, a.frames):
+            content = [video_part(frames), {"type": "text", "text": a.prompt}]
+            chunks = vlm.stream_chunks(
+                [{"role": "user", "content": content}],
+                tokens_per_image=a.tokens_per_image,
+                max_images=max(a.frames, 1),
+                **_sampling(a),
+            )
+            if a.json:
+                text = "".join(c.text for c in chunks)
+                row = {"start": start, "end": end, "frames": [f.time for f in frames]}
+                print(json.dumps({**row, "text": text}), flush=True)
+                continue
+            print(f"[{start:.1f}-{end:.1f} s] ", end="", flush=True)
+            for c in chunks:
+                print(c.text, end="", flush=True)
+            print(flush=True)
+    except (ValueError, TypeError) as e:  # FastVLMError (a ValueError) included
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,130 @@
+"""Export a random-weight FastVLM at the full 0.5B shape to ONNX and measure it.
+
+No weights are downloaded: the model is `FastVLMModel(config_05b())` with `init_weights()`
+(FastViTHD at 1024 px → 256 tokens, Qwen2-0.5B decoder, 152000-row vocabulary). Two modes, each
+meant to run in its own process so that `peak_rss_gb` is the peak of that one job:
+
+    # export (prints one JSON line: file sizes, seconds, peak RSS, parity numbers)
+    OMP_NUM_THREADS=1 python scripts/export_05b.py export /tmp/f05_fp32 --precision quality
+    OMP_NUM_THREADS=1 python scripts/export_05b.py export /tmp/f05_int4 \\
+        --precision vision=fp16,llm=int4
+    # ONNX Runtime decode speed of an export (JSON line: vision / prefill / decode tok/s)
+    python scripts/export_05b.py bench /tmp/f05_int4 --threads 1 --tokens 64
+
+Random weights make flat, noisy logits, so greedy agreement of quantized decoders is a weak
+signal here (use the demo model's numbers for that); sizes, memory and speed are what this
+measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig  # noqa: E402
+
+
+def config_05b() -> FastVLMConfig:
+    text = TextConfig(
+        vocab_size=152000,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+    return FastVLMConfig(vision=VisionConfig(image_size=1024), text=text)
+
+
+def random_05b(seed: int = 0):
+    from fastvlm.model.fastvlm import FastVLMModel
+
+    torch.manual_seed(seed)
+    model = FastVLMModel(config_05b())
+    model.init_weights()
+    return model.eval()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux → GB
+
+
+def cmd_export(a) -> dict:
+    from fastvlm.export.onnx import export_onnx
+
+    t0 = time.perf_counter()
+    model = random_05b()
+    res = export_onnx(model, a.out, a.precision, None, parity=not a.no_parity, threads=a.threads)
+    p = res.parity
+    return {
+        "out": str(a.out),
+        "precision": res.precision,
+        "files_mb": {k: round(v / 1e6, 1) for k, v in res.files.items()},
+        "decoder_mb": round(res.size("decoder_model_merged") / 1e6, 1),
+        "vision_mb": round(res.size("vision_encoder") / 1e6, 1),
+        "export_s": round(res.seconds, 1),
+        "total_s": round(time.perf_counter() - t0, 1),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        "parity": None if p is None else p.to_dict(),
+    }
+
+
+def cmd_bench(a) -> dict:
+    from fastvlm.export.ort_backend import load_onnx
+
+    vlm = load_onnx(a.out, intra_op_threads=a.threads)
+    cfg = vlm.config
+    g = torch.Generator().manual_seed(0)
+    s = cfg.vision.image_size
+    px = torch.rand(1, 3, s, s, generator=g)
+    text = torch.randint(0, 150000, (24,), generator=g).tolist()
+    ids = text[:8] + [cfg.image_token_id] * cfg.num_image_tokens + text[8:]
+    vlm.generate_ids(ids, px, max_tokens=4, ignore_eos=True)  # warm-up (allocations, caches)
+    vlm.generate_ids(ids, px, max_tokens=a.tokens, ignore_eos=True)
+    st = vlm.last_stats
+    return {
+        "out": str(a.out),
+        "precision": vlm.precision,
+        "threads": a.threads,
+        "prompt_tokens": st.prompt_tokens,
+        "generation_tokens": st.generation_tokens,
+        "vision_s": round(st.vision_s, 3),
+        "prefill_s": round(st.prefill_s, 3),
+        "decode_tok_s": round(st.decode_tps, 2),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export")
+    e.add_argument("out", type=Path)
+    e.add_argument("--precision", default="quality")
+    e.add_argument("--no-parity", action="store_true")
+    e.add_argument("--threads", type=int, default=1)
+    b = sub.add_parser("bench")
+    b.add_argument("out", type=Path)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--tokens", type=int, default=64)
+    a = p.parse_args(argv)
+    print(json.dumps(cmd_export(a) if a.cmd == "export" else cmd_bench(a)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Export tests: ONNX (+ ONNX Runtime backend), Core ML (spec validation on Linux), TFLite.
+
+Each target's test skips cleanly when its optional dependency is missing; the TFLite converter
+(litert-torch) lives in /work/venv-tflite on the dev machine (see README "Export")."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import has_module, make_tiny_model
+
+import fastvlm
+from fastvlm.errors import ConfigError
+
+needs_ort = pytest.mark.skipif(
+    not (has_module("onnx") and has_module("onnxruntime")), reason="onnx/onnxruntime missing"
+)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return fastvlm.load()  # embedded demo model, 256 px, fp32 on CPU
+
+
+@pytest.fixture(scope="module")
+def demo_exports(tmp_path_factory, demo):
+    """The demo model exported once per preset (shared by the ONNX tests)."""
+    if not (has_module("onnx") and has_module("onnxruntime")):
+        pytest.skip("onnx/onnxruntime missing")
+    from fastvlm.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx")
+    return {
+        p: export_onnx(demo.model, root / p, p, demo.tokenizer, log=lambda *_: None)
+        for p in ("quality", "balanced", "small")
+    }
+
+
+# ---------------------------------------------------------------------- precision specs
+def test_precision_presets_and_specs():
+    from fastvlm.export.onnx import ALLOWED
+    from fastvlm.export.precision import resolve_precision
+
+    p = resolve_precision("small", None, ALLOWED, "ONNX")
+    assert p == {"vision": "fp16", "projector": "fp16", "embed": "fp16", "llm": "int4"}
+    p = resolve_precision(None, "vision=fp16, llm=q8", ALLOWED, "ONNX")
+    assert p == {"vision": "fp16", "projector": "fp32", "embed": "fp32", "llm": "int8"}
+    with pytest.raises(ConfigError, match="vision=int4"):
+        resolve_precision(None, "vision=int4", ALLOWED, "ONNX")
+    with pytest.raises(ConfigError, match="component=precision"):
+        resolve_precision(None, "decoder=int4", ALLOWED, "ONNX")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        resolve_precision("tiny", None, ALLOWED, "ONNX")
+
+
+# ---------------------------------------------------------------------- ONNX
+@needs_ort
+def test_onnx_fp32_matches_pytorch_tiny_random(tmp_path, tokenizer):
+    """fp32 logits within 1e-4 and identical greedy tokens, checked here independently of the
+    built-in parity check (which must agree)."""
+    from fastvlm.engine.generate import generate_step
+    from fastvlm.engine.sampling import SamplingParams
+    from fastvlm.export.onnx import export_onnx
+    from fastvlm.export.ort_backend import OrtModel, ort_generate_step
+
+    model = make_tiny_model(vocab_size=tokenizer.get_vocab_size())
+    res = export_onnx(model, tmp_path / "o", None, tokenizer, log=print)
+    names = {"onnx/vision_encoder.onnx", "onnx/embed_tokens.onnx", "onnx/decoder_model_merged.onnx"}
+    assert names <= set(res.files)
+    for f in ("config.json", "tokenizer.json", "README.md", "fastvlm_export.json"):
+        assert (tmp_path / "o" / f).exists()
+    assert res.parity.passed, str(res.parity)
+    assert res.parity.logits_max_abs < 1e-4 and res.parity.greedy_identical
+
+    ort_model = OrtModel(tmp_path / "o", intra_op_threads=1)
+    g = torch.Generator().manual_seed(1)
+    cfg = model.config
+    px = torch.rand(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    ids = [5, 6, 7] + [cfg.image_token_id] * cfg.num_image_tokens + [8, 9, 10, 11]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), px).numpy()
+    emb = ort_model.embed_images(px)
+    out = ort_model.logits(ids, emb)
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() < 1e-4
+    p = SamplingParams(max_tokens=32, ignore_eos=True)
+    want = list(generate_step(model, ids, px, p))
+    got = list(ort_generate_step(ort_model, ids, px, p))
+    assert got == want
+    io = {i.name: i.shape for i in ort_model.sessions["decoder"].get_inputs()}
+    assert io["inputs_embeds"] == ["batch", "sequence_length", cfg.text.hidden_size]
+    assert io["past_key_values.0.key"] == ["batch", 2, "past_sequence_length", 16]
+    assert ort_model.sessions["decoder"].get_outputs()[1].name == "present.0.key"
+
+
+@needs_ort
+def test_onnx_presets_on_demo_model(demo_exports, capsys):
+    q, b, s = (demo_exports[p] for p in ("quality", "balanced", "small"))
+    for r in (q, b, s):
+        print(r.parity)
+        assert r.parity.passed, str(r.parity)
+    assert q.parity.logits_max_abs < 1e-4 and q.parity.greedy_identical
+    # quantized decoders: the demo model is trained, so greedy must mostly agree
+    assert b.parity.teacher_forced >= 0.9 and s.parity.teacher_forced >= 0.9
+    assert b.parity.greedy_match >= 0.9 and s.parity.greedy_match >= 0.9
+    dec = "onnx/decoder_model_merged.onnx"
+    vis = "onnx/vision_encoder.onnx"
+    assert s.files[dec] < b.files[dec] < q.files[dec]
+    assert s.files[dec] <= 0.3 * q.files[dec]
+    assert s.files[vis] <= 0.55 * q.files[vis]
+    manifest = json.loads((s.out / "fastvlm_export.json").read_text())
+    assert manifest["precision"]["llm"] == "int4" and manifest["parity"]["passed"]
+
+
+@needs_ort
+def test_onnx_backend_api_matches_torch(demo_exports, demo):
+    from fastvlm.export.ort_backend import OrtFastVLM
+    from fastvlm.export.parity import sample_image
+
+    vlm = fastvlm.load(demo_exports["quality"].out)
+    assert isinstance(vlm, OrtFastVLM)
+    img = sample_image(256)
+    want = demo.describe(img, max_tokens=24)
+    assert vlm.describe(img, max_tokens=24) == want
+    assert "".join(vlm.stream(img, max_tokens=24)) == want
+    chunks = list(vlm.stream_chunks(vlm.describe_messages([img], "Describe this image."),
+                                    max_tokens=24))  # fmt: skip
+    assert chunks[-1].finish_reason in ("stop", "length")
+    assert chunks[-1].stats.image_tokens == 16 and vlm.last_stats.generation_tokens >= 1
+    # stop strings go through the shared text logic
+    word = want.split()[1]
+    cut = vlm.describe(img, max_tokens=24, stop=[word])
+    assert cut == want[: want.index(word)]
+    # bench hook: ids in, ids out, stats filled
+    ids, px = vlm.encode(vlm.describe_messages([img], "Describe this image."))
+    out = vlm.generate_ids(ids, px, max_tokens=8, ignore_eos=True)
+    assert len(out) == 8 and vlm.last_stats.generation_tokens == 8
+    assert vlm.last_stats.vision_s > 0 and vlm.last_stats.decode_s > 0
+    # same folder forced onto the torch backend is a clear error, not a crash
+    with pytest.raises(fastvlm.FastVLMError):
+        fastvlm.load(demo_exports["quality"].out, backend="torch")
+
+
+@needs_ort
+def test_onnx_cli_and_parity_failure_exit(tmp_path, tiny_dir):
+    from fastvlm.cli import main
+
+    assert main(["export", "onnx", str(tiny_dir), str(tmp_path / "a")]) == 0
+    # a non-empty output folder is refused without --force
+    assert main(["export", "onnx", str(tiny_dir), str(tmp_path / "a")]) == 1
+    # beyond tolerance → non-zero exit (an impossible agreement floor)
+    rc = main(["export", "onnx", str(tiny_dir), str(tmp_path / "b"), "--precision", "llm=int4",
+               "--min-agreement", "1.01"])  # fmt: skip
+    assert rc == 1
+    assert main(["export", "onnx", str(tiny_dir), str(tmp_path / "c"), "--precision", "x=1"]) == 1
+
+
+# ---------------------------------------------------------------------- TFLite
+needs_litert = pytest.mark.skipif(
+    not (has_module("litert_torch") and has_module("ai_edge_litert")),
+    reason="litert-torch / ai-edge-litert missing (they live in their own venv, README 'Export')",
+)
+
+
+@needs_litert
+def test_tflite_vision_fp32_matches_pytorch(tmp_path):
+    from fastvlm.export.tflite import TFLiteVision, export_tflite
+
+    model = make_tiny_model()
+    res = export_tflite(model, tmp_path / "t", "quality", None, log=lambda *_: None)
+    path = tmp_path / "t" / "vision_encoder.tflite"
+    assert path.exists() and res.parity.passed, str(res.parity)
+    px = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.embed_images(px).numpy()
+    run = TFLiteVision(path)
+    assert run.inp["shape"].tolist() == [1, 3, 128, 128]
+    out = run(px)
+    assert out.shape == ref.shape == (2, 4, 64)
+    assert np.abs(out - ref).max() < 1e-4
+
+
+@pytest.mark.slow
+@needs_litert
+@pytest.mark.parametrize("vision", ["fp16", "int8"])
+def test_tflite_vision_weight_quantized(tmp_path, vision):
+    from fastvlm.export.tflite import export_tflite
+
+    model = make_tiny_model()
+    res = export_tflite(model, tmp_path / "t", f"vision={vision}", None, log=lambda *_: None)
+    assert res.parity.passed and res.parity.embeds_cos > 0.999, str(res.parity)
+    fp32_bytes = 4 * sum(
+        p.numel() for m in (model.vision_tower, model.mm_projector) for p in m.parameters()
+    )
+    assert res.files["vision_encoder.tflite"] < (0.6 if vision == "fp16" else 0.4) * fp32_bytes
+
+
+# ---------------------------------------------------------------------- Core ML
+needs_coreml = pytest.mark.skipif(not has_module("coremltools"), reason="coremltools missing")
+
+
+@needs_coreml
+def test_coreml_small_preset_spec(tmp_path, tokenizer):
+    """Conversion runs on Linux; the saved packages re-load with the documented I/O."""
+    from fastvlm.export.coreml import export_coreml, validate_package
+
+    model = make_tiny_model(vocab_size=tokenizer.get_vocab_size())
+    res = export_coreml(model, tmp_path / "c", "small", tokenizer, context=128, log=print)
+    assert res.parity.passed and res.parity.greedy_identical, str(res.parity)
+    t = model.config.text
+    vis = validate_package(tmp_path / "c" / "vision_encoder.mlpackage")
+    assert vis["inputs"]["pixel_values"]["shape"] == [1, 3, 128, 128]
+    assert vis["outputs"]["image_embeds"]["shape"] == [1, 4, t.hidden_size]
+    emb = validate_package(tmp_path / "c" / "embed_tokens.mlpackage")
+    assert emb["inputs"]["input_ids"]["ranges"] == [[1, 1], [1, 128]]
+    dec = validate_package(tmp_path / "c" / "decoder.mlpackage")
+    assert set(dec["inputs"]) == {"inputs_embeds", "causal_mask"}
+    assert dec["inputs"]["inputs_embeds"]["ranges"] == [[1, 1], [1, 128], [64, 64]]
+    assert dec["inputs"]["causal_mask"]["ranges"] == [[1, 1], [1, 1], [1, 128], [1, 128]]
+    assert list(dec["outputs"]) == ["logits"]
+    cache = [t.num_hidden_layers, 1, t.num_key_value_heads, 128, t.head_dim]
+    assert dec["states"]["key_cache"]["shape"] == dec["states"]["value_cache"]["shape"] == cache
+    assert dec["ops"]["write_state"] == 2 * t.num_hidden_layers
+    assert dec["ops"].get("constexpr_blockwise_shift_scale", 0) >= 8  # int4 weights
+    manifest = json.loads((tmp_path / "c" / "fastvlm_export.json").read_text())
+    assert manifest["format"] == "coreml" and manifest["precision"]["llm"] == "int4"
