@@ -36,7 +36,7 @@ def test_bench_tiny_shape_reports_everything(capsys):
     assert int4["bytes_per_token"] < int8["bytes_per_token"] < fp32["bytes_per_token"]
     assert fp32["vision_images_s@2"] > 0 and fp32["aggregate_tok_s@3"] > 0
     assert "fastvlm int8 decode / fp32 decode" in result["ratios"]
-    assert result["transformers"] is None
+    assert result["transformers"] == []
 
 
 def test_decode_bytes_counts_quantized_weights():
