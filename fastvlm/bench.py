@@ -621,10 +621,10 @@ def report(info: dict, runs: list[dict], refs: list[dict]) -> None:
         keys += [k for k in r if k != "name" and k not in keys]
     cols = [r["name"] for r in runs + refs]
     w = max(len(k) for k in keys) + 2
-    print("".ljust(w) + "".join(c.rjust(18) for c in cols))
+    print("".ljust(w) + "".join(c.rjust(22) for c in cols))
     for k in keys:
         vals = [r.get(k, "") for r in runs + refs]
-        print(k.ljust(w) + "".join(_fmt(v).rjust(18) for v in vals))
+        print(k.ljust(w) + "".join(_fmt(v).rjust(22) for v in vals))
     rs = ratios(runs, refs)
     if rs:
         print("ratios:")
