@@ -557,8 +557,9 @@ def make_clip(path: Path, seconds: float = 1.0, fps: int = 10, noise: bool = Fal
                 a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
             else:
                 a = np.zeros((64, 64, 3), np.uint8)
-                a[..., i % 3] = 60 + 19 * i
-                a[16:48, 8 + 4 * i : 24 + 4 * i] = 255  # a square moving right
+                a[..., i % 3] = (60 + 19 * i) % 256
+                x = 4 * i % 40
+                a[16:48, 8 + x : 24 + x] = 255  # a square moving right
             for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
