@@ -1132,8 +1132,18 @@ def test_serve_flags():
         "--cors-origins",
         "--max-tokens-limit",
         "--host",
+        "--max-video-mb",
+        "--max-video-bytes",
     ):
         assert flag in text
+    from fastvlm.server.app import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert cfg.media.max_video_bytes == 50 * 1024 * 1024 > cfg.media.max_image_bytes
+    cfg = config_from_args(build_parser().parse_args(["--max-video-mb", "2", "--max-images", "8"]))
+    assert cfg.media.max_video_bytes == 2 * 1024 * 1024 and cfg.limits.max_images == 8
+    cfg = config_from_args(build_parser().parse_args(["--max-video-bytes", "12345"]))
+    assert cfg.media.max_video_bytes == 12345
 
 
 # ---------------------------------------------------------------------- load test client
