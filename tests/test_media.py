@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import base64
 import http.server
+import importlib.util
 import io
 import ipaddress
 import socket
 import struct
+import sys
+import tempfile
 import threading
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -474,3 +478,122 @@ def test_local_files_only_under_allowed_path(tmp_path):
     ):
         with pytest.raises(MediaError, match="outside|not found"):
             media.load_media_image(url, policy)
+
+
+# ---------------------------------------------------------------------- video
+needs_av = pytest.mark.skipif(
+    importlib.util.find_spec("av") is None, reason="PyAV not installed (fastvlm[video])"
+)
+
+
+def make_clip(path, seconds: float = 1.0, fps: int = 10, size: int = 32) -> bytes:
+    """A small mp4 written with PyAV; each frame's brightness is its index (frames differ)."""
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(int(seconds * fps)):
+            a = np.full((size, size, 3), 20 * i % 256, np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def clip(tmp_path):
+    return make_clip(tmp_path / "clip.mp4")
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Temporary files go to a folder the test can inspect (to prove they are deleted)."""
+    d = tmp_path / "tmp"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+@needs_av
+def test_video_data_url_decodes_sampled_frames_and_deletes_its_temp_file(clip, private_tmp):
+    frames = media.load_media_video(data_url(clip, "video/mp4"), MediaPolicy(), None, 4)
+    assert [f.index for f in frames] == [0, 3, 6, 9]
+    assert [f.time for f in frames] == pytest.approx([0.0, 0.3, 0.6, 0.9], abs=1e-3)
+    assert all(f.image.mode == "RGB" and f.image.size == (32, 32) for f in frames)
+    frames = media.load_media_video(data_url(clip, "video/mp4"), MediaPolicy(), 5.0, 16)
+    assert [f.time for f in frames] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8], abs=1e-3)
+    with pytest.raises(MediaError) as e:  # corrupt: 400, and the temp file is gone too
+        media.load_media_video(data_url(clip[: len(clip) // 2], "video/mp4"), MediaPolicy())
+    assert e.value.status == 400 and e.value.code == "invalid_video"
+    assert "fastvlm-video-" not in str(e.value)  # the temporary path is not shown
+    assert list(private_tmp.iterdir()) == []
+
+
+@needs_av
+def test_video_caps(clip, private_tmp):
+    small = MediaPolicy(max_video_bytes=len(clip) - 1)
+    with pytest.raises(MediaError) as e:
+        media.load_media_video(data_url(clip, "video/mp4"), small)
+    assert e.value.status == 413 and e.value.code == "video_too_large"
+    with pytest.raises(MediaError) as e:  # frames over the pixel cap (checked per frame)
+        media.load_media_video(data_url(clip, "video/mp4"), MediaPolicy(max_image_pixels=100))
+    assert e.value.status == 413 and "pixel limit" in str(e.value)
+    # the video cap is separate from (and larger than) the image cap
+    assert media.load_media_video(data_url(clip, "video/mp4"), MediaPolicy(max_image_bytes=10))
+    with pytest.raises(MediaError, match="not a video"):  # an image MIME type is not a video
+        media.load_media_video(data_url(clip, "image/png"), MediaPolicy())
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_video_data_url_checked_before_pyav(monkeypatch):
+    """PyAV missing → a 400 naming the extra, before any byte is fetched or decoded."""
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(MediaError, match=r"fastvlm\[video\]") as e:
+        media.load_media_video("http://127.0.0.1:9/never-fetched.mp4", MediaPolicy())
+    assert e.value.status == 400 and e.value.code == "video_unsupported"
+
+
+@needs_av
+def test_video_urls_use_the_guarded_fetcher_with_the_video_cap(clip, netguard):
+    big = clip + b"\0" * 300_000
+    srv = _ImageServer(
+        {
+            "/clip.mp4": (200, {"Content-Type": "video/mp4"}, clip),
+            "/to-clip": (302, {"Location": "/clip.mp4"}, b""),
+            "/to-localhost": (302, {"Location": "http://localhost:PORT/clip.mp4"}, b""),
+            "/big.mp4": (200, {"Content-Type": "video/mp4"}, big),
+        }
+    )
+    try:
+        allow = MediaPolicy(
+            allowed_media_domains=["127.0.0.1"], max_image_bytes=100, max_video_bytes=200_000
+        )
+        assert len(media.load_media_video(srv.url("/to-clip"), allow, None, 3)) == 3
+        with pytest.raises(MediaError, match="loopback"):  # not allowed: refused, not fetched
+            media.load_media_video(srv.url("/clip.mp4"), MediaPolicy())
+        with pytest.raises(MediaError, match="loopback"):  # a redirect is checked again
+            media.load_media_video(srv.url("/to-localhost"), allow)
+        with pytest.raises(MediaError) as e:
+            media.load_media_video(srv.url("/big.mp4"), allow)
+        assert e.value.status == 413 and e.value.code == "video_too_large"
+        assert srv.hits == ["/to-clip", "/clip.mp4", "/to-localhost", "/big.mp4"]
+    finally:
+        srv.close()
+    assert not [v for v in netguard if v.startswith("connect")]
+
+
+@needs_av
+def test_local_videos_only_under_allowed_path(tmp_path, clip):
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "a.mp4").write_bytes(clip)
+    (tmp_path / "secret.mp4").write_bytes(clip)
+    with pytest.raises(MediaError, match="allowed-local-media-path"):
+        media.load_media_video(f"file://{root}/a.mp4", MediaPolicy())
+    policy = MediaPolicy(allowed_local_media_path=str(root))
+    assert len(media.load_media_video(f"file://{root}/a.mp4", policy, None, 2)) == 2
+    with pytest.raises(MediaError, match="outside"):
+        media.load_media_video("../secret.mp4", policy)

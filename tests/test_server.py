@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import importlib.util
 import io
 import ipaddress
 import json
@@ -400,6 +401,10 @@ def _img(url: str) -> dict:
     return body([image_msg("Describe.", url)])
 
 
+def _video(url: str) -> dict:
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
 HOSTILE = [
     ("malformed json", b'{"model": "fastvlm-tiny", "messages": [', 400, "invalid_json"),
     ("not an object", b"[1, 2, 3]", 400, None),
@@ -460,7 +465,7 @@ HOSTILE = [
     ("plain path", _img("/etc/passwd"), 400, "media_url_refused"),
     ("ftp url", _img("ftp://127.0.0.1/a.png"), 400, None),
     (
-        "video_url",
+        "video_url garbage",  # invalid_video (or video_unsupported without PyAV)
         body(
             [
                 {
@@ -472,8 +477,17 @@ HOSTILE = [
             ]
         ),
         400,
-        "unsupported_content",
+        None,
     ),
+    (
+        "video_url file:///etc/passwd",
+        body([{"role": "user", "content": [_video("file:///etc/passwd")]}]),
+        400,
+        "media_url_refused",
+    ),
+    ("tokens_per_image=5", body([image_msg("x")], tokens_per_image=5), 400, "invalid_value"),
+    ("fps=0", body([image_msg("x")], fps=0), 400, "invalid_value"),
+    ("max_frames=0", body([image_msg("x")], max_frames=0), 400, "invalid_value"),
     (
         "image in assistant msg",
         body(
@@ -518,6 +532,245 @@ def test_unknown_route_and_method_are_openai_errors(live):
     assert r.status_code == 404 and "error" in r.json()
     r = httpx.get(live.url + "/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
+
+
+# ---------------------------------------------------------------------- video, token reduction
+needs_av = pytest.mark.skipif(
+    importlib.util.find_spec("av") is None, reason="PyAV not installed (fastvlm[video])"
+)
+VIDEO_PROMPT = "What happens in this video?"
+
+
+def make_clip(path: Path, seconds: float = 1.0, fps: int = 10, noise: bool = False) -> bytes:
+    """An mp4 written with PyAV: 64x64 frames of a different colour each (or random noise,
+    which compresses badly: a big file)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(int(seconds * fps)):
+            if noise:
+                a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            else:
+                a = np.zeros((64, 64, 3), np.uint8)
+                a[..., i % 3] = (60 + 19 * i) % 256
+                x = 4 * i % 40
+                a[16:48, 8 + x : 24 + x] = 255  # a square moving right
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    if importlib.util.find_spec("av") is None:
+        pytest.skip("PyAV not installed (fastvlm[video])")
+    d = tmp_path_factory.mktemp("clips")
+    return {
+        "clip": make_clip(d / "clip.mp4"),
+        "big": make_clip(d / "big.mp4", seconds=2, noise=True),
+        "dir": d,
+    }
+
+
+def video_msg(url: str, text: str = VIDEO_PROMPT, *images: str) -> dict:
+    parts = [{"type": "video_url", "video_url": {"url": url}}]
+    parts += [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def video_internal(clips, fps, max_frames: int, text: str = VIDEO_PROMPT) -> list[dict]:
+    """The library's messages for the same clip, decoded by the library itself."""
+    from fastvlm.video import read_frames, video_part
+
+    frames = read_frames(clips["dir"] / "clip.mp4", fps=fps, max_frames=max_frames)
+    return [{"role": "user", "content": [video_part(frames), {"type": "text", "text": text}]}]
+
+
+def chat(url: str, payload: dict, **kw) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", json=payload, timeout=60, **kw)
+
+
+@needs_av
+def test_openai_client_video_data_url_counts_frames_times_tokens(live, vlm, clips):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    messages = [video_msg(data_url(clips["clip"], "video/mp4"))]
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0, extra_body={"max_frames": 4}
+    )
+    internal = video_internal(clips, None, 4)  # 4 frames spread over the 10
+    ids, pixels = vlm.encode(internal)
+    assert pixels.shape[0] == 4
+    assert r.usage.prompt_tokens_details.image_tokens == 4 * 16
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].message.content == vlm.chat(internal, max_tokens=8, temperature=0)
+    # fps sampling + token reduction, streamed: 5 frames (0.0, 0.2, ... 0.8 s) x 4 tokens
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"fps": 5, "tokens_per_image": 4},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    internal = video_internal(clips, 5, 16)
+    ids, pixels = vlm.encode(internal, tokens_per_image=4)
+    assert pixels.shape[0] == 5
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens_details.image_tokens == 5 * 4
+    assert usage.prompt_tokens == len(ids)
+    assert text == vlm.chat(internal, tokens_per_image=4, max_tokens=8, temperature=0)
+
+
+def test_tokens_per_image_reduces_prompt_tokens_and_is_validated(live, vlm):
+    messages = [image_msg("Describe these.", data_url(png()), data_url(png((0, 0, 200))))]
+    full = chat(live.url, body(messages, max_tokens=6))
+    pooled = chat(live.url, body(messages, max_tokens=6, tokens_per_image=4))
+    assert full.status_code == 200 and pooled.status_code == 200, pooled.text
+    fu, pu = full.json()["usage"], pooled.json()["usage"]
+    assert fu["prompt_tokens_details"]["image_tokens"] == 2 * 16
+    assert pu["prompt_tokens_details"]["image_tokens"] == 2 * 4
+    assert fu["prompt_tokens"] - pu["prompt_tokens"] == 2 * (16 - 4)
+    internal = to_internal(messages)
+    assert pu["prompt_tokens"] == len(vlm.encode(internal, tokens_per_image=4)[0])
+    text = pooled.json()["choices"][0]["message"]["content"]
+    assert text == vlm.chat(internal, tokens_per_image=4, max_tokens=6, temperature=0)
+    native = chat(live.url, body(messages, max_tokens=6, tokens_per_image=16))
+    assert native.json()["usage"] == fu  # the native count is the same as no pooling
+    for bad in (5, 64, 0, -4):
+        r = chat(live.url, body(messages, tokens_per_image=bad))
+        assert r.status_code == 400, (bad, r.text)
+        err = r.json()["error"]
+        assert err["param"] == "tokens_per_image" and err["code"] == "invalid_value"
+        assert "16, 9, 4, 1" in err["message"] and str(bad) in err["message"]
+    r = chat(live.url, body(messages, tokens_per_image="four"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens_per_image"
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def video_http(clips):
+    """A loopback HTTP server holding the clips (and a redirect to a loopback disguise)."""
+    routes = {
+        "/clip.mp4": (200, {"Content-Type": "video/mp4"}, clips["clip"]),
+        "/big.mp4": (200, {"Content-Type": "video/mp4"}, clips["big"]),
+        "/to-localhost": (302, {"Location": "http://localhost:PORT/clip.mp4"}, b""),
+    }
+    hits: list[str] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            status, headers, data = routes.get(self.path, (404, {}, b""))
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v.replace("PORT", str(httpd.server_address[1])))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd.hits = hits
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def video_srv(vlm, clips):
+    """127.0.0.1 allowed as a media host, a small video byte cap and 6 images per request."""
+    cap = 4 * len(clips["clip"])
+    assert len(clips["big"]) > cap
+    cfg = ServerConfig(
+        limits=ServeLimits(max_images=6),
+        media=MediaPolicy(allowed_media_domains=["127.0.0.1"], max_video_bytes=cap),
+    )
+    srv = LiveServer(create_app(cfg, vlm=vlm))
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+@needs_av
+def test_video_over_the_byte_cap_is_413(video_srv, video_http, clips):
+    """413 (as for images): the media is too large, not malformed; data URL and download."""
+    for url in (data_url(clips["big"], "video/mp4"), video_http.url + "/big.mp4"):
+        r = chat(video_srv.url, body([video_msg(url)], max_tokens=2))
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "video_too_large" and "limit" in err["message"]
+    assert httpx.get(video_srv.url + "/health").json()["status"] == "ok"
+
+
+@needs_av
+def test_corrupt_video_is_400_and_server_survives(live, clips):
+    for data in (b"\x00\x00\x00\x18ftypmp42 not a video" * 20, clips["clip"][:600]):
+        r = chat(live.url, body([video_msg(data_url(data, "video/mp4"))], max_tokens=2))
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["code"] == "invalid_video"
+        assert "fastvlm-video-" not in err["message"]  # no temporary path leaks
+        assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+@needs_av
+def test_video_url_on_loopback_refused_unless_allowed(live, video_srv, video_http):
+    url = video_http.url + "/clip.mp4"
+    video_http.hits.clear()
+    r = chat(live.url, body([video_msg(url)], max_tokens=2))  # default policy: SSRF guard
+    assert r.status_code == 400 and r.json()["error"]["code"] == "media_url_refused"
+    assert "loopback" in r.json()["error"]["message"]
+    assert video_http.hits == []  # refused before connecting
+    r = chat(video_srv.url, body([video_msg(url)], max_tokens=2, max_frames=3))
+    assert r.status_code == 200, r.text  # 127.0.0.1 is allowed there
+    assert r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == 3 * 16
+    r = chat(video_srv.url, body([video_msg(video_http.url + "/to-localhost")], max_tokens=2))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "media_url_refused"
+    assert video_http.hits == ["/clip.mp4", "/to-localhost"]  # the redirect was not followed
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
+
+
+@needs_av
+def test_video_frames_count_against_the_image_limit(video_srv, clips):
+    """video_srv allows 6 images per request."""
+    url = data_url(clips["clip"], "video/mp4")
+    img = data_url(png())
+    # default max_frames fits the limit: 6 - 2 images = 4 frames
+    r = chat(video_srv.url, body([video_msg(url, "Describe.", img, img)], max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens_details"]["image_tokens"] == (4 + 2) * 16
+    for extra, param in (({"max_frames": 7}, "max_frames"), ({"max_frames": 5}, "messages")):
+        r = chat(video_srv.url, body([video_msg(url, "Describe.", img, img)], **extra))
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "too_many_images" and err["param"] == param, err
+    bad_role = {"role": "assistant", "content": [_video(url)]}
+    r = chat(video_srv.url, body([bad_role, {"role": "user", "content": "hi"}]))
+    assert r.status_code == 400 and "user messages" in r.json()["error"]["message"]
+
+
+def test_video_without_pyav_names_the_extra(live, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails, as without PyAV
+    r = chat(live.url, body([video_msg("http://127.0.0.1:9/never-fetched.mp4")], max_tokens=2))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "video_unsupported" and "fastvlm[video]" in err["message"]
+    assert httpx.get(live.url + "/health").json()["status"] == "ok"
 
 
 # ---------------------------------------------------------------------- concurrency
@@ -879,8 +1132,18 @@ def test_serve_flags():
         "--cors-origins",
         "--max-tokens-limit",
         "--host",
+        "--max-video-mb",
+        "--max-video-bytes",
     ):
         assert flag in text
+    from fastvlm.server.app import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert cfg.media.max_video_bytes == 50 * 1024 * 1024 > cfg.media.max_image_bytes
+    cfg = config_from_args(build_parser().parse_args(["--max-video-mb", "2", "--max-images", "8"]))
+    assert cfg.media.max_video_bytes == 2 * 1024 * 1024 and cfg.limits.max_images == 8
+    cfg = config_from_args(build_parser().parse_args(["--max-video-bytes", "12345"]))
+    assert cfg.media.max_video_bytes == 12345
 
 
 # ---------------------------------------------------------------------- load test client

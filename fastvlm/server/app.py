@@ -351,15 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=float, default=64.0, help="request body cap")
     p.add_argument("--max-image-mb", type=float, default=20.0, help="encoded image size cap")
     p.add_argument("--max-image-pixels", type=int, default=25_000_000)
-    p.add_argument("--max-images", type=int, default=16, help="images per request")
-    p.add_argument("--fetch-timeout", type=float, default=10.0, help="image URL fetch timeout (s)")
     p.add_argument(
-        "--no-remote-media", action="store_true", help="refuse http(s) image URLs altogether"
+        "--max-images", type=int, default=16, help="images per request, video frames included"
+    )
+    video = p.add_mutually_exclusive_group()
+    video.add_argument("--max-video-mb", type=float, default=50.0, help="encoded video size cap")
+    video.add_argument(
+        "--max-video-bytes", type=int, default=None, help="the same cap in bytes (overrides)"
+    )
+    p.add_argument(
+        "--fetch-timeout", type=float, default=10.0, help="image/video URL fetch timeout (s)"
+    )
+    p.add_argument(
+        "--no-remote-media", action="store_true", help="refuse http(s) media URLs altogether"
     )
     p.add_argument(
         "--allowed-local-media-path",
         default=None,
-        help="serve file:// and path images from under this folder only (default: none)",
+        help="serve file:// and path images/videos from under this folder only (default: none)",
     )
     p.add_argument(
         "--allowed-media-domains",
@@ -395,6 +404,11 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         media=MediaPolicy(
             max_image_bytes=int(a.max_image_mb * 1024 * 1024),
             max_image_pixels=a.max_image_pixels,
+            max_video_bytes=(
+                a.max_video_bytes
+                if a.max_video_bytes is not None
+                else int(a.max_video_mb * 1024 * 1024)
+            ),
             fetch_timeout_s=a.fetch_timeout,
             allowed_local_media_path=a.allowed_local_media_path,
             allowed_media_domains=list(a.allowed_media_domains),

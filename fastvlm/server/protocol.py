@@ -7,8 +7,11 @@ Design decisions:
   documents them, and `unsupported_params` turns them into the same clear 400; harmless ones
   (`user`, `metadata`, `store`, `service_tier`, ...) are accepted and ignored.
 * Content parts are a discriminated union on `type`: OpenAI's `text` / `image_url`, the
-  Responses-style `input_text` / `input_image`, and `video_url` (parsed, then refused with a
-  400 until video lands), so `/openapi.json` describes exactly what we accept.
+  Responses-style `input_text` / `input_image`, and vLLM-style `video_url`, so `/openapi.json`
+  describes exactly what we accept.
+* Extensions beyond OpenAI's fields are top-level request fields, as vLLM does (`top_k`,
+  `repetition_penalty`, `ignore_eos`; `tokens_per_image` for token reduction; `fps` /
+  `max_frames` for video sampling); the `openai` client sends them with `extra_body`.
 * Responses mirror OpenAI's objects field for field so the official `openai` client parses them.
 """
 
@@ -49,9 +52,13 @@ class InputImagePart(_Strict):
     detail: Literal["auto", "low", "high"] | None = None
 
 
+class VideoURL(_Strict):
+    url: str
+
+
 class VideoURLPart(_Strict):
     type: Literal["video_url"]
-    video_url: ImageURL
+    video_url: VideoURL
 
 
 ContentPart = Annotated[
@@ -94,6 +101,13 @@ class ChatCompletionRequest(_Strict):
     top_k: int | None = Field(default=None, ge=0)  # vLLM-style extension
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=10)  # vLLM extension
     ignore_eos: bool | None = None  # vLLM-style extension (benchmarks: fixed output length)
+    # Extension: pool every image / video frame to this many tokens (validated by the server
+    # against the model: a perfect square no larger than its native count).
+    tokens_per_image: int | None = None
+    # Extensions for video_url parts: frames per second to sample (default: spread max_frames
+    # evenly over the clip) and the most frames per video (video frames count as images).
+    fps: float | None = Field(default=None, gt=0, le=1000)
+    max_frames: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     stop: str | list[str] | None = None
     n: int | None = Field(default=1, ge=1, le=128)

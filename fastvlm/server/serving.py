@@ -11,8 +11,14 @@ Design decisions:
   is the same.
 * Admission control is a counter, not a queue: more than `max_concurrency` admitted requests
   → 429 with Retry-After at once, so overload is visible to clients instead of piling up.
-* Everything a request can get wrong (params, images, context length) is checked before the
-  first byte is sent, so it gets a 4xx status, not an error inside a 200 stream.
+* Everything a request can get wrong (params, images, videos, context length) is checked before
+  the first byte is sent, so it gets a 4xx status, not an error inside a 200 stream.
+* A `video_url` part is fetched like an image (media.py), decoded to its sampled frames here
+  (`fps` / `max_frames` request fields, library defaults otherwise) and handed to the library as
+  an already-decoded video part (frames + timestamps), so the prompt carries the timestamps
+  exactly as `FastVLM.chat` would write them. Frames count as images against `max_images`.
+* `tokens_per_image` is validated against the model up front and goes to `stream_chunks`, which
+  pools every image and frame; the prompt count (context check, usage) uses the pooled runs.
 """
 
 from __future__ import annotations
@@ -27,8 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FastVLMError
+from ..model.fastvlm import check_tokens_per_image
 from ..processing import render_chat
-from .media import MediaError, MediaPolicy, load_media_image
+from .media import (
+    MediaError,
+    MediaPolicy,
+    check_video_support,
+    load_media_image,
+    load_media_video,
+)
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -45,13 +58,15 @@ from .protocol import (
 
 log = logging.getLogger("fastvlm.server")
 
+DEFAULT_MAX_FRAMES = 16  # frames per video when a request sets no max_frames (as the library)
+
 
 @dataclass(slots=True)
 class ServeLimits:
     max_concurrency: int = 64  # admitted requests (running + waiting); more → 429
     max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
     max_prompt_chars: int = 1_000_000  # text characters over all messages; more → 413
-    max_images: int = 16  # images per request
+    max_images: int = 16  # images per request, video frames included
     max_messages: int = 1024  # messages per request (each adds template tokens)
     retry_after_s: int = 1
 
@@ -65,6 +80,7 @@ class Job:
     sampling: dict[str, Any]
     stream: bool
     include_usage: bool
+    vision: dict[str, Any] = field(default_factory=dict)  # tokens_per_image / max_images
     created: int = field(default_factory=now)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -112,7 +128,9 @@ class _Run:
             try:
                 if self.cancel_event.is_set():
                     return
-                gen = svc.vlm.stream_chunks(self.job.messages, **self.job.sampling)
+                gen = svc.vlm.stream_chunks(
+                    self.job.messages, **self.job.vision, **self.job.sampling
+                )
                 try:
                     for chunk in gen:
                         self._put(("chunk", chunk))
@@ -204,30 +222,93 @@ class ChatService:
                 400,
                 f"unsupported parameter(s): {', '.join(bad)} (this server supports max_tokens, "
                 "max_completion_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
-                "stop, ignore_eos, stream, stream_options and n=1)",
+                "stop, ignore_eos, stream, stream_options, n=1, tokens_per_image, fps and "
+                "max_frames)",
                 param=bad[0],
                 code="unsupported_parameter",
             )
-        messages, urls = self._messages(req)
-        images = await asyncio.gather(
-            *(asyncio.to_thread(load_media_image, u, self.media) for u in urls),
+        tpi = self._tokens_per_image(req)
+        messages, parts, urls = self._messages(req)
+        max_frames = self._max_frames(req, parts)
+        if any(p["type"] == "video" for p in parts):
+            try:
+                check_video_support()  # before fetching anything
+            except MediaError as e:
+                raise _error_from(e) from e
+
+        def load(part: dict, url: str):
+            if part["type"] == "video":
+                return load_media_video(url, self.media, req.fps, max_frames)
+            return load_media_image(url, self.media)
+
+        loaded = await asyncio.gather(
+            *(asyncio.to_thread(load, p, u) for p, u in zip(parts, urls, strict=True)),
             return_exceptions=True,
         )
-        for im in images:
-            if isinstance(im, BaseException):
-                raise _error_from(im)
-        it = iter(images)
-        for m in messages:
-            if isinstance(m["content"], list):
-                for p in m["content"]:
-                    if p["type"] == "image":
-                        p["image"] = next(it)
-        n_prompt = await asyncio.to_thread(self._count_prompt, messages)
+        for item in loaded:
+            if isinstance(item, BaseException):
+                raise _error_from(item)
+        n_images = 0
+        for p, item in zip(parts, loaded, strict=True):
+            if p["type"] == "video":
+                p["frames"] = [f.image for f in item]
+                p["timestamps"] = [f.time for f in item]
+                n_images += len(item)
+            else:
+                p["image"] = item
+                n_images += 1
+        self._check_image_count(n_images, videos=sum(p["type"] == "video" for p in parts))
+        n_prompt = await asyncio.to_thread(self._count_prompt, messages, tpi)
         sampling = self._sampling(req, n_prompt)
+        vision: dict[str, Any] = {}
+        if tpi is not None:
+            vision["tokens_per_image"] = tpi
+        proc_limit = getattr(getattr(self.vlm, "processor", None), "max_images", None)
+        if proc_limit is not None and n_images > proc_limit:  # the server's limit wins
+            vision["max_images"] = n_images
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Job(new_id(), messages, sampling, bool(req.stream), include_usage, t0=t0)
+        return Job(
+            new_id(), messages, sampling, bool(req.stream), include_usage, vision=vision, t0=t0
+        )
 
-    def _messages(self, req: ChatCompletionRequest) -> tuple[list[dict], list[str]]:
+    def _tokens_per_image(self, req: ChatCompletionRequest) -> int | None:
+        if req.tokens_per_image is None:
+            return None
+        try:
+            return check_tokens_per_image(req.tokens_per_image, self.vlm.num_image_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tokens_per_image", code="invalid_value") from e
+
+    def _max_frames(self, req: ChatCompletionRequest, parts: list[dict]) -> int:
+        """Frames per video: the request's `max_frames` (≤ the image limit), else the library's
+        default, lowered so that the request's videos and images fit the image limit."""
+        limit = self.limits.max_images
+        if req.max_frames is not None:
+            if req.max_frames > limit:
+                raise APIError(
+                    400,
+                    f"max_frames={req.max_frames} is more than this server's limit of {limit} "
+                    "images per request (video frames count as images)",
+                    param="max_frames",
+                    code="too_many_images",
+                )
+            return req.max_frames
+        videos = sum(p["type"] == "video" for p in parts)
+        room = (limit - (len(parts) - videos)) // max(videos, 1)
+        return max(1, min(DEFAULT_MAX_FRAMES, room))
+
+    def _check_image_count(self, n: int, videos: int = 0) -> None:
+        if n > self.limits.max_images:
+            hint = " (video frames count as images: lower max_frames or fps)" if videos else ""
+            raise APIError(
+                400,
+                f"{n} images in one request, more than the limit of {self.limits.max_images}{hint}",
+                param="messages",
+                code="too_many_images",
+            )
+
+    def _messages(self, req: ChatCompletionRequest) -> tuple[list[dict], list[dict], list[str]]:
+        """(library messages, their image / video parts still to fill, the URLs to load)."""
         if len(req.messages) > self.limits.max_messages:
             raise APIError(
                 400,
@@ -237,6 +318,7 @@ class ChatService:
                 code="too_many_messages",
             )
         out: list[dict] = []
+        media: list[dict] = []
         urls: list[str] = []
         chars = 0
         for i, m in enumerate(req.messages):
@@ -250,23 +332,23 @@ class ChatService:
                 if p.type in ("text", "input_text"):
                     chars += len(p.text)
                     parts.append({"type": "text", "text": p.text})
-                elif p.type == "video_url":
-                    raise APIError(
-                        400,
-                        "video_url content parts are not supported yet; send frames as images",
-                        param=f"messages[{i}].content",
-                        code="unsupported_content",
-                    )
                 else:
                     if role != "user":
                         raise APIError(
                             400,
-                            "images are only allowed in user messages",
+                            "images and videos are only allowed in user messages",
                             param=f"messages[{i}].content",
                         )
-                    url = p.image_url if isinstance(p.image_url, str) else p.image_url.url
-                    urls.append(url)
-                    parts.append({"type": "image", "image": None})
+                    if p.type == "video_url":
+                        urls.append(p.video_url.url)
+                        part = {"type": "video", "frames": None, "timestamps": None}
+                    else:
+                        urls.append(
+                            p.image_url if isinstance(p.image_url, str) else p.image_url.url
+                        )
+                        part = {"type": "image", "image": None}
+                    parts.append(part)
+                    media.append(part)
             out.append({"role": role, "content": parts})
         if chars > self.limits.max_prompt_chars:
             raise APIError(
@@ -276,22 +358,17 @@ class ChatService:
                 param="messages",
                 code="prompt_too_large",
             )
-        if len(urls) > self.limits.max_images:
-            raise APIError(
-                400,
-                f"{len(urls)} images in one request, more than the limit of "
-                f"{self.limits.max_images}",
-                param="messages",
-                code="too_many_images",
-            )
-        return out, urls
+        # each video yields at least one frame: refuse before fetching anything
+        videos = sum(p["type"] == "video" for p in media)
+        self._check_image_count(len(urls), videos)
+        return out, media, urls
 
-    def _count_prompt(self, messages: list[dict]) -> int:
-        """Prompt length in tokens, image placeholders included (text-only work, no pixels)."""
+    def _count_prompt(self, messages: list[dict], tokens_per_image: int | None = None) -> int:
+        """Prompt length in tokens, (pooled) image placeholders included (no pixels)."""
         cfg = self.vlm.config
         try:
             prompt, images = render_chat(messages, cfg.chat_template, cfg.system_prompt)
-            return len(self.vlm.processor.tokenize(prompt, len(images)))
+            return len(self.vlm.processor.tokenize(prompt, len(images), tokens_per_image))
         except (FastVLMError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from e
 
