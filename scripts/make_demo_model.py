@@ -5,10 +5,10 @@ Steps (each deterministic from its seed):
    shapes scenes of data seed 12345 (`fastvlm.train.tokenizer_build`);
 2. config: a FastVLM of the real architecture with tiny widths (see `demo_config`), 256 px input
    → 16 image tokens;
-3. training (scenes drawn on the fly), in the two phases the shipped model actually had: a run
-   planned for 2000 steps, stopped after step 600 (`--stop-after 600`), then resumed with the
-   schedule stretched to 3000 steps (`--resume --max-steps 3000`), because at step 600 the model
-   had only just started to use the image;
+3. training (scenes drawn on the fly, vision tower in its multi-branch BatchNorm train form,
+   saved fused), one cosine schedule of 1200 steps in two curriculum phases: steps 0-250 on
+   single-shape scenes only (`--shapes-max-count 1 --stop-after 250`), then `--resume` on all
+   scenes; the vision tower and projector learn at 3x the LLM's rate (`--vision-lr-mult 3`);
 4. packaging: weights stored as float16 (loaded as float32 on CPU), tokenizer, README;
 5. evaluation: `fastvlm eval --model <asset> --shapes 500 --data-seed 1000` (held-out seed).
 
@@ -28,22 +28,29 @@ import sys
 import time
 from pathlib import Path
 
-PHASES = [["--max-steps", "2000", "--stop-after", "600"], ["--max-steps", "3000", "--resume"]]
+# A curriculum in two phases of one schedule (cosine over 1200 steps): single-shape scenes first,
+# where colour / kind / size are properties of the whole image, then all scenes (1-4 shapes).
+PHASES = [
+    ["--shapes", "8000", "--shapes-max-count", "1", "--stop-after", "250"],
+    ["--shapes", "100000", "--resume"],
+]
 TRAIN_ARGS = [
-    "--shapes",
-    "100000",
     "--data-seed",
     "0",
     "--batch-size",
     "16",
     "--lr",
     "1e-3",
+    "--vision-lr-mult",
+    "3",
     "--warmup",
-    "100",
+    "50",
     "--weight-decay",
     "0.01",
+    "--max-steps",
+    "1200",
     "--save-every",
-    "200",
+    "100",
     "--log-every",
     "25",
     "--seed",
@@ -60,6 +67,7 @@ def demo_config(vocab_size: int) -> dict:
             embed_dims=(16, 32, 64, 128, 256),
             image_size=256,
             layer_scale_init_value=0.1,
+            inference_mode=False,  # trained in the multi-branch (BatchNorm) form, saved fused
         ),
         text=TextConfig(
             vocab_size=vocab_size,

@@ -1,9 +1,10 @@
 """The shipped tiny model: loads offline with no arguments, runs the README's main command, and
-really reads the image (its counts are right).
+really reads the image: on the shipped examples its captions have the right grammar, the right
+shape count and every shape's colour in the right left-to-right order.
 
-It is under-trained (see fastvlm/assets/fastvlm-tiny/README.md): colours, shapes and sizes are
-still mostly wrong, so these tests check the caption grammar and the shape count, which it does
-get right, rather than whole captions.
+It does not meet the project's target (see fastvlm/assets/fastvlm-tiny/README.md): shape kinds
+and sizes are at chance, so whole captions are not asserted; these tests check what it does get
+right (grammar, counts, colours).
 """
 
 from __future__ import annotations
@@ -46,28 +47,34 @@ def test_default_model_is_small_and_offline(vlm):
     assert vlm.dtype == fastvlm.api.torch.float32  # stored fp16, computed fp32 on CPU
 
 
+def colors(caption: str) -> list[str]:
+    return re.findall(r"\b(red|orange|yellow|green|blue|purple)\b", caption)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_captions_are_well_formed_with_the_right_count(vlm, name):
+def test_example_captions_have_the_right_count_and_colours(vlm, name):
     out = vlm.describe(str(ROOT / "examples" / name))
-    count = EXPECTED[name]["caption"].split()[0]
+    truth = EXPECTED[name]["caption"]
+    count = truth.split()[0]
     assert out.split()[0] == count, out
     assert re.fullmatch(GRAMMAR[count], out), out
+    assert colors(out) == colors(truth), out  # every shape's colour, left to right
 
 
-def test_counts_on_held_out_scenes(vlm):
+def test_counts_and_colours_on_held_out_scenes(vlm):
+    """Captions of 20 held-out scenes (data seed 1000): the count and every colour in order."""
     from fastvlm.train.shapes import make_example
 
-    right = 0
+    counts = cols = 0
     for i in range(20):
         img, _, rows = make_example(1000, i, 256)
-        q = next(
-            r
-            for r in rows
-            if r["question"] == "How many shapes are there?" or r["type"] == "caption"
-        )
-        pred = vlm.describe(img, prompt=q["question"], max_tokens=48)
-        right += pred.split()[:1] == q["answer"].split()[:1]
-    assert right >= 12  # measured 0.7-0.8 on held-out seeds; a blind model gets ~0.3
+        truth = next(r for r in rows if r["type"] == "caption")["answer"]
+        pred = vlm.describe(img, max_tokens=64)
+        counts += pred.split()[:1] == truth.split()[:1]
+        cols += colors(pred) == colors(truth)
+    # measured on 500 held-out images: counts 0.992, colours 0.966 (20/20 and 20/20 here);
+    # a blind model gets ~0.3 and ~0.03
+    assert counts >= 18 and cols >= 17, (counts, cols)
 
 
 def test_readme_main_command_offline(vlm):

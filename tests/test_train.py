@@ -499,3 +499,63 @@ def test_stop_after_then_resume_matches_an_uninterrupted_run(tmp_path, tokenizer
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(staged / "model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+# ---------------------------------------------------------------------- demo-model options
+def test_vision_lr_mult_param_groups():
+    """--vision-lr-mult: vision tower + projector get lr × mult, every trainable weight is in
+    exactly one group, and the default keeps the two plain decay / no-decay groups."""
+    model = make_tiny_model()
+    model.language_model.norm.weight.requires_grad_(False)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    vision = {id(p) for m in (model.vision_tower, model.mm_projector) for p in m.parameters()}
+    plain = finetune.param_groups(model, 0.1)
+    assert [(g["weight_decay"], g["lr_mult"]) for g in plain] == [(0.1, 1.0), (0.0, 1.0)]
+    groups = finetune.param_groups(model, 0.1, 3.0)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(trainable)  # each once, frozen ones left out
+    for g in groups:
+        assert all((id(p) in vision) == (g["lr_mult"] == 3.0) for p in g["params"])
+        assert all((p.ndim >= 2) == (g["weight_decay"] == 0.1) for p in g["params"])
+
+
+def test_vision_lr_mult_scales_the_vision_step(tmp_path, tiny_dir, monkeypatch):
+    """One SGD-like first Adam step moves each weight by ~lr: the vision side moves mult × more."""
+    seen = capture_output_model(monkeypatch)
+    base = load_model(tiny_dir)
+    moved = {}
+    for mult in (1.0, 4.0):
+        train(tmp_path, f"m{mult}", "--model", str(tiny_dir), "--freeze", "vision",
+              "--vision-lr-mult", str(mult), **{"max-steps": 1, "clip": 0})  # fmt: skip
+        model = seen["model"]
+        moved[mult] = [
+            (a - b).abs().max().item()
+            for a, b in (
+                (model.mm_projector[0].weight, base.mm_projector[0].weight),
+                (model.language_model.layers[0].mlp.up_proj.weight,
+                 base.language_model.layers[0].mlp.up_proj.weight),
+            )
+        ]  # fmt: skip
+    (proj1, llm1), (proj4, llm4) = moved[1.0], moved[4.0]
+    assert proj4 == pytest.approx(4 * proj1, rel=0.05)
+    assert llm4 == pytest.approx(llm1, rel=1e-4)
+
+
+def test_shapes_max_count_keeps_only_small_scenes():
+    """--shapes-max-count: a deterministic selection of the seed's scenes with ≤ k shapes."""
+    from fastvlm.train.shapes import image_rng, sample_scene
+    from fastvlm.train.shapes_data import shapes_records
+
+    full = shapes_records(30, 5, 64)
+    one = shapes_records(6, 5, 64, max_shapes=1)
+    assert one.index == shapes_records(6, 5, 64, max_shapes=1).index
+    assert one.index == [j for j in range(one.index[-1] + 1)
+                         if len(sample_scene(image_rng(5, j), 64).shapes) == 1]  # fmt: skip
+    for i, j in enumerate(one.index):
+        rec = one[i]
+        assert rec.line == j + 1
+        if j < len(full):  # the same scene and conversation as in the unfiltered sequence
+            assert rec.messages == full[j].messages
+        assert any(m["content"].startswith("one shape: ") for m in rec.messages)
+    with pytest.raises(ValueError, match="max_shapes"):
+        shapes_records(3, 0, 64, max_shapes=0)

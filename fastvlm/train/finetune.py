@@ -20,6 +20,10 @@ Design decisions:
   adapter; plus the AdamW state of the trainable parameters (safetensors) and `trainer_state.json`.
   Dropout is re-seeded from (seed, step, rank) every step, so a resumed run repeats the
   uninterrupted one.
+* `--vision-lr-mult` puts the vision tower + projector in AdamW groups of their own whose lr is
+  the schedule's times the factor (a from-scratch image side learns slower than the LLM);
+  `--shapes-max-count` restricts generated shapes scenes to at most k shapes (curriculum stages,
+  chained with `--stop-after` / `--resume` over one schedule).
 * Frozen BatchNorm layers (frozen vision tower, any LoRA run) stay in eval mode: their running
   statistics are part of the base weights and must not drift.
 
@@ -134,6 +138,28 @@ def set_train_mode(model: nn.Module) -> None:
             p.requires_grad for p in m.parameters(recurse=False)
         ):
             m.eval()
+
+
+def param_groups(model: nn.Module, weight_decay: float, vision_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW groups of the trainable parameters: weight decay only on matrices / kernels, and
+    with `vision_lr_mult` != 1 the vision tower + projector in groups of their own whose lr is
+    the schedule's times `lr_mult` (a from-scratch image side learns slower than the LLM)."""
+    vision = {id(p) for m in (model.vision_tower, model.mm_projector) for p in m.parameters()}
+    groups: list[dict] = []
+    for mult, part in ((1.0, False), (vision_lr_mult, True)):
+        if vision_lr_mult == 1.0 and part:
+            break
+        mine = [
+            p
+            for p in model.parameters()
+            if p.requires_grad and (vision_lr_mult == 1.0 or (id(p) in vision) == part)
+        ]
+        for decay in (True, False):
+            ps = [p for p in mine if (p.ndim >= 2) == decay]
+            if ps or not part:
+                wd = weight_decay if decay else 0.0
+                groups.append({"params": ps, "weight_decay": wd, "lr_mult": mult})
+    return groups
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
@@ -390,7 +416,9 @@ def train(a: argparse.Namespace) -> Path:
     if a.shapes:
         from .shapes_data import shapes_records
 
-        records = shapes_records(a.shapes, a.data_seed, model.config.vision.image_size)
+        records = shapes_records(
+            a.shapes, a.data_seed, model.config.vision.image_size, a.shapes_max_count
+        )
     else:
         records, report = load_records(a.data, a.image_dir)
         if rank == 0:
@@ -404,15 +432,9 @@ def train(a: argparse.Namespace) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise FastVLMError("nothing to train: --freeze froze every parameter")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": a.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=a.lr, betas=(0.9, 0.95), eps=1e-8,
-    )  # fmt: skip
+        param_groups(model, a.weight_decay, a.vision_lr_mult), lr=a.lr, betas=(0.9, 0.95), eps=1e-8
+    )
     step = 0
     if ck is not None:
         step = load_optimizer(ck, optimizer)["step"]
@@ -435,7 +457,7 @@ def train(a: argparse.Namespace) -> Path:
         order = shuffled(len(ds), a.seed, epoch)[rank::world]
         lr = lr_at(step, total, a.warmup, a.lr)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         batches = []
         for micro in range(a.grad_accum):
             start = (offset * a.grad_accum + micro) * a.batch_size
@@ -523,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-dir", default=None, help="image paths are relative to this folder")
     d.add_argument("--shapes", type=int, default=0, help="train on N generated shapes scenes")
     d.add_argument("--data-seed", type=int, default=0, help="seed of the generated shapes data")
+    d.add_argument(
+        "--shapes-max-count",
+        type=int,
+        default=4,
+        help="only scenes with at most this many shapes (a curriculum stage; default 4 = all)",
+    )
     d.add_argument("--max-length", type=int, default=2048)
     o = p.add_argument_group("optimisation")
     o.add_argument("--output", "-o", required=True)
@@ -539,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--lr", type=float, default=2e-5)
     o.add_argument("--warmup", type=int, default=50)
     o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument(
+        "--vision-lr-mult",
+        type=float,
+        default=1.0,
+        help="learning rate of the vision tower and projector = --lr times this (default 1)",
+    )
     o.add_argument("--clip", type=float, default=1.0)
     o.add_argument("--freeze", nargs="*", default=[], help="any of: vision projector llm")
     o.add_argument("--gradient-checkpointing", action="store_true")
