@@ -270,7 +270,7 @@ class _QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x.device.type == "cpu" and x.dtype in KERNEL_INPUT_DTYPES:
             plan = self._plan() if kernels.available() else None
-            if plan is not None and not torch.compiler.is_compiling():
+            if plan is not None and not kernels.graph_capture():
                 x2 = x2.float().contiguous()
                 y = self._run(x2, x2.shape[0], plan).to(x.dtype)
             elif self._kernel_ready():

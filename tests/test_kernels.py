@@ -287,3 +287,18 @@ def test_builds_into_cache_dir_once(fresh_kernels):
     mtime = libs[0].stat().st_mtime_ns
     kernels._reset()
     assert kernels.available() and libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_tracing_never_records_a_kernel_call():
+    """ONNX export traces with TorchScript: a ctypes call would be traced as an uninitialised
+    `empty` (found when exporting a model whose Linears the engine had swapped)."""
+    import fastvlm.kernels as K
+
+    if not K.available():
+        pytest.skip(K.unavailable_reason())
+    lin = torch.nn.Linear(64, 48)
+    fast = K.FastLinear.from_linear(lin)
+    x = torch.randn(1, 64)
+    traced = torch.jit.trace(fast, x)
+    x2 = torch.randn(1, 64)
+    torch.testing.assert_close(traced(x2), lin(x2))

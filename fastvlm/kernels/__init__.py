@@ -322,9 +322,20 @@ def rows_for_kernel(x: torch.Tensor, k: int, max_m: int | None = MAX_M) -> int:
         return 0
     if torch.is_grad_enabled() and x.requires_grad:
         return 0
-    if torch.compiler.is_compiling() or (_lib if _tried else _load()) is None:
+    if graph_capture() or (_lib if _tried else _load()) is None:
         return 0
     return m
+
+
+def graph_capture() -> bool:
+    """True while torch.compile / torch.export / TorchScript tracing (ONNX export) records the
+    model: a ctypes call is invisible to them (a trace would keep an uninitialised `empty`)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:
