@@ -14,8 +14,8 @@ Design decisions:
   seconds, and its output runs unchanged on every ONNX Runtime version we tried.
 * Precision is applied on the ONNX graphs, after export, with ONNX Runtime's own tools:
   fp16 = `float16.convert_float_to_float16(keep_io_types=True)` (I/O stays fp32, so one runtime
-  serves every preset); int8 / int4 decoder = `MatMulNBitsQuantizer` (weight-only, symmetric,
-  block 32, lm_head included). Graphs over 1.5 GB keep their weights in one `*.onnx_data` file.
+  serves every preset); int8 / int4 decoder = `MatMulNBitsQuantizer` (weight-only, asymmetric
+  with per-block zero points, block 32, lm_head included). Graphs over 1.5 GB keep their weights in one `*.onnx_data` file.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _to_fp16(model, block: list[str] | None = None):
 def _quantize(model, bits: int, accuracy_level: int | None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
                              accuracy_level=accuracy_level)  # fmt: skip
     import logging
 
