@@ -15,7 +15,8 @@ Design decisions:
 * Precision is applied on the ONNX graphs, after export, with ONNX Runtime's own tools:
   fp16 = `float16.convert_float_to_float16(keep_io_types=True)` (I/O stays fp32, so one runtime
   serves every preset); int8 / int4 decoder = `MatMulNBitsQuantizer` (weight-only, asymmetric
-  with per-block zero points, block 32, lm_head included). Graphs over 1.5 GB keep their weights in one `*.onnx_data` file.
+  with per-block zero points, block 32, lm_head included). Graphs over 1.5 GB keep their weights
+  in one `*.onnx_data` file.
 """
 
 from __future__ import annotations
