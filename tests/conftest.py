@@ -4,6 +4,8 @@ byte-level tokenizer, and the committed golden fixtures under tests/fixtures/.""
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
+import socket
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,51 @@ def tiny_dir(tmp_path, tokenizer) -> Path:
 
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+# ---------------------------------------------------------------------- network guard
+def is_loopback(host) -> bool:
+    """127.0.0.0/8 and ::1 in any spelling (127.1, 2130706433, 0x7f000001, [::1], localhost)."""
+    h = str(host).strip("[]").split("%", 1)[0]
+    if h in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        try:
+            return socket.inet_aton(h)[0] == 127
+        except OSError:
+            return False
+
+
+def guard_network(mp: pytest.MonkeyPatch, violations: list[str]) -> None:
+    """Patch DNS and connect (via `mp`) so that any lookup or connection outside loopback is
+    recorded in `violations` and fails, instead of sending a packet anywhere."""
+    real_gai, real_connect, real_connect_ex = (
+        socket.getaddrinfo,
+        socket.socket.connect,
+        socket.socket.connect_ex,
+    )
+
+    def gai(host, *a, **k):
+        if host is None or is_loopback(host):
+            return real_gai(host, *a, **k)
+        violations.append(f"resolve {host}")
+        raise socket.gaierror(socket.EAI_NONAME, f"netguard: no DNS in tests ({host})")
+
+    def check(sock, addr):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(addr[0]):
+            violations.append(f"connect {addr}")
+            raise AssertionError(f"netguard: test tried to connect to {addr}")
+
+    def connect(self, addr):
+        check(self, addr)
+        return real_connect(self, addr)
+
+    def connect_ex(self, addr):
+        check(self, addr)
+        return real_connect_ex(self, addr)
+
+    mp.setattr(socket, "getaddrinfo", gai)
+    mp.setattr(socket.socket, "connect", connect)
+    mp.setattr(socket.socket, "connect_ex", connect_ex)

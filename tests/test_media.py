@@ -23,56 +23,17 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import guard_network
 from PIL import Image
 
 from fastvlm.server import media
 from fastvlm.server.media import MediaError, MediaPolicy
 
 
-def _is_loopback(host) -> bool:
-    h = str(host).strip("[]").split("%", 1)[0]
-    if h in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        try:
-            return socket.inet_aton(h)[0] == 127  # 127.1, 2130706433, 0x7f000001
-        except OSError:
-            return False
-
-
 @pytest.fixture(autouse=True)
 def netguard(monkeypatch):
     violations: list[str] = []
-    real_gai, real_connect, real_connect_ex = (
-        socket.getaddrinfo,
-        socket.socket.connect,
-        socket.socket.connect_ex,
-    )
-
-    def gai(host, *a, **k):
-        if host is None or _is_loopback(host):
-            return real_gai(host, *a, **k)
-        violations.append(f"resolve {host}")
-        raise socket.gaierror(socket.EAI_NONAME, f"netguard: no DNS in tests ({host})")
-
-    def check(sock, addr):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(addr[0]):
-            violations.append(f"connect {addr}")
-            raise AssertionError(f"netguard: test tried to connect to {addr}")
-
-    def connect(self, addr):
-        check(self, addr)
-        return real_connect(self, addr)
-
-    def connect_ex(self, addr):
-        check(self, addr)
-        return real_connect_ex(self, addr)
-
-    monkeypatch.setattr(socket, "getaddrinfo", gai)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    guard_network(monkeypatch, violations)
     yield violations
 
 

@@ -204,17 +204,9 @@ def test_live_tiny_parity(tmp_path):
 @live
 def test_live_full_05b_shape_parity(tmp_path):
     """FastVLM-0.5B shape (FastViTHD + Qwen2-0.5B), random weights, fp32, 1024² input."""
-    text = dict(
-        vocab_size=152000,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        rope_theta=1e6,
-        tie_word_embeddings=True,
-        max_position_embeddings=32768,
-    )
+    from fastvlm.bench import SHAPES
+
+    text = dict(SHAPES["0.5b"])  # the Qwen2-0.5B decoder config `fastvlm bench --shape 0.5b` uses
     model = _live_model(text, {}, 1024, gamma_std=0.05)  # 0.5 would blow up over 44 blocks
     diff = _compare_live(tmp_path, model, 1024, 256)
     print(f"0.5B-shape max |logit diff| = {diff:.3e}")

@@ -13,7 +13,6 @@ import base64
 import http.server
 import importlib.util
 import io
-import ipaddress
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -40,50 +40,10 @@ MODEL = "fastvlm-tiny"
 VIOLATIONS: list[str] = []
 
 
-def _is_loopback(host) -> bool:
-    h = str(host).strip("[]").split("%", 1)[0]
-    if h in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        try:
-            return socket.inet_aton(h)[0] == 127
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module", autouse=True)
 def netguard():
-    real_gai, real_connect, real_connect_ex = (
-        socket.getaddrinfo,
-        socket.socket.connect,
-        socket.socket.connect_ex,
-    )
-
-    def gai(host, *a, **k):
-        if host is None or _is_loopback(host):
-            return real_gai(host, *a, **k)
-        VIOLATIONS.append(f"resolve {host}")
-        raise socket.gaierror(socket.EAI_NONAME, f"netguard: no DNS in tests ({host})")
-
-    def check(sock, addr):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(addr[0]):
-            VIOLATIONS.append(f"connect {addr}")
-            raise AssertionError(f"netguard: test tried to connect to {addr}")
-
-    def connect(self, addr):
-        check(self, addr)
-        return real_connect(self, addr)
-
-    def connect_ex(self, addr):
-        check(self, addr)
-        return real_connect_ex(self, addr)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket, "getaddrinfo", gai)
-        mp.setattr(socket.socket, "connect", connect)
-        mp.setattr(socket.socket, "connect_ex", connect_ex)
+        guard_network(mp, VIOLATIONS)
         yield
 
 
