@@ -95,13 +95,36 @@ def generate_step(
     stats.image_tokens = int((ids == model.config.image_token_id).sum())
     positions = torch.arange(t, device=device)[None]
     logits = model(ids, image_embeds=image_embeds, positions=positions, cache=cache, last_only=True)
-    seen = ids
-    image_id = model.config.image_token_id
+
+    def step(tok: torch.Tensor, i: int) -> torch.Tensor:
+        pos = torch.full((1, 1), t + i, device=device)
+        return model(tok.view(1, 1), positions=pos, cache=cache, last_only=True)[:, -1]
+
+    yield from decode_loop(
+        logits[:, -1], step, ids, params, gen, eos, vocab_limit, model.config.image_token_id,
+        stats, t0,
+    )  # fmt: skip
+
+
+def decode_loop(
+    logits: torch.Tensor,  # (1, V) after prefill
+    step: Callable[[torch.Tensor, int], torch.Tensor],  # (token (1,), i) -> next (1, V) logits
+    seen: torch.Tensor,  # (1, T) prompt ids, for the repetition penalty
+    params: SamplingParams,
+    gen: torch.Generator | None,
+    eos: Container[int],
+    vocab_limit: int | None,
+    image_id: int,
+    stats: Stats,
+    t0: float,
+) -> Iterator[int]:
+    """The sampling loop of every batch-1 backend (torch reference, ONNX Runtime): mask the image
+    placeholder, sample, time, yield, stop at EOS or `max_tokens`, feed the token back."""
     for i in range(params.max_tokens):
         if image_id < logits.shape[-1]:  # a sampled placeholder would demand an image next step
             logits[..., image_id] = float("-inf")
         tok = sample(
-            logits[:, -1],
+            logits,
             params,
             gen,
             seen if params.repetition_penalty != 1 else None,
@@ -118,8 +141,7 @@ def generate_step(
             return
         if params.repetition_penalty != 1:
             seen = torch.cat([seen, tok.view(1, 1)], dim=1)
-        pos = torch.full((1, 1), t + i, device=device)
-        logits = model(tok.view(1, 1), positions=pos, cache=cache, last_only=True)
+        logits = step(tok, i)
 
 
 def text_chunks(

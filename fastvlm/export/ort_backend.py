@@ -5,8 +5,8 @@
 `model` is an `OrtModel` (three ONNX Runtime sessions) instead of a `FastVLMModel`:
 
 * prompts, images and chat templates go through the same `Processor` (fastvlm/processing.py);
-* `ort_generate_step` mirrors engine/generate.py's `generate_step` (same signature, same `Stats`,
-  same `sample()` for greedy / temperature / top-k / top-p / repetition penalty), so
+* `ort_generate_step` is engine/generate.py's `generate_step` with ONNX Runtime prefill / step
+  functions plugged into the same `decode_loop` (sampling, timing, EOS), so
   `stream_generate(..., step_fn=ort_generate_step)` reuses the detokenizer, stop strings and
   finish reasons unchanged.
 
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..api import FastVLM
-from ..engine.generate import Chunk, Stats, stream_generate
-from ..engine.sampling import SamplingParams, make_generator, sample
+from ..engine.generate import Chunk, Stats, decode_loop, stream_generate
+from ..engine.sampling import SamplingParams, make_generator
 from ..errors import CheckpointError, ConfigError
 from ..processing import Processor
 from ..tokenization import load_tokenizer
@@ -177,28 +177,20 @@ def ort_generate_step(
     stats.prompt_tokens = t
     stats.image_tokens = int((ids == model.image_token_id).sum())
     logits, past = model.step(model.embed(ids, image_embeds), 0, model.empty_past())
-    seen = torch.from_numpy(ids)
-    image_id = model.image_token_id
-    for i in range(params.max_tokens):
-        last = torch.from_numpy(logits[:, -1].astype(np.float32))  # (1, V)
-        if image_id < last.shape[-1]:
-            last[..., image_id] = float("-inf")
-        tok = sample(
-            last, params, gen, seen if params.repetition_penalty != 1 else None, vocab_limit
-        )
-        token = int(tok)
-        if i == 0:
-            stats.prefill_s = time.perf_counter() - t0
-            t1 = time.perf_counter()
-        stats.generation_tokens = i + 1
-        stats.decode_s = time.perf_counter() - t1
-        yield token
-        if token in eos or i == params.max_tokens - 1:
-            return
-        if params.repetition_penalty != 1:
-            seen = torch.cat([seen, tok.view(1, 1)], dim=1)
-        x = model.embed(np.array([[token]], np.int64))
-        logits, past = model.step(x, t + i, past)
+
+    def last(lg: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(lg[:, -1].astype(np.float32))  # (1, V)
+
+    def step(tok: torch.Tensor, i: int) -> torch.Tensor:
+        nonlocal past
+        x = model.embed(np.array([[int(tok)]], np.int64))
+        lg, past = model.step(x, t + i, past)
+        return last(lg)
+
+    yield from decode_loop(
+        last(logits), step, torch.from_numpy(ids), params, gen, eos, vocab_limit,
+        model.image_token_id, stats, t0,
+    )  # fmt: skip
 
 
 class OrtFastVLM(FastVLM):
@@ -240,14 +232,6 @@ class OrtFastVLM(FastVLM):
         ):
             self.last_stats = chunk.stats
             yield chunk
-
-    def stream_chat(self, messages: list[dict], **sampling) -> Iterator[str]:
-        for chunk in self.stream_chunks(messages, **sampling):
-            if chunk.text:
-                yield chunk.text
-
-    def chat(self, messages: list[dict], **sampling) -> str:
-        return "".join(self.stream_chat(messages, **sampling))
 
     def generate_ids(
         self, input_ids: list[int], pixel_values: torch.Tensor | None = None, **sampling
