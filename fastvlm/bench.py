@@ -169,8 +169,8 @@ def build_shape(shape: str, image_size: int, seed: int = 0):
     return model.eval()
 
 
-def prompt_ids(model, seed: int = 0, text: tuple[int, int] = PROMPT_TEXT) -> list[int]:
-    cfg = model.config
+def prompt_ids(cfg, seed: int = 0, text: tuple[int, int] = PROMPT_TEXT) -> list[int]:
+    """Benchmark prompt for a FastVLMConfig: text, one image's placeholders, text."""
     g = torch.Generator().manual_seed(seed)
     hi = min(cfg.text.vocab_size, 151643)  # ordinary (non-special) ids of Qwen2
     words = torch.randint(4, hi, (sum(text),), generator=g).tolist()
@@ -214,7 +214,7 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
             feats = model.encode_images(px)
         with _timer(out, "projector_s", dev):
             model.mm_projector(feats)
-    ids = prompt_ids(model, seed=2)
+    ids = prompt_ids(model.config, seed=2)
     n_new = args.max_tokens
     eng = Engine(model, slots=max(args.concurrency), max_len=len(ids) + n_new + 64)
     p = SamplingParams(max_tokens=n_new, ignore_eos=True)
@@ -246,7 +246,9 @@ def _concurrent(eng, model, px, n: int, n_new: int) -> float:
     # The same image for all (one encode), different text per stream.
     hs = [
         eng.submit(
-            prompt_ids(model, seed=10 + i), px, SamplingParams(max_tokens=n_new, ignore_eos=True)
+            prompt_ids(model.config, seed=10 + i),
+            px,
+            SamplingParams(max_tokens=n_new, ignore_eos=True),
         )
         for i in range(n)
     ]
@@ -293,7 +295,7 @@ def bench_onnxruntime(model, processor, args, quant: str, bandwidth: float) -> d
         ort = OrtModel(Path(tmp), torch.get_num_threads())
         size = model.config.vision.image_size
         px = processor.pixels([random_image(size, seed=1)])
-        ids = prompt_ids(model, seed=2)
+        ids = prompt_ids(model.config, seed=2)
         p = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
         list(ort_generate_step(ort, ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=2)))
         st = Stats()
@@ -361,7 +363,7 @@ def transformers_worker(folder: str) -> int:
 
     ours = load_config(Path(folder))
     size = ours.vision.image_size
-    ids = torch.tensor([prompt_ids(_Shim(ours), seed=2)])
+    ids = torch.tensor([prompt_ids(ours, seed=2)])
     px = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     n = spec["max_tokens"]
     with torch.inference_mode():
@@ -388,13 +390,6 @@ def transformers_worker(folder: str) -> int:
     out["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(out))
     return 0
-
-
-class _Shim:
-    """`prompt_ids` needs only `.config` (the same ids as our runs)."""
-
-    def __init__(self, config) -> None:
-        self.config = config
 
 
 # ---------------------------------------------------------------------- agreement
