@@ -216,7 +216,13 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
             model.mm_projector(feats)
     ids = prompt_ids(model.config, seed=2)
     n_new = args.max_tokens
-    eng = Engine(model, slots=max(args.concurrency), max_len=len(ids) + n_new + 64)
+    eng = Engine(
+        model,
+        slots=max(args.concurrency),
+        max_len=len(ids) + n_new + 64,
+        cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+        compile=getattr(args, "compile", False),
+    )
     p = SamplingParams(max_tokens=n_new, ignore_eos=True)
     eng.submit(ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=4)).result()  # warm-up
     h = eng.submit(ids, px, p)
@@ -236,6 +242,11 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
     out["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        if eng.graphs is not None:
+            g = eng.graphs.stats()
+            out["cuda_graphs"] = g["graphs"] if g["disabled_reason"] is None else "failed"
+            if g["disabled_reason"]:
+                print(f"[bench] CUDA graphs failed: {g['disabled_reason']}", file=sys.stderr)
     return out
 
 
@@ -269,7 +280,10 @@ def bench_vision_batches(model, batches: list[int], image_size: int) -> dict[str
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for b in batches:
-            px = torch.rand(b, 3, image_size, image_size, generator=g).to(dev)
+            px = torch.rand(b, 3, image_size, image_size, generator=g).to(
+                dev, model.lm_head.weight.dtype
+            )
+            model.embed_images(px[:1])  # warm-up (kernels of this batch's shapes, allocator)
             t0 = _now(dev)
             model.embed_images(px)
             out[f"vision_images_s@{b}"] = b / (_now(dev) - t0)
@@ -325,7 +339,13 @@ def bench_transformers(model, args) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model.state_dict(), model.config, Path(tmp), fmt="hf")
-        spec = {"max_tokens": args.max_tokens, "threads": torch.get_num_threads()}
+        dev = model.lm_head.weight.device
+        spec = {
+            "max_tokens": args.max_tokens,
+            "threads": torch.get_num_threads(),
+            "device": str(dev),
+            "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
+        }
         (Path(tmp) / "bench_spec.json").write_text(json.dumps(spec))
         root = str(Path(__file__).resolve().parent.parent)
         for tuned in (False, True):
@@ -358,36 +378,42 @@ def transformers_worker(folder: str) -> int:
     torch.set_num_threads(spec["threads"])
     transformers.logging.set_verbosity_error()
     out: dict[str, Any] = {"version": transformers.__version__, "torch": torch.__version__}
-    hf = FastVlmForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    dev = torch.device(spec.get("device", "cpu"))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    hf = FastVlmForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(dev).eval()
     from .weights import load_config
 
     ours = load_config(Path(folder))
     size = ours.vision.image_size
-    ids = torch.tensor([prompt_ids(ours, seed=2)])
-    px = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([prompt_ids(ours, seed=2)], device=dev)
+    px = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
     n = spec["max_tokens"]
     with torch.inference_mode():
         hf.model.get_image_features(pixel_values=px[:, :, :64, :64])  # warm-up
-        t0 = time.perf_counter()
+        t0 = _now(dev)
         hf.model.get_image_features(pixel_values=px)
-        out["vision_s"] = time.perf_counter() - t0
+        out["vision_s"] = _now(dev) - t0
 
         def gen(k: int, net=hf, **kw) -> float:
-            t0 = time.perf_counter()
+            t0 = _now(dev)
             o = net.generate(
                 input_ids=ids, pixel_values=px, max_new_tokens=k, min_new_tokens=k,
                 do_sample=False, **kw,
             )  # fmt: skip
-            dt = time.perf_counter() - t0
+            dt = _now(dev) - t0
             assert o.shape[1] == ids.shape[1] + k
             return dt
 
         for tag, kw in (("", {}), ("_static", {"cache_implementation": "static"})):
+            if dev.type == "cuda":
+                gen(1 + n, **kw)  # warm-up: CUDA kernels / cuBLAS handles of this config
             t1 = gen(1, **kw)
             tn = gen(1 + n, **kw)
             out[f"ttft{tag}_s"] = t1
             out[f"decode{tag}_tok_s"] = n / max(tn - t1, 1e-9)
     out["peak_rss_mb"] = peak_rss_mb()
+    if dev.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
     print(json.dumps(out))
     return 0
 
@@ -464,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="auto")
     p.add_argument(
+        "--dtype",
+        default="float32",
+        help="weights/activations: float32 (default; the only sane choice on CPU), bfloat16 or "
+        "float16 (GPU); transformers runs in the same dtype",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument(
+        "--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (no graph replay)"
+    )
+    p.add_argument(
         "--agreement", type=int, default=None, help="greedy-agreement images (trained models)"
     )
     p.add_argument("--json", dest="json_out", default=None, help="also write the JSON here")
@@ -486,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         return transformers_worker(a.transformers_worker)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from .api import load, resolve_device
+    from .api import load, resolve_device, resolve_dtype
     from .engine.allocator import tune_malloc
 
     malloc_tuned = tune_malloc()  # before any big allocation; transformers shares it (same run)
@@ -494,16 +530,18 @@ def main(argv: list[str] | None = None) -> int:
     from .quant import quantize_model
 
     dev = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, dev)
+    prec = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     concurrency = sorted({int(x) for x in a.concurrency.split(",")} | {1})
     a.concurrency = concurrency
     sizes = [int(x) for x in a.image_size.split(",")] if a.image_size else []
     t0 = time.perf_counter()
     if a.shape:
-        base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev)
+        base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev, dtype)
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:
-        vlm = load(a.model, device=dev, dtype="float32", image_size=sizes[0] if sizes else None)
+        vlm = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None)
         base, processor = vlm.model, vlm.processor
         source = str(vlm.path)
     load_s = time.perf_counter() - t0
@@ -513,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         "image_tokens": base.config.num_image_tokens,
         "image_sizes": sizes or [base.config.vision.image_size],
         "device": str(dev),
+        "dtype": str(dtype).replace("torch.", ""),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -528,8 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     if set(backends) - {"torch", "onnxruntime"}:
         raise SystemExit(f"unknown backend in {a.backend!r}: use torch and/or onnxruntime")
     for q in quants if "torch" in backends else []:
-        if q in ("fp32", "none", "float32"):
-            model, label = base, "fastvlm fp32"
+        if q in ("fp32", "none", "float32", prec):
+            model, label = base, f"fastvlm {prec}"
         else:
             model = copy.deepcopy(base)
             quantize_model(model, q)
@@ -556,30 +596,37 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     for size in sizes[1:]:  # the same weights at another resolution: fewer image tokens
         model = at_resolution(base, size)
-        print(f"[bench] fastvlm fp32 @{size}px ...", file=sys.stderr, flush=True)
+        print(f"[bench] fastvlm {prec} @{size}px ...", file=sys.stderr, flush=True)
         a2 = argparse.Namespace(**{**vars(a), "concurrency": [1]})
         proc = Processor(model.config, processor.tokenizer)
-        runs.append(bench_engine(model, proc, a2, f"fastvlm fp32 @{size}", bw))
+        runs.append(bench_engine(model, proc, a2, f"fastvlm {prec} @{size}", bw))
     refs: list[dict[str, Any]] = []
+    failed = None
     if a.compare == "transformers":
         print("[bench] transformers (child processes) ...", file=sys.stderr, flush=True)
-        refs = bench_transformers(base, a)
+        try:
+            refs = bench_transformers(base, a)
+        except SystemExit as e:  # still report our own numbers, then fail
+            failed = str(e)
+            info["transformers_error"] = failed[-2000:]
+            print(failed, file=sys.stderr)
     report(info, runs, refs)
     result = {"info": info, "runs": runs, "transformers": refs, "ratios": ratios(runs, refs)}
     line = json.dumps(result, default=float)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(line)
-    return 0
+    return 1 if failed else 0
 
 
 def ratios(runs: list[dict], refs: list[dict]) -> dict[str, float]:
     out: dict[str, float] = {}
-    fp = next((r for r in runs if r["name"].endswith("fp32")), None)
+    fp = next((r for r in runs if r["name"].split()[-1] in ("fp32", "bf16", "fp16")), None)
     for r in runs:
         if fp is not None and r is not fp and "@" not in r["name"]:
             if not r["name"].startswith("onnxruntime"):
-                out[f"{r['name']} decode / fp32 decode"] = r["decode_tok_s"] / fp["decode_tok_s"]
+                base = fp["name"].split()[-1]
+                out[f"{r['name']} decode / {base} decode"] = r["decode_tok_s"] / fp["decode_tok_s"]
         for k in [k for k in r if k.startswith("aggregate_tok_s@")]:
             out[f"{r['name']} {k} / 1 stream"] = r[k] / r["decode_tok_s"]
     for r in runs:

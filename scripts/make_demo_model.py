@@ -28,44 +28,42 @@ import sys
 import time
 from pathlib import Path
 
-# A curriculum in two phases of one schedule (cosine over 1200 steps): single-shape scenes first,
-# where colour / kind / size are properties of the whole image, then all scenes (1-4 shapes).
-PHASES = [
-    ["--shapes", "8000", "--shapes-max-count", "1", "--stop-after", "250"],
-    ["--shapes", "100000", "--resume"],
-]
-TRAIN_ARGS = [
-    "--data-seed",
-    "0",
-    "--batch-size",
-    "16",
-    "--lr",
-    "1e-3",
-    "--vision-lr-mult",
-    "3",
-    "--warmup",
-    "50",
-    "--weight-decay",
-    "0.01",
-    "--max-steps",
-    "1200",
-    "--save-every",
-    "100",
-    "--log-every",
-    "25",
-    "--seed",
-    "0",
-]
+# Vision-tower variants (the text side is the same for all). "v1": the first shipped model;
+# "wide": twice the early widths and twice the depth (the kinds / sizes of small shapes need
+# more than 16 channels at stride 4), 7.6 M parameters in all, 15 MB as float16.
+VARIANTS = {
+    "v1": {"layers": (1, 1, 2, 1, 1), "embed_dims": (16, 32, 64, 128, 256)},
+    "wide": {"layers": (2, 2, 4, 2, 2), "embed_dims": (32, 64, 128, 256, 256)},
+}
 
 
-def demo_config(vocab_size: int) -> dict:
+def train_commands(a, work: Path) -> list[list[str]]:
+    """The `fastvlm train` command lines of the two curriculum phases of one cosine schedule:
+    single-shape scenes for the first `--phase1` steps, then all scenes (1-4 shapes)."""
+    base = [
+        sys.executable, "-m", "fastvlm", "train",
+        "--init-config", str(work / "config.json"), "--tokenizer", str(work / "tokenizer.json"),
+        "--output", str(work / "run1"),
+        "--data-seed", "0", "--batch-size", str(a.batch_size), "--lr", str(a.lr),
+        "--vision-lr-mult", "3", "--warmup", str(a.warmup), "--weight-decay", "0.01",
+        "--max-steps", str(a.steps), "--save-every", str(a.save_every),
+        "--log-every", str(a.log_every), "--seed", "0", "--device", a.device,
+        "--workers", str(a.workers),
+    ]  # fmt: skip
+    return [
+        base + ["--shapes", str(max(8000, a.phase1 * a.batch_size)), "--shapes-max-count", "1",
+                "--stop-after", str(a.phase1)],
+        base + ["--shapes", str(max(100000, a.steps * a.batch_size)), "--resume"],
+    ]  # fmt: skip
+
+
+def demo_config(vocab_size: int, variant: str = "v1", image_size: int = 256) -> dict:
     from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig
 
     cfg = FastVLMConfig(
         vision=VisionConfig(
-            layers=(1, 1, 2, 1, 1),
-            embed_dims=(16, 32, 64, 128, 256),
-            image_size=256,
+            **VARIANTS[variant],
+            image_size=image_size,
             layer_scale_init_value=0.1,
             inference_mode=False,  # trained in the multi-branch (BatchNorm) form, saved fused
         ),
@@ -109,8 +107,33 @@ def package(run: Path, out: Path, train_s: float | None) -> None:
     save_file(half, str(out / "model.safetensors"), metadata={"format": "pt"})
     for name in ("config.json", "tokenizer.json"):
         shutil.copy2(run / name, out / name)
+    if (run.parent / "commands.txt").exists():
+        shutil.copy2(run.parent / "commands.txt", out / "train_commands.txt")
     if train_s is not None:
         (out / "train_time.json").write_text(json.dumps({"train_seconds": round(train_s)}) + "\n")
+
+
+def fit_steps(a, work: Path) -> None:
+    """Time 40 steps of the real configuration, then size the schedule to `--time-budget`."""
+    calib = argparse.Namespace(**{**vars(a), "steps": 10_000, "phase1": 40, "save_every": 0,
+                                  "log_every": 10})  # fmt: skip
+    cmd = train_commands(calib, work)[0]
+    cmd[cmd.index("--output") + 1] = str(work / "calibrate")
+    t, times = time.time(), []
+    proc = subprocess.Popen(cmd + ["--quiet"], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith('{"step"'):
+            times.append(time.time())
+    proc.wait()
+    shutil.rmtree(work / "calibrate", ignore_errors=True)
+    if proc.returncode or len(times) < 4:
+        raise SystemExit(f"calibration failed (exit {proc.returncode})")
+    per_step = (times[-1] - times[0]) / 30  # steps 10..40: past start-up and warm-up
+    a.steps = max(200, int(a.time_budget / per_step) // 100 * 100)
+    a.phase1 = a.steps // 6
+    a.warmup = min(a.warmup, a.phase1)
+    print(f"calibration: {per_step * 1000:.0f} ms/step ({time.time() - t:.0f} s) → "
+          f"--steps {a.steps} --phase1 {a.phase1}", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,30 +141,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/demo")
     p.add_argument("--out", default="fastvlm/assets/fastvlm-tiny")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--variant", default="v1", choices=sorted(VARIANTS))
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--steps", type=int, default=1200, help="length of the cosine schedule")
+    p.add_argument("--phase1", type=int, default=250, help="steps on single-shape scenes")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=0,
+        help="seconds: time 40 steps first and set --steps (and --phase1 = steps/6) to fit",
+    )
     a = p.parse_args(argv)
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     train_s = None
     if not a.skip_train:
-        vocab = build_tokenizer(work / "tokenizer.json")
-        (work / "config.json").write_text(json.dumps(demo_config(vocab), indent=1))
+        if not (work / "tokenizer.json").exists():
+            build_tokenizer(work / "tokenizer.json")
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(work / "tokenizer.json")).get_vocab_size()
+        cfg = demo_config(vocab, a.variant, a.image_size)
+        (work / "config.json").write_text(json.dumps(cfg, indent=1))
+        if a.time_budget:
+            fit_steps(a, work)
         t0 = time.time()
-        cmd = [
-            sys.executable,
-            "-m",
-            "fastvlm",
-            "train",
-            "--init-config",
-            str(work / "config.json"),
-            "--tokenizer",
-            str(work / "tokenizer.json"),
-            "--output",
-            str(work / "run1"),
-            *TRAIN_ARGS,
-        ]
-        for phase in PHASES:
-            print(" ".join(cmd + phase), flush=True)
-            subprocess.run(cmd + phase, check=True)
+        cmds = train_commands(a, work)
+        with open(work / "commands.txt", "w") as f:
+            for cmd in cmds:
+                f.write(" ".join(cmd[1:]) + "\n")
+        for cmd in cmds:
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
         train_s = time.time() - t0
     package(work / "run1", out, train_s)
     print(f"packaged {out}; now evaluate: fastvlm eval --model {out} --shapes 500 --data-seed 1000")

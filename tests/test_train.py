@@ -501,6 +501,31 @@ def test_stop_after_then_resume_matches_an_uninterrupted_run(tmp_path, tokenizer
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
 
 
+def test_loader_workers_give_the_same_run_and_report_bad_rows(tmp_path, tokenizer, capsys):
+    """--workers N draws / decodes in N processes: same batches, same order, same weights; a
+    row that fails in a worker is still reported (with its line) by the main process."""
+    data = color_data(tmp_path / "data")
+    good = data.read_text()
+    png(tmp_path / "data" / "ok.png")
+    full = png(tmp_path / "data" / "big.png", size=(64, 64)).read_bytes()
+    (tmp_path / "data" / "cut.png").write_bytes(full[: len(full) // 2])
+    bad = json.dumps({"image": "cut.png", "conversations": conv("<image>\nQ", "A")})
+    data.write_text(good.rstrip("\n") + "\n" + bad + "\n")
+    n_lines = len(data.read_text().splitlines())
+    args = init_config(tmp_path, tokenizer)
+    kw = {"max-steps": 4, "batch-size": 3}
+    inline = train(tmp_path, "inline", *args, data=data, **kw)
+    err_inline = capsys.readouterr().err
+    pooled = train(tmp_path, "pooled", *args, "--workers", "2", data=data, **kw)
+    err_pooled = capsys.readouterr().err
+    a = load_file(str(inline / "model.safetensors"))
+    b = load_file(str(pooled / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for err in (err_inline, err_pooled):
+        assert f"line {n_lines}" in err, err[-500:]
+
+
 # ---------------------------------------------------------------------- demo-model options
 def test_vision_lr_mult_param_groups():
     """--vision-lr-mult: vision tower + projector get lr × mult, every trainable weight is in

@@ -117,6 +117,7 @@ class Engine:
         compile: bool = False,
         span_bucket: int = 64,
         cpu_kernels: bool = True,
+        cuda_graphs: bool | None = None,
     ) -> None:
         cfg = model.config.text
         ctx = cfg.max_position_embeddings
@@ -161,8 +162,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._decode_fn = self._decode_forward
+        self.graphs = None  # GraphedDecode when decode steps replay CUDA graphs
         if compile:
             self._decode_fn = torch.compile(self._decode_forward, dynamic=True)
+        elif self.device.type == "cuda" and cuda_graphs is not False:
+            from .cudagraphs import GraphedDecode
+
+            self.graphs = GraphedDecode(self._decode_forward, self.device)
+            self._decode_fn = self.graphs
 
     @classmethod
     def from_vlm(cls, vlm, **kw) -> Engine:

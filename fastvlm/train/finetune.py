@@ -372,6 +372,79 @@ def write_output(
         )
 
 
+# ---------------------------------------------------------------------- data order
+class _StepSampler(torch.utils.data.Sampler):
+    """Index lists of the micro-batches of steps `first..stop-1`, in training order: the epoch's
+    seeded permutation, sharded by rank, cut into `--grad-accum` micro-batches per step."""
+
+    def __init__(self, n, first, stop, steps_per_epoch, batch, accum, seed, rank, world):
+        self.args = (n, first, stop, steps_per_epoch, batch, accum, seed, rank, world)
+
+    def __iter__(self):
+        n, first, stop, spe, batch, accum, seed, rank, world = self.args
+        cached: tuple[int, list[int]] | None = None
+        for step in range(first, stop):
+            epoch, offset = divmod(step, spe)
+            if cached is None or cached[0] != epoch:
+                cached = (epoch, shuffled(n, seed, epoch)[rank::world])
+            for micro in range(accum):
+                start = (offset * accum + micro) * batch
+                yield cached[1][start : start + batch]
+
+    def __len__(self) -> int:
+        n, first, stop, spe, batch, accum, *_ = self.args
+        return max(0, stop - first) * accum
+
+
+class _Reported(torch.utils.data.Dataset):
+    """`VLMDataset` items plus why a row was skipped (a worker's `skipped` dict is its own)."""
+
+    def __init__(self, ds: VLMDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        before = len(self.ds.skipped)
+        item = self.ds[i]
+        bad = {}
+        if item is None and len(self.ds.skipped) > before:
+            line = self.ds.records[i].line
+            bad[line] = self.ds.skipped[line]
+        return item, bad
+
+
+class _Collate:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        bad: dict[int, str] = {}
+        for _, b in items:
+            bad.update(b)
+        return collate([x for x, _ in items], self.pad_id), bad
+
+
+def micro_batches(ds, first, stop, steps_per_epoch, a, rank, world, pad_id, workers):
+    """(batch, skipped rows) for every micro-batch from step `first` to `stop`, in order.
+
+    With `workers` > 0 a DataLoader decodes / draws the images in that many processes ahead of
+    the training step (same batches, same order as without: only where the work runs changes).
+    """
+    sampler = _StepSampler(
+        len(ds), first, stop, steps_per_epoch, a.batch_size, a.grad_accum, a.seed, rank, world
+    )
+    return torch.utils.data.DataLoader(
+        _Reported(ds),
+        batch_sampler=sampler,
+        collate_fn=_Collate(pad_id),
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
 # ---------------------------------------------------------------------- main loop
 def train(a: argparse.Namespace) -> Path:
     from tqdm import tqdm
@@ -451,17 +524,20 @@ def train(a: argparse.Namespace) -> Path:
     )
     t_start, tokens_seen = time.perf_counter(), 0
     stop = min(total, a.stop_after) if a.stop_after else total
+    loader = iter(
+        micro_batches(
+            ds, step, stop, steps_per_epoch, a, rank, world, pad_id, getattr(a, "workers", 0)
+        )
+    )
     while step < stop:
         torch.manual_seed((a.seed * 1_000_003 + step) * 4096 + rank)  # dropout: resume-exact
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = shuffled(len(ds), a.seed, epoch)[rank::world]
         lr = lr_at(step, total, a.warmup, a.lr)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         batches = []
-        for micro in range(a.grad_accum):
-            start = (offset * a.grad_accum + micro) * a.batch_size
-            batch = collate([ds[i] for i in order[start : start + a.batch_size]], pad_id)
+        for _micro in range(a.grad_accum):
+            batch, bad = next(loader)
+            ds.skipped.update(bad)
             if batch is not None:
                 batches.append(batch)  # kept on the host until its turn
         n_total = float(sum(n_targets(b["labels"]) for b in batches))
@@ -578,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto")
+    o.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-loading processes (decode / draw images ahead of the step; default 0 = inline)",
+    )
     o.add_argument("--save-every", type=int, default=0)
     o.add_argument("--keep", type=int, default=2, help="checkpoints to keep (>= 1)")
     o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
