@@ -18,6 +18,11 @@ DTYPE=${DTYPE:-bfloat16}
 WORKERS=${WORKERS:-7}
 BATCH=${BATCH:-64}
 PY=${PY:-python3}
+PHASES=${PHASES:-tests train bench eager}   # any subset, in this order
+MODELS=${MODELS:-w256:wide:256 w384:wide:384}  # name:variant:image size, trained in parallel
+STEPS=${STEPS:-0}             # fixed schedule length (0: fit to TRAIN_BUDGET by timing 40 steps)
+VISION_PRETRAIN=${VISION_PRETRAIN:-0}  # steps of phase-0 vision pre-training (0: none)
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,35 +37,44 @@ nvidia-smi -L 2>/dev/null
 $PY -c "import torch, transformers, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 nproc
 
+if has tests; then
 stamp "1. tests/test_gpu.py"
 timeout 90 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -40 > "$OUT/gpu-tests.log"
 tail -5 "$OUT/gpu-tests.log"
+fi
 
-stamp "2. demo model training (variants wide@256, wide@384, ${TRAIN_BUDGET}s each, in parallel)"
+if has train; then
+stamp "2. demo model training ($MODELS; ${TRAIN_BUDGET}s each, in parallel)"
 train() {  # name variant size
   local w=/tmp/demo-$1
   mkdir -p "$w"
   [ -f .gpu/tokenizer.json ] && cp .gpu/tokenizer.json "$w/"
   timeout $(( TRAIN_BUDGET + 90 )) $PY scripts/make_demo_model.py --work "$w" --out "$w/out" \
     --variant "$2" --image-size "$3" --device "$DEVICE" --workers "$WORKERS" --batch-size "$BATCH" \
-    --lr 1e-3 --warmup 200 --save-every 1000 --log-every 100 --time-budget "$TRAIN_BUDGET" \
+    --lr 1e-3 --warmup 200 --save-every 1000 --log-every 100 \
+    $( [ "$STEPS" -gt 0 ] && echo "--steps $STEPS --phase1 $(( STEPS / 8 ))" || echo "--time-budget $TRAIN_BUDGET" ) \
+    --vision-pretrain "$VISION_PRETRAIN" \
     > "$OUT/train-$1.log" 2>&1
   echo "exit $?" >> "$OUT/train-$1.log"
   (cd "$w/out" 2>/dev/null && tar czf "$OUT/model-$1.tgz" .)
 }
-train w256 wide 256 &
-train w384 wide 384 &
+for m in $MODELS; do IFS=: read -r n v sz <<< "$m"; train "$n" "$v" "$sz" & done
 wait
-for n in w256 w384; do tr '\r' '\n' < "$OUT/train-$n.log" | grep -v "^train:" | tail -6; done
+for m in $MODELS; do n=${m%%:*}; tr '\r' '\n' < "$OUT/train-$n.log" | grep -v "^train:\|^vision:" | tail -6; done
 ls -la "$OUT"
+fi
 
+if has bench; then
 stamp "3. bench ($SHAPE, $DTYPE, vs transformers)"
-timeout 150 $PY -m fastvlm bench --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
-  --image-size 1024,512 --concurrency 1,4,8 --vision-batch 1,8 --max-tokens 64 \
+timeout "${BENCH_TIMEOUT:-150}" $PY -m fastvlm bench --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
+  --image-size 1024,512 --concurrency "${BENCH_CONC:-1,4,8}" --vision-batch 1,8 --max-tokens 64 \
   --compare transformers --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "exit $?" >> "$OUT/bench.log"
 grep -v '^{' "$OUT/bench.log" | tail -45
+fi
+if has eager; then
 timeout 60 $PY -m fastvlm bench --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" \
   --image-size 1024 --concurrency 1,4 --vision-batch 1 --max-tokens 64 --no-cuda-graphs \
   --json "$OUT/bench-eager.json" 2>&1 | grep -v '^{' | tail -25
+fi
 stamp "done"

@@ -50,6 +50,8 @@ def train_commands(a, work: Path) -> list[list[str]]:
         "--log-every", str(a.log_every), "--seed", "0", "--device", a.device,
         "--workers", str(a.workers),
     ]  # fmt: skip
+    if a.vision_pretrain:
+        base += ["--init-vision", str(work / "vision.safetensors")]
     return [
         base + ["--shapes", str(max(8000, a.phase1 * a.batch_size)), "--shapes-max-count", "1",
                 "--stop-after", str(a.phase1)],
@@ -113,6 +115,17 @@ def package(run: Path, out: Path, train_s: float | None) -> None:
         (out / "train_time.json").write_text(json.dumps({"train_seconds": round(train_s)}) + "\n")
 
 
+def vision_command(a, work: Path) -> list[str]:
+    """Phase 0: the vision tower alone learns which kinds / colours / sizes a scene holds."""
+    return [
+        sys.executable, "-m", "fastvlm.train.vision_pretrain",
+        "--init-config", str(work / "config.json"), "--out", str(work / "vision.safetensors"),
+        "--steps", str(a.vision_pretrain), "--batch-size", str(a.vision_batch_size),
+        "--lr", str(a.vision_lr), "--warmup", "50", "--seed", "0", "--data-seed", "2",
+        "--device", a.device, "--workers", str(a.workers), "--log-every", "100",
+    ]  # fmt: skip
+
+
 def fit_steps(a, work: Path) -> None:
     """Time 40 steps of the real configuration, then size the schedule to `--time-budget`."""
     calib = argparse.Namespace(**{**vars(a), "steps": 10_000, "phase1": 40, "save_every": 0,
@@ -150,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--steps", type=int, default=1200, help="length of the cosine schedule")
     p.add_argument("--phase1", type=int, default=250, help="steps on single-shape scenes")
+    p.add_argument(
+        "--vision-pretrain",
+        type=int,
+        default=0,
+        help="phase 0: steps of supervised vision pre-training (fastvlm.train.vision_pretrain)",
+    )
+    p.add_argument("--vision-batch-size", type=int, default=128)
+    p.add_argument("--vision-lr", type=float, default=2e-3)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument(
@@ -170,14 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         vocab = Tokenizer.from_file(str(work / "tokenizer.json")).get_vocab_size()
         cfg = demo_config(vocab, a.variant, a.image_size)
         (work / "config.json").write_text(json.dumps(cfg, indent=1))
-        if a.time_budget:
-            fit_steps(a, work)
         t0 = time.time()
         cmds = train_commands(a, work)
+        if a.vision_pretrain:
+            cmds.insert(0, vision_command(a, work))
+            print(" ".join(cmds[0]), flush=True)
+            subprocess.run(cmds[0], check=True)
+        if a.time_budget:
+            fit_steps(a, work)
+            cmds[-2:] = train_commands(a, work)
         with open(work / "commands.txt", "w") as f:
             for cmd in cmds:
                 f.write(" ".join(cmd[1:]) + "\n")
-        for cmd in cmds:
+        for cmd in cmds[-2:]:
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
         train_s = time.time() - t0

@@ -136,6 +136,6 @@ def test_training_steps_on_cuda(tmp_path, tokenizer, capsys):
     assert finetune.main(argv) == 0
     err = capsys.readouterr().err
     losses = [json.loads(ln)["loss"] for ln in err.splitlines() if ln.startswith('{"step"')]
-    assert len(losses) == 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 1.5, losses  # ≥ 0.5 nats
     vlm = fastvlm.load(str(out), device="cuda")
     assert vlm.device.type == "cuda"

@@ -233,6 +233,15 @@ class Engine:
             self._cond.notify_all()
         return req
 
+    def reset_caches(self) -> None:
+        """Forget cached image embeddings and the parked KV of idle slots (for benchmarks:
+        the next request is computed in full). Active requests keep their slots."""
+        with self._step_lock:
+            self.vision_cache = VisionCache(self.vision_cache.capacity)
+            for s in range(self.slots):
+                if self._active[s] is None:
+                    self._slot_keys[s] = []
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -90,6 +90,16 @@ def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype 
         torch.manual_seed(a.seed)
         model = FastVLMModel(cfg).to(device=device, dtype=dtype)
         model.init_weights()
+        if getattr(a, "init_vision", None):  # a pre-trained tower (train.vision_pretrain)
+            from safetensors.torch import load_file
+
+            sd = load_file(a.init_vision)
+            missing, unexpected = model.vision_tower.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise FastVLMError(
+                    f"--init-vision {a.init_vision} does not fit this config's vision tower "
+                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+                )
         tok = Tokenizer.from_file(a.tokenizer)
         src = None
     else:
@@ -615,6 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", "-m", default=None, help="checkpoint to fine-tune (id or folder)")
     src.add_argument("--init-config", default=None, help="train from scratch: our config.json")
     src.add_argument("--tokenizer", default=None, help="tokenizer.json for --init-config")
+    src.add_argument(
+        "--init-vision",
+        default=None,
+        help="with --init-config: start the vision tower from these weights (.safetensors, "
+        "e.g. from python -m fastvlm.train.vision_pretrain)",
+    )
     src.add_argument("--trust-pickle", action="store_true")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None, help="LLaVA .json/.jsonl or image,question,answer .csv")
