@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import has_module, make_tiny_model, tiny_config
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import fastvlm
 from fastvlm.errors import FastVLMError
@@ -524,6 +524,34 @@ def test_loader_workers_give_the_same_run_and_report_bad_rows(tmp_path, tokenize
         assert torch.equal(a[k], b[k]), k
     for err in (err_inline, err_pooled):
         assert f"line {n_lines}" in err, err[-500:]
+
+
+def test_vision_pretrain_learns_and_init_vision_starts_from_it(tmp_path, tokenizer, capsys):
+    """Phase 0 of the demo model: the tower alone learns scene attributes (its loss drops), and
+    `fastvlm train --init-vision` starts from exactly those weights (train form, BatchNorm)."""
+    from fastvlm.train import vision_pretrain
+
+    args = init_config(tmp_path, tokenizer)
+    out = tmp_path / "vision.safetensors"
+    vision_pretrain.main(["--init-config", str(tmp_path / "cfg.json"), "--out", str(out),
+                          "--steps", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup", "2",
+                          "--device", "cpu", "--log-every", "1", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    losses = logged_losses(err)
+    assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4]), losses
+    assert "held-out exact-set accuracy" in err
+    tower = load_file(str(out))
+    assert any("rbr_conv" in k for k in tower)  # the multi-branch train form
+    run = train(tmp_path, "run", *args, "--init-vision", str(out),
+                **{"max-steps": 3, "stop-after": 1, "lr": 0.0})  # fmt: skip
+    ck = load_file(str(run / "checkpoint-1" / "model.safetensors"))
+    for k, v in tower.items():
+        if "running_" not in k and "num_batches" not in k:  # BN statistics move in train mode
+            assert torch.equal(ck[f"vision_tower.{k}"], v), k
+    with pytest.raises(FastVLMError, match="does not fit"):
+        bad = tmp_path / "bad.safetensors"
+        save_file({"nope": torch.zeros(1)}, str(bad))
+        train(tmp_path, "bad", *args, "--init-vision", str(bad), **{"max-steps": 1})
 
 
 # ---------------------------------------------------------------------- demo-model options

@@ -500,7 +500,11 @@ def train(a: argparse.Namespace) -> Path:
         from .shapes_data import shapes_records
 
         records = shapes_records(
-            a.shapes, a.data_seed, model.config.vision.image_size, a.shapes_max_count
+            a.shapes,
+            a.data_seed,
+            model.config.vision.image_size,
+            a.shapes_max_count,
+            getattr(a, "shapes_qa_first", False),
         )
     else:
         records, report = load_records(a.data, a.image_dir)
@@ -642,6 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="only scenes with at most this many shapes (a curriculum stage; default 4 = all)",
+    )
+    d.add_argument(
+        "--shapes-qa-first",
+        action="store_true",
+        help="generated scenes: up to 5 questions before the caption (answers from the image)",
     )
     d.add_argument("--max-length", type=int, default=2048)
     o = p.add_argument_group("optimisation")

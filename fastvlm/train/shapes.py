@@ -567,8 +567,15 @@ def image_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"fastvlm-shapes:{seed}:{index}")
 
 
-def make_example(seed: int, index: int, size: int = 256) -> tuple[Image.Image, dict, list[dict]]:
-    """Image ``index`` of dataset ``seed``: ``(image, train row, eval rows)``."""
+def make_example(
+    seed: int, index: int, size: int = 256, qa_first: bool = False
+) -> tuple[Image.Image, dict, list[dict]]:
+    """Image ``index`` of dataset ``seed``: ``(image, train row, eval rows)``.
+
+    The training conversation holds the caption and 1-3 questions, the caption first in 60 % of
+    rows. ``qa_first`` (a later training stage) asks up to 5 questions *before* the caption, so
+    every answer must come from the image, not from a caption earlier in the context.
+    """
     rng = image_rng(seed, index)
     img, scene = draw_scene(rng, size)
     qas = typed_questions(scene, rng)
@@ -576,9 +583,15 @@ def make_example(seed: int, index: int, size: int = 256) -> tuple[Image.Image, d
     rel = f"images/{index:06d}.png"
     ident = f"shapes-{seed}-{index:06d}"
 
-    chosen = rng.sample(qas, rng.randint(1, min(3, len(qas))))
+    if qa_first:
+        chosen = rng.sample(qas, min(5, len(qas)))
+    else:
+        chosen = rng.sample(qas, rng.randint(1, min(3, len(qas))))
     turns: list[tuple[str, str]] = [(qa.question, qa.answer) for qa in chosen]
-    pos = 0 if rng.random() < 0.6 else rng.randint(0, len(turns))
+    if qa_first:
+        pos = len(turns)
+    else:
+        pos = 0 if rng.random() < 0.6 else rng.randint(0, len(turns))
     turns.insert(pos, (rng.choice(DESCRIBE_PROMPTS), cap))
     conversations: list[dict[str, str]] = []
     for i, (q, a) in enumerate(turns):
