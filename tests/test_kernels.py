@@ -78,6 +78,93 @@ def test_int4_matches_float64(m, n, k, group_size, with_bias):
     assert rel_err(kernels.linear_int4(x, packed, s, None, group_size, b, zb=zb), ref) < 1e-5
 
 
+def act_quant_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the int4 act_quant kernel sees it, reproduced bit for bit in fp32: per 32 columns
+    d = absmax / 127, xq = round-half-even(x · (127 / absmax)), x̂ = d · xq (float64 out)."""
+    m, k = x.shape
+    b = x.reshape(m, k // 32, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(b * inv)  # fp32 multiply, half-to-even: the kernel's cvtps_epi32
+    assert xq.abs().max() <= 127
+    return (xq.double() * (amax / 127.0).double()).reshape(m, k)
+
+
+def act_quant_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) -> torch.Tensor:
+    """Per-output bound on |y_act_quant - y_exact| (M, N), float64: the kernel uses exact sums
+    of x for the zb term, so the error is Σ_k q_k·s_g(k)·(x̂_k - x_k) and |x̂_k - x_k| ≤ d_b/2."""
+    m, k = x.shape
+    d = x.reshape(m, k // 32, 32).abs().amax(-1).double() / 127.0  # (M, K/32)
+    half_step = (d / 2).repeat_interleave(32, 1)  # (M, K)
+    qs = q.double() * s.double().repeat_interleave(gs, 1)  # (N, K), ≥ 0
+    return half_step @ qs.T
+
+
+def act_quant_sigma(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) -> torch.Tensor:
+    """Standard deviation of that error when the rounding errors x̂_k - x_k are independent
+    and uniform on ±d_b/2 (variance d_b²/12): sqrt(Σ_k (q_k·s_g(k))² · d_b(k)² / 12)."""
+    m, k = x.shape
+    d = x.reshape(m, k // 32, 32).abs().amax(-1).double() / 127.0
+    var = (d**2 / 12).repeat_interleave(32, 1)
+    qs2 = (q.double() * s.double().repeat_interleave(gs, 1)) ** 2
+    return (var @ qs2.T).sqrt()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 512), (131, 4864), (48, 896)])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias):
+    """The fast int4 path (x quantized to int8 per 32 columns, integer dot products).
+    1) Against float64 math on the same quantized x̂ (reproduced exactly in Python): only fp32
+       accumulation error is left, so the exact path's 1e-5 holds.
+    2) Against the true float64 result: within the worst-case x-quantization bound (+1e-5
+       relative for fp32 accumulation), and — the tolerance that has teeth, since the worst
+       case adds every rounding error with the same sign — within 6 standard deviations of the
+       error model (independent uniform rounding errors; a sum of bounded independent terms is
+       sub-Gaussian, so a 6σ miss is a real bug, not bad luck)."""
+    if k % group_size:
+        pytest.skip("K not a multiple of the group size")
+    g = gen(m * 1000 + n + group_size + 5)
+    x = torch.randn(m, k, generator=g)
+    x[:, 7] *= 20  # an outlier column, as in real activations: its block gets a coarse step
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // group_size, generator=g) + 0.01
+    z = torch.randn(n, k // group_size, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    w = (q.double() - 8) * s.double().repeat_interleave(group_size, 1) + z.double(
+    ).repeat_interleave(group_size, 1)  # fmt: skip
+    bias = 0 if b is None else b.double()
+    packed = quant.pack_nibbles(q).contiguous()
+    zb = kernels.int4_zb(s, z)
+    y = kernels.linear_int4(x, packed, s, None, group_size, b, zb=zb, act_quant=True)
+    # 1) same x̂, float64: the zb term uses the exact x sums, so split w = q·s + zb
+    qs = q.double() * s.double().repeat_interleave(group_size, 1)
+    zbk = zb.double().repeat_interleave(group_size, 1)
+    ref_hat = act_quant_x(x) @ qs.T + x.double() @ zbk.T + bias
+    assert rel_err(y, ref_hat) < 1e-5
+    # 2) the true result, within the bound
+    ref = x.double() @ w.T + bias
+    bound = act_quant_bound(x, q, s, group_size)
+    scale = ref.abs().max()
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-5 * scale).all()
+    assert (err <= 6 * act_quant_sigma(x, q, s, group_size) + 1e-5 * scale).all()
+
+
+@needs_kernels
+def test_int4_act_quant_falls_back_to_exact_when_k_not_multiple_of_64():
+    g = gen(11)
+    x = torch.randn(3, 96, generator=g)
+    q = torch.randint(0, 16, (16, 96), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(16, 3, generator=g) + 0.01, torch.randn(16, 3, generator=g)
+    packed = quant.pack_nibbles(q).contiguous()
+    exact = kernels.linear_int4(x, packed, s, z, 32)
+    torch.testing.assert_close(kernels.linear_int4(x, packed, s, z, 32, act_quant=True), exact,
+                               rtol=0, atol=0)  # fmt: skip
+
+
 @needs_kernels
 def test_large_m_uses_row_blocks():
     g = gen(7)
@@ -147,9 +234,15 @@ def test_int4_linear_uses_kernel_and_matches_previous_paths(monkeypatch, group_s
     x = torch.randn(m, 512)
     ref = layer._dequant(x)
     calls = spy(monkeypatch, "_run_i4")
+    assert Int4Linear.act_quant  # the default: int8 activations (fast path)
     y = layer(x)
     assert calls == [m]
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    q = quant.unpack_nibbles(layer.qweight)
+    bound = act_quant_bound(x, q, layer.scales, group_size) + 1e-5 * ref.abs().max()
+    assert ((y.double() - ref.double()).abs() <= bound).all()
+    layer.act_quant = False  # exact fp32 math in the kernel
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    del layer.act_quant
     # bf16 input: computed in fp32 by the kernel, returned as bf16
     yb = layer(x.bfloat16())
     assert yb.dtype == torch.bfloat16
@@ -177,13 +270,20 @@ def test_quantized_model_with_kernel_matches_dequant_path(monkeypatch):
     model = make_tiny_model(vocab_size=304)
     quant.quantize_model(model, "int4-g32")
     ids = torch.randint(4, 300, (1, 6))
+    head = model.lm_head
     with torch.no_grad():
         hidden = model.language_model.embed_tokens(ids)
-        fast = [model.lm_head(hidden[:, i : i + 1]) for i in range(6)]  # decode-shaped (B, 1, K)
+        rows = [hidden[:, i : i + 1] for i in range(6)]  # decode-shaped (B, 1, K)
+        fast = [head(r) for r in rows]  # act_quant (int8 activations)
+        monkeypatch.setattr(Int4Linear, "act_quant", False)
+        exact = [head(r) for r in rows]
         monkeypatch.setattr(kernels, "_enabled", False)
-        slow = [model.lm_head._dequant(hidden[0, i : i + 1])[None] for i in range(6)]
-    for a, b in zip(fast, slow, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        slow = [head._dequant(r[0])[None] for r in rows]
+    q = quant.unpack_nibbles(head.qweight)
+    for r, a, e, b in zip(rows, fast, exact, slow, strict=True):
+        torch.testing.assert_close(e, b, rtol=1e-5, atol=1e-5)
+        bound = act_quant_bound(r[0], q, head.scales, 32) + 1e-5 * b.abs().max()
+        assert ((a[0].double() - b[0].double()).abs() <= bound).all()
 
 
 # ---------------------------------------------------------------------- FastLinear

@@ -56,7 +56,7 @@ from torch import nn
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_M = 8  # FastLinear uses the kernel up to this many rows (decode); larger M keeps MKL
 
 _lib: ctypes.CDLL | None = None
@@ -165,7 +165,7 @@ def _load() -> ctypes.CDLL | None:
     lib.fvk_linear_f32.restype = None
     lib.fvk_linear_i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
     lib.fvk_linear_i8.restype = None
-    lib.fvk_linear_i4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32]
+    lib.fvk_linear_i4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32]
     lib.fvk_linear_i4.restype = ctypes.c_int
     _lib = lib
     return lib
@@ -279,10 +279,16 @@ def linear_int4(
     bias: torch.Tensor | None = None,
     *,
     zb: torch.Tensor | None = None,
+    act_quant: bool = False,
 ) -> torch.Tensor:
     """Group-wise int4: packed uint8 (N, K/2) (low nibble = even column, values 0..15), scales
     and zeros (N, K/G) with w = (q - 8) · scale + zero. `scales` must be fp32; pass a cached
-    `zb=int4_zb(scales, zeros)` to skip rebuilding it (then `zeros` is not read)."""
+    `zb=int4_zb(scales, zeros)` to skip rebuilding it (then `zeros` is not read).
+
+    `act_quant=True` is the fast path `Int4Linear` uses: x is quantized per call to int8 in
+    blocks of 32 columns (absmax / 127) and multiplied with integer dot products; the error
+    per output is at most Σ_blocks d_b/2 · Σ_{k∈b} |q_k · scale_g(k)| (d_b = the block's
+    absmax / 127), see gemv.c. When K % 64 != 0 it silently takes the exact fp32 path."""
     lib = _lib_or_raise()
     n, k2 = packed.shape
     k = 2 * k2
@@ -303,7 +309,7 @@ def linear_int4(
     if m and n:
         rc = lib.fvk_linear_i4(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zb.data_ptr(),
                                _ptr(bias), y.data_ptr(), m, n, k, group_size,
-                               torch.get_num_threads())  # fmt: skip
+                               torch.get_num_threads(), int(act_quant))  # fmt: skip
         assert rc == 0, f"fvk_linear_i4 failed with {rc}"
     return y
 
@@ -354,10 +360,11 @@ def _run_i8(x: torch.Tensor, m: int, qp: int, sp: int, bp: int | None, n: int, k
     return y
 
 
-def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int, g: int):
+def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int, g: int,
+            act_quant: bool = False):
     y = _out(x, n)
     rc = _lib.fvk_linear_i4(x.data_ptr(), qp, sp, zp, bp, y.data_ptr(), m, n, k, g,
-                            torch.get_num_threads())  # fmt: skip
+                            torch.get_num_threads(), act_quant)  # fmt: skip
     assert rc == 0, f"fvk_linear_i4 failed with {rc}"
     return y
 
