@@ -56,6 +56,57 @@ def test_int8_matches_float64(m, n, k, with_bias):
     assert rel_err(kernels.linear_int8(x, q, s, b), ref) < 1e-5
 
 
+def int8_act_quant_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 act_quant kernel sees it, reproduced bit for bit in fp32: per 64 columns
+    d = absmax / 32767, xs = round-half-even(x · (32767 / absmax)), x̂ = d · xs (float64)."""
+    m, k = x.shape
+    b = x.reshape(m, k // 64, 64)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    xs = torch.round(b * inv)
+    assert xs.abs().max() <= 32767
+    return (xs.double() * (amax / 32767.0).double()).reshape(m, k)
+
+
+def int8_act_quant_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-output bound on |y_act_quant - y_exact| (M, N): scale_n · Σ_k |q_k| · d_b(k)/2
+    (K % 64 != 0: the kernel is exact, the bound is 0)."""
+    m, k = x.shape
+    if k % 64:
+        return torch.zeros(m, q.shape[0], dtype=torch.float64)
+    d = x.reshape(m, k // 64, 64).abs().amax(-1).double() / 32767.0
+    return ((d / 2).repeat_interleave(64, 1) @ q.double().abs().T) * s.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 896), (131, 4864), (13, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_act_quant_matches_float64(m, n, k, with_bias):
+    """The fast int8 path (x quantized to int16 per 64 columns, _mm256_madd_epi16).
+    1) Against float64 math on the same x̂ (reproduced exactly): the exact path's 1e-5.
+    2) Against the true float64 result: within the worst-case bound and within 6σ of the error
+       model (independent uniform rounding errors, see test_int4_act_quant_matches_float64).
+       σ is ~1e-5 of |y| without outliers (~1e-4 for K = 64 with the 20x outlier), ~100x below
+       the int8 weight rounding (1/254 of a row's absmax)."""
+    g = gen(m * 1000 + n + 3)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] *= 20  # an outlier column
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) + 0.01
+    b = torch.randn(n, generator=g) * 10 if with_bias else None
+    bias = 0 if b is None else b.double()
+    y = kernels.linear_int8(x, q, s, b, act_quant=True)
+    ref_hat = (int8_act_quant_x(x) @ q.double().T) * s.double() + bias
+    assert rel_err(y, ref_hat) < 1e-5
+    ref = (x.double() @ q.double().T) * s.double() + bias
+    err, scale = (y.double() - ref).abs(), ref.abs().max()
+    assert (err <= int8_act_quant_bound(x, q, s) + 1e-5 * scale).all()
+    d = x.reshape(m, k // 64, 64).abs().amax(-1).double() / 32767.0
+    sigma = ((d**2 / 12).repeat_interleave(64, 1) @ (q.double() ** 2).T).sqrt() * s.double()
+    assert (err <= 6 * sigma + 1e-5 * scale).all()
+
+
 @needs_kernels
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", [(37, 512), (131, 4864)])
@@ -209,17 +260,24 @@ def spy(monkeypatch, name: str) -> list[int]:
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 4, 8, 40])
-def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m):
-    lin = nn.Linear(96, 80)
+@pytest.mark.parametrize("k", [96, 256])  # 96: K % 64 != 0, the exact path even with act_quant
+def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m, k):
+    lin = nn.Linear(k, 80)
     layer = Int8Linear.from_linear(lin)
-    x = torch.randn(m, 1, 96)
-    ref = layer._dequant(x.reshape(-1, 96)).reshape(m, 1, 80)  # fp32 dequantize + F.linear
+    x = torch.randn(m, 1, k)
+    ref = layer._dequant(x.reshape(-1, k)).reshape(m, 1, 80)  # fp32 dequantize + F.linear
     calls = spy(monkeypatch, "_run_i8")
+    assert Int8Linear.act_quant  # the default: int16 activations (fast path)
     y = layer(x)
     assert calls == [m]
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    bound = int8_act_quant_bound(x.reshape(-1, k), layer.qweight, layer.scales)
+    err = (y.reshape(-1, 80).double() - ref.reshape(-1, 80).double()).abs()
+    assert (err <= bound + 1e-5 * ref.abs().max()).all()
+    layer.act_quant = False  # exact fp32 math in the kernel
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    del layer.act_quant
     if quant.HAS_INT8_KERNEL:  # the torch int8 op in bf16, the previous default CPU path
-        old = layer._kernel(x.reshape(-1, 96)).reshape(m, 1, 80)
+        old = layer._kernel(x.reshape(-1, k)).reshape(m, 1, 80)
         torch.testing.assert_close(y, old, rtol=2e-2, atol=2e-2)
 
 

@@ -56,7 +56,7 @@ from torch import nn
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_M = 8  # FastLinear uses the kernel up to this many rows (decode); larger M keeps MKL
 
 _lib: ctypes.CDLL | None = None
@@ -163,8 +163,8 @@ def _load() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.fvk_linear_f32.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.fvk_linear_f32.restype = None
-    lib.fvk_linear_i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32]
-    lib.fvk_linear_i8.restype = None
+    lib.fvk_linear_i8.argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32]
+    lib.fvk_linear_i8.restype = ctypes.c_int
     lib.fvk_linear_i4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32]
     lib.fvk_linear_i4.restype = ctypes.c_int
     _lib = lib
@@ -248,9 +248,19 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_int8(
-    x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    act_quant: bool = False,
 ) -> torch.Tensor:
-    """y = scales[n] · (x @ qᵀ) + bias: q int8 (N, K), scales and bias fp32 (N,)."""
+    """y = scales[n] · (x @ qᵀ) + bias: q int8 (N, K), scales and bias fp32 (N,).
+
+    `act_quant=True` is the fast path `Int8Linear` uses: x is quantized per call to int16 in
+    blocks of 64 columns (absmax / 32767) and multiplied with integer dot products; the error
+    per output is at most scale_n · Σ_blocks d_b/2 · Σ_{k∈b} |q_k| (d_b = the block's
+    absmax / 32767), ~1e-5 relative, see gemv.c. When K % 64 != 0 it takes the exact path."""
     lib = _lib_or_raise()
     n, k = q.shape
     _check(q, "q", (n, k), torch.int8)
@@ -260,8 +270,10 @@ def linear_int8(
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:
-        lib.fvk_linear_i8(x.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias),
-                          y.data_ptr(), m, n, k, torch.get_num_threads())  # fmt: skip
+        rc = lib.fvk_linear_i8(x.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias),
+                               y.data_ptr(), m, n, k, torch.get_num_threads(),
+                               int(act_quant))  # fmt: skip
+        assert rc == 0, f"fvk_linear_i8 failed with {rc}"
     return y
 
 
@@ -354,14 +366,17 @@ def _run_f32(x: torch.Tensor, m: int, wp: int, bp: int | None, n: int, k: int) -
     return y
 
 
-def _run_i8(x: torch.Tensor, m: int, qp: int, sp: int, bp: int | None, n: int, k: int):
+def _run_i8(x: torch.Tensor, m: int, qp: int, sp: int, bp: int | None, n: int, k: int,
+            act_quant: bool = False):  # fmt: skip
     y = _out(x, n)
-    _lib.fvk_linear_i8(x.data_ptr(), qp, sp, bp, y.data_ptr(), m, n, k, torch.get_num_threads())
+    rc = _lib.fvk_linear_i8(x.data_ptr(), qp, sp, bp, y.data_ptr(), m, n, k,
+                            torch.get_num_threads(), act_quant)  # fmt: skip
+    assert rc == 0, f"fvk_linear_i8 failed with {rc}"
     return y
 
 
 def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int, g: int,
-            act_quant: bool = False):
+            act_quant: bool = False):  # fmt: skip
     y = _out(x, n)
     rc = _lib.fvk_linear_i4(x.data_ptr(), qp, sp, zp, bp, y.data_ptr(), m, n, k, g,
                             torch.get_num_threads(), act_quant)  # fmt: skip

@@ -29,7 +29,7 @@
 #define FVK_PF4 12288 /* int4 (act_q) software prefetch distance in bytes (0: off) */
 #endif
 #ifndef FVK_PF8
-#define FVK_PF8 0 /* int8 software prefetch distance in bytes (0: off) */
+#define FVK_PF8 16384 /* int8 software prefetch distance in bytes (0: off) */
 #endif
 
 INL float hsum(__m256 v) {
@@ -165,12 +165,126 @@ static void i8_block(const float *x, const int8_t *w, const float *scales, const
     }
 }
 
-void fvk_linear_i8(const float *x, const int8_t *w, const float *scales, const float *bias,
-                   float *y, int64_t M, int64_t N, int64_t K, int nt) {
+/* ------------------------------------------------------------------ int8 x int16 (act_q)
+ * The fast int8 path: each row of x is quantized per call to int16 in blocks of 64 columns
+ * (d = absmax / 32767, xs = round(x / d)); weights are sign-extended to int16
+ * (_mm256_cvtepi8_epi16, shared by all MM rows of x) and multiplied with _mm256_madd_epi16
+ * (16 multiply-adds per instruction, pairs summed into int32: |sum| <= 8 * 2 * 127 * 32767
+ * per lane and block, no overflow).  Per block one int32 -> float convert and one FMA with d;
+ * the per-row weight scale is applied at the end.  ~2x fewer vector instructions than the fp32
+ * path (whose FMA ports are the limit at M >= 2), and the added error is ~1e-5 relative
+ * (|x - d * xs| <= d / 2 = absmax / 65534), far below the int8 weight rounding (1/254).
+ * Requires K % 64 == 0 (else the exact fp32 path runs). */
+static void prep_xs(const float *x, int16_t *xs, float *dx, int64_t M, int64_t K) {
+    const int64_t nb = K / 64;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *s = x + m * K + b * 64;
+            __m256 am = _mm256_setzero_ps();
+            for (int i = 0; i < 64; i += 8)
+                am = _mm256_max_ps(am, _mm256_andnot_ps(sign, _mm256_loadu_ps(s + i)));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            float amax = _mm_cvtss_f32(h);
+            dx[m * nb + b] = amax / 32767.0f;
+            const __m256 iv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            for (int i = 0; i < 64; i += 16) {
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + i), iv));
+                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + i + 8), iv));
+                /* packs works per 128-bit lane: [a0-3 c0-3 | a4-7 c4-7] -> fix the order */
+                __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+                _mm256_store_si256((__m256i *)(xs + m * K + b * 64 + i), p);
+            }
+        }
+}
+
+INL void i8q_tile(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
+                  const float *bias, float *y, int64_t n, int64_t K, int64_t N, const int MM,
+                  const int NB) {
+    __m256 acc[4][MAXM];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t nb = K / 64;
+    const int8_t *wr = w + n * K;
+    for (int64_t b = 0; b < nb; b++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            const int8_t *p = wr + j * K + b * 64;
+            if (FVK_PF8) _mm_prefetch((const char *)p + FVK_PF8, _MM_HINT_T0);
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+            __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
+            __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 48)));
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) {
+                const __m256i *xv = (const __m256i *)(xs + m * K + b * 64);
+                __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_load_si256(xv)),
+                                               _mm256_madd_epi16(w1, _mm256_load_si256(xv + 1)));
+                __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_load_si256(xv + 2)),
+                                               _mm256_madd_epi16(w3, _mm256_load_si256(xv + 3)));
+                acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23)),
+                                            _mm256_broadcast_ss(dx + m * nb + b), acc[j][m]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++)
+            y[m * N + n + j] = hsum(acc[j][m]) * scales[n + j] + (bias ? bias[n + j] : 0.0f);
+}
+
+#define I8Q_CASE(MM, NB)                                                                      \
+    case MM: {                                                                                \
+        int64_t nblk = N / NB;                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")          \
+        for (int64_t b = 0; b < nblk; b++)                                                    \
+            i8q_tile(xs, dx, w, scales, bias, y, b * NB, K, N, MM, NB);                       \
+        for (int64_t n = nblk * NB; n < N; n++) i8q_tile(xs, dx, w, scales, bias, y, n, K, N, MM, 1); \
+        break;                                                                                \
+    }
+
+static void i8q_block(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
+                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nt) {
+    switch (M) {
+        I8Q_CASE(1, 4)
+        I8Q_CASE(2, 4)
+        I8Q_CASE(3, 2)
+        I8Q_CASE(4, 2)
+        I8Q_CASE(5, 1)
+        I8Q_CASE(6, 1)
+        I8Q_CASE(7, 1)
+        I8Q_CASE(8, 1)
+    }
+}
+
+/* act_q != 0 (and K % 64 == 0): the int16-activation path above; else exact fp32.
+ * Returns 0, or -2 when out of memory. */
+int fvk_linear_i8(const float *x, const int8_t *w, const float *scales, const float *bias,
+                  float *y, int64_t M, int64_t N, int64_t K, int nt, int act_q) {
+    if (act_q && K % 64 == 0) {
+        int64_t mb = M < MAXM ? M : MAXM;
+        size_t bytes = (size_t)(mb * K) * 2 + (size_t)(mb * (K / 64)) * sizeof(float);
+        int16_t *xs = (int16_t *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!xs) return -2;
+        float *dx = (float *)(xs + mb * K);
+        for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+            int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+            prep_xs(x + m0 * K, xs, dx, mm, K);
+            i8q_block(xs, dx, w, scales, bias, y + m0 * N, mm, N, K, nt);
+        }
+        free(xs);
+        return 0;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
         i8_block(x + m0 * K, w, scales, bias, y + m0 * N, mm, N, K, nt);
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ int4 */
@@ -499,4 +613,4 @@ int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const f
     return 0;
 }
 
-int fvk_abi_version(void) { return 2; }
+int fvk_abi_version(void) { return 3; }
