@@ -542,8 +542,78 @@ INL void i4q_tile(const int8_t *xq, const float *dv, const float *sx, const uint
         }
 }
 
-#define I4Q_CASE(MM, NB)                                                                      \
+/* G >= 64, small MM * NB: the same products, but accumulated per group with d_block only
+ * (gacc += dot * d), the weight scale applied once per group (acc += gacc * scale): no
+ * per-chunk multiply, at the price of twice the accumulator registers. */
+INL void i4q_tile_ga(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                     const float *scales, const float *zb, const float *bias, float *y,
+                     int64_t n, int64_t K, int64_t N, int gsh, const int MM, const int NB) {
+    __m256 acc[4][4];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t nc = K / 64, K2 = K / 2, ng = K >> (6 + gsh), cpg = 1 << gsh;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const uint8_t *wr = w + n * K2;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 ga[4][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) ga[j][m] = _mm256_setzero_ps();
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; j++) {
+                if (FVK_PF4 && (c & 1) == 0)
+                    _mm_prefetch((const char *)(wr + j * K2 + c * 32) + FVK_PF4, _MM_HINT_T0);
+                __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * K2 + c * 32));
+                __m256i lo = _mm256_and_si256(b, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+#pragma GCC unroll 4
+                for (int m = 0; m < MM; m++) {
+                    const int8_t *xc = xq + m * K + c * 64;
+                    __m256i d16 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)xc)),
+                        _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(xc + 32))));
+                    ga[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)),
+                                               _mm256_load_ps(dv + (m * nc + c) * 8), ga[j][m]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m256 sv = _mm256_broadcast_ss(scales + (n + j) * ng + g);
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) acc[j][m] = _mm256_fmadd_ps(ga[j][m], sv, acc[j][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) {
+            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+#ifndef FVK_I4GA
+#define FVK_I4GA 1
+#endif
+/* NB: rows per tile for the per-chunk-scale tile (G = 32, or MM > 4); NBG: rows per tile for
+ * the per-group tile i4q_tile_ga (0: not used for this MM). */
+#define I4Q_CASE(MM, NB, NBG)                                                                 \
     case MM: {                                                                                \
+        if (!g32 && NBG && FVK_I4GA) {                                                        \
+            const int nbg = NBG ? NBG : 1;                                                    \
+            int64_t nblk = N / nbg;                                                           \
+            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
+            for (int64_t b = 0; b < nblk; b++)                                                \
+                i4q_tile_ga(xq, dv, sx, w, scales, zb, bias, y, b * nbg, K, N, gsh, MM, nbg); \
+            for (int64_t n = nblk * nbg; n < N; n++)                                          \
+                i4q_tile_ga(xq, dv, sx, w, scales, zb, bias, y, n, K, N, gsh, MM, 1);         \
+            break;                                                                            \
+        }                                                                                     \
         int64_t nblk = N / NB;                                                                \
         if (g32) {                                                                            \
             _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
@@ -568,14 +638,14 @@ static void i4q_block(const int8_t *xq, const float *dv, const float *sx, const 
     int gsh = 0;
     while ((64 << gsh) < G) gsh++;
     switch (M) {
-        I4Q_CASE(1, 4)
-        I4Q_CASE(2, 4)
-        I4Q_CASE(3, 2)
-        I4Q_CASE(4, 2)
-        I4Q_CASE(5, 1)
-        I4Q_CASE(6, 1)
-        I4Q_CASE(7, 1)
-        I4Q_CASE(8, 1)
+        I4Q_CASE(1, 4, 4)
+        I4Q_CASE(2, 4, 2)
+        I4Q_CASE(3, 2, 1)
+        I4Q_CASE(4, 2, 1)
+        I4Q_CASE(5, 1, 0)
+        I4Q_CASE(6, 1, 0)
+        I4Q_CASE(7, 1, 0)
+        I4Q_CASE(8, 1, 0)
     }
 }
 
