@@ -161,12 +161,22 @@ def act_quant_sigma(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) 
     return (var @ qs2.T).sqrt()
 
 
+@pytest.fixture(params=["vnni", "avx2"])
+def isa(request):
+    """Both builds of the int4 act_quant tiles (VNNI is skipped where the CPU lacks it)."""
+    want = request.param == "vnni"
+    if kernels.use_vnni(want) != want:
+        pytest.skip("CPU or compiler without AVX-VNNI")
+    yield request.param
+    kernels.use_vnni(True)
+
+
 @needs_kernels
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", [(37, 512), (131, 4864), (48, 896)])
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias):
+def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias, isa):
     """The fast int4 path (x quantized to int8 per 32 columns, integer dot products).
     1) Against float64 math on the same quantized x̂ (reproduced exactly in Python): only fp32
        accumulation error is left, so the exact path's 1e-5 holds.
@@ -202,6 +212,23 @@ def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias):
     err = (y.double() - ref).abs()
     assert (err <= bound + 1e-5 * scale).all()
     assert (err <= 6 * act_quant_sigma(x, q, s, group_size) + 1e-5 * scale).all()
+
+
+@needs_kernels
+def test_int4_act_quant_vnni_and_avx2_agree_exactly():
+    """Both builds compute the same integer dot products, then the same fp32 operations."""
+    g = gen(12)
+    x = torch.randn(5, 896, generator=g)
+    q = torch.randint(0, 16, (64, 896), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(64, 7, generator=g) + 0.01, torch.randn(64, 7, generator=g)
+    packed = quant.pack_nibbles(q).contiguous()
+    ys = []
+    for want in (True, False):
+        kernels.use_vnni(want)
+        ys.append([kernels.linear_int4(x[:m], packed, s, z, 128, act_quant=True) for m in (1, 5)])
+    kernels.use_vnni(True)
+    for a, b in zip(*ys, strict=True):
+        assert torch.equal(a, b)
 
 
 @needs_kernels

@@ -56,7 +56,7 @@ from torch import nn
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_M = 8  # FastLinear uses the kernel up to this many rows (decode); larger M keeps MKL
 
 _lib: ctypes.CDLL | None = None
@@ -167,6 +167,9 @@ def _load() -> ctypes.CDLL | None:
     lib.fvk_linear_i8.restype = ctypes.c_int
     lib.fvk_linear_i4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i32, i32]
     lib.fvk_linear_i4.restype = ctypes.c_int
+    lib.fvk_set_isa.argtypes = [i32]
+    lib.fvk_set_isa.restype = ctypes.c_int
+    lib.fvk_set_isa(1)  # AVX-VNNI for the int4 act_quant tiles where the CPU has it
     _lib = lib
     return lib
 
@@ -183,6 +186,14 @@ def set_enabled(flag: bool) -> bool:
     global _enabled
     prev, _enabled = _enabled, bool(flag)
     return prev
+
+
+def use_vnni(flag: bool = True) -> bool:
+    """Run the int4 act_quant tiles with AVX-VNNI (`vpdpbusd`) when the CPU (and the compiler
+    that built the library) has it — the default — or force the AVX2 tiles (`flag=False`;
+    tests and A/B runs). Same results either way (exact integer dot products). Returns whether
+    VNNI is now in use."""
+    return bool(_lib_or_raise().fvk_set_isa(int(flag)))
 
 
 def unavailable_reason() -> str:

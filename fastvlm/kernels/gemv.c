@@ -15,6 +15,7 @@
  *         convert per weight); M = 5..8: w dequantized in registers, shared by all rows.
  *         x is permuted once per call into the nibble order of 16-column blocks.
  */
+#ifndef FVK_I4Q_BODY /* the whole file, except the act_q int4 tiles at the end */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -493,160 +494,58 @@ INL float dot_f32(const float *a, const float *b, int64_t n) {
     return t;
 }
 
-/* G32: groups of 32 (two per chunk: scale vector [s_2c x4, s_2c+1 x4]); else G = 64 << gsh. */
-INL void i4q_tile(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
-                  const float *scales, const float *zb, const float *bias, float *y, int64_t n,
-                  int64_t K, int64_t N, int gsh, const int MM, const int NB, const int G32) {
-    __m256 acc[4][MAXM];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
-    const int64_t nc = K / 64, K2 = K / 2, ng = G32 ? K / 32 : K >> (6 + gsh);
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    const uint8_t *wr = w + n * K2;
-    for (int64_t c = 0; c < nc; c++) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) {
-            __m256 sv;
-            if (G32) {
-                __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(scales + (n + j) * ng + 2 * c)));
-                sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), pair);
-            } else {
-                sv = _mm256_broadcast_ss(scales + (n + j) * ng + (c >> gsh));
-            }
-            if (FVK_PF4 && (c & 1) == 0)
-                _mm_prefetch((const char *)(wr + j * K2 + c * 32) + FVK_PF4, _MM_HINT_T0);
-            __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * K2 + c * 32));
-            __m256i lo = _mm256_and_si256(b, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
-#pragma GCC unroll 8
-            for (int m = 0; m < MM; m++) {
-                const int8_t *xc = xq + m * K + c * 64;
-                __m256i d16 = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)xc)),
-                    _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(xc + 32))));
-                __m256 f = _mm256_mul_ps(_mm256_load_ps(dv + (m * nc + c) * 8), sv);
-                acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)), f,
-                                            acc[j][m]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) {
-            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
-            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
-        }
-}
-
-/* G >= 64, small MM * NB: the same products, but accumulated per group with d_block only
- * (gacc += dot * d), the weight scale applied once per group (acc += gacc * scale): no
- * per-chunk multiply, at the price of twice the accumulator registers. */
-INL void i4q_tile_ga(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
-                     const float *scales, const float *zb, const float *bias, float *y,
-                     int64_t n, int64_t K, int64_t N, int gsh, const int MM, const int NB) {
-    __m256 acc[4][4];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 4
-        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
-    const int64_t nc = K / 64, K2 = K / 2, ng = K >> (6 + gsh), cpg = 1 << gsh;
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const uint8_t *wr = w + n * K2;
-    for (int64_t g = 0; g < ng; g++) {
-        __m256 ga[4][4];
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; j++)
-#pragma GCC unroll 4
-            for (int m = 0; m < MM; m++) ga[j][m] = _mm256_setzero_ps();
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-#pragma GCC unroll 4
-            for (int j = 0; j < NB; j++) {
-                if (FVK_PF4 && (c & 1) == 0)
-                    _mm_prefetch((const char *)(wr + j * K2 + c * 32) + FVK_PF4, _MM_HINT_T0);
-                __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * K2 + c * 32));
-                __m256i lo = _mm256_and_si256(b, m4);
-                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
-#pragma GCC unroll 4
-                for (int m = 0; m < MM; m++) {
-                    const int8_t *xc = xq + m * K + c * 64;
-                    __m256i d16 = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)xc)),
-                        _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(xc + 32))));
-                    ga[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(d16, ones)),
-                                               _mm256_load_ps(dv + (m * nc + c) * 8), ga[j][m]);
-                }
-            }
-        }
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) {
-            __m256 sv = _mm256_broadcast_ss(scales + (n + j) * ng + g);
-#pragma GCC unroll 4
-            for (int m = 0; m < MM; m++) acc[j][m] = _mm256_fmadd_ps(ga[j][m], sv, acc[j][m]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 4
-        for (int m = 0; m < MM; m++) {
-            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
-            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
-        }
-}
-
-#ifndef FVK_I4GA
-#define FVK_I4GA 1
+/* The act_q int4 tiles are compiled twice (this file includes itself): with AVX2 only, and,
+ * where the compiler knows it (GCC), with AVX-VNNI (_mm256_dpbusd_avx_epi32: the u8 x s8 dot
+ * of 4 pairs accumulated into int32 in one instruction, replacing maddubs + add + madd), picked
+ * at run time by CPUID (`fvk_set_isa` can force AVX2, for tests and A/B measurements). */
+#define FVK_I4Q_BODY
+#define SFX(name) name##_avx2
+#define DOT4(lo, hi, xl, xh)                                                                  \
+    _mm256_madd_epi16(                                                                        \
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)),         \
+        _mm256_set1_epi16(1))
+#include "gemv.c"
+#undef SFX
+#undef DOT4
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FVK_HAVE_VNNI 1
+#pragma GCC push_options
+#pragma GCC target("avxvnni")
+#define SFX(name) name##_vnni
+#define DOT4(lo, hi, xl, xh)                                                                  \
+    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xl), hi, xh)
+#include "gemv.c"
+#undef SFX
+#undef DOT4
+#pragma GCC pop_options
+#else
+#define FVK_HAVE_VNNI 0
 #endif
-/* NB: rows per tile for the per-chunk-scale tile (G = 32, or MM > 4); NBG: rows per tile for
- * the per-group tile i4q_tile_ga (0: not used for this MM). */
-#define I4Q_CASE(MM, NB, NBG)                                                                 \
-    case MM: {                                                                                \
-        if (!g32 && NBG && FVK_I4GA) {                                                        \
-            const int nbg = NBG ? NBG : 1;                                                    \
-            int64_t nblk = N / nbg;                                                           \
-            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
-            for (int64_t b = 0; b < nblk; b++)                                                \
-                i4q_tile_ga(xq, dv, sx, w, scales, zb, bias, y, b * nbg, K, N, gsh, MM, nbg); \
-            for (int64_t n = nblk * nbg; n < N; n++)                                          \
-                i4q_tile_ga(xq, dv, sx, w, scales, zb, bias, y, n, K, N, gsh, MM, 1);         \
-            break;                                                                            \
-        }                                                                                     \
-        int64_t nblk = N / NB;                                                                \
-        if (g32) {                                                                            \
-            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
-            for (int64_t b = 0; b < nblk; b++)                                                \
-                i4q_tile(xq, dv, sx, w, scales, zb, bias, y, b * NB, K, N, 0, MM, NB, 1);     \
-            for (int64_t n = nblk * NB; n < N; n++)                                           \
-                i4q_tile(xq, dv, sx, w, scales, zb, bias, y, n, K, N, 0, MM, 1, 1);           \
-        } else {                                                                              \
-            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
-            for (int64_t b = 0; b < nblk; b++)                                                \
-                i4q_tile(xq, dv, sx, w, scales, zb, bias, y, b * NB, K, N, gsh, MM, NB, 0);   \
-            for (int64_t n = nblk * NB; n < N; n++)                                           \
-                i4q_tile(xq, dv, sx, w, scales, zb, bias, y, n, K, N, gsh, MM, 1, 0);         \
-        }                                                                                     \
-        break;                                                                                \
-    }
+
+static int fvk_isa = -1; /* -1: not probed yet; 0: AVX2; 1: AVX-VNNI */
+
+/* 0: force AVX2; 1: use AVX-VNNI when the CPU has it. Returns the ISA now in use (0 or 1). */
+int fvk_set_isa(int want) {
+    int vnni = 0;
+#if FVK_HAVE_VNNI
+    __builtin_cpu_init();
+    vnni = __builtin_cpu_supports("avxvnni") != 0;
+#endif
+    fvk_isa = want && vnni;
+    return fvk_isa;
+}
 
 static void i4q_block(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
                       const float *scales, const float *zb, const float *bias, float *y,
                       int64_t M, int64_t N, int64_t K, int64_t G, int nt) {
-    const int g32 = G == 32;
-    int gsh = 0;
-    while ((64 << gsh) < G) gsh++;
-    switch (M) {
-        I4Q_CASE(1, 4, 4)
-        I4Q_CASE(2, 4, 2)
-        I4Q_CASE(3, 2, 1)
-        I4Q_CASE(4, 2, 1)
-        I4Q_CASE(5, 1, 0)
-        I4Q_CASE(6, 1, 0)
-        I4Q_CASE(7, 1, 0)
-        I4Q_CASE(8, 1, 0)
+    if (fvk_isa < 0) fvk_set_isa(1);
+#if FVK_HAVE_VNNI
+    if (fvk_isa == 1) {
+        i4q_block_vnni(xq, dv, sx, w, scales, zb, bias, y, M, N, K, G, nt);
+        return;
     }
+#endif
+    i4q_block_avx2(xq, dv, sx, w, scales, zb, bias, y, M, N, K, G, nt);
 }
 
 /* act_q != 0 (and K % 64 == 0): the int8-activation path above; else exact fp32.
@@ -683,4 +582,160 @@ int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const f
     return 0;
 }
 
-int fvk_abi_version(void) { return 3; }
+int fvk_abi_version(void) { return 4; }
+
+#else /* FVK_I4Q_BODY: the act_q int4 tiles, included twice from above */
+/* G32: groups of 32 (two per chunk: scale vector [s_2c x4, s_2c+1 x4]); else G = 64 << gsh. */
+INL void SFX(i4q_tile)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                  const float *scales, const float *zb, const float *bias, float *y, int64_t n,
+                  int64_t K, int64_t N, int gsh, const int MM, const int NB, const int G32) {
+    __m256 acc[4][MAXM];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t nc = K / 64, K2 = K / 2, ng = G32 ? K / 32 : K >> (6 + gsh);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const uint8_t *wr = w + n * K2;
+    for (int64_t c = 0; c < nc; c++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m256 sv;
+            if (G32) {
+                __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(scales + (n + j) * ng + 2 * c)));
+                sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), pair);
+            } else {
+                sv = _mm256_broadcast_ss(scales + (n + j) * ng + (c >> gsh));
+            }
+            if (FVK_PF4 && (c & 1) == 0)
+                _mm_prefetch((const char *)(wr + j * K2 + c * 32) + FVK_PF4, _MM_HINT_T0);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * K2 + c * 32));
+            __m256i lo = _mm256_and_si256(b, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) {
+                const int8_t *xc = xq + m * K + c * 64;
+                __m256i d32 = DOT4(lo, hi, _mm256_load_si256((const __m256i *)xc),
+                                   _mm256_load_si256((const __m256i *)(xc + 32)));
+                __m256 f = _mm256_mul_ps(_mm256_load_ps(dv + (m * nc + c) * 8), sv);
+                acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), f, acc[j][m]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+/* G >= 64, small MM * NB: the same products, but accumulated per group with d_block only
+ * (gacc += dot * d), the weight scale applied once per group (acc += gacc * scale): no
+ * per-chunk multiply, at the price of twice the accumulator registers. */
+INL void SFX(i4q_tile_ga)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                     const float *scales, const float *zb, const float *bias, float *y,
+                     int64_t n, int64_t K, int64_t N, int gsh, const int MM, const int NB) {
+    __m256 acc[4][4];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t nc = K / 64, K2 = K / 2, ng = K >> (6 + gsh), cpg = 1 << gsh;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const uint8_t *wr = w + n * K2;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 ga[4][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) ga[j][m] = _mm256_setzero_ps();
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; j++) {
+                if (FVK_PF4 && (c & 1) == 0)
+                    _mm_prefetch((const char *)(wr + j * K2 + c * 32) + FVK_PF4, _MM_HINT_T0);
+                __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * K2 + c * 32));
+                __m256i lo = _mm256_and_si256(b, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+#pragma GCC unroll 4
+                for (int m = 0; m < MM; m++) {
+                    const int8_t *xc = xq + m * K + c * 64;
+                    __m256i d32 = DOT4(lo, hi, _mm256_load_si256((const __m256i *)xc),
+                                       _mm256_load_si256((const __m256i *)(xc + 32)));
+                    ga[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32),
+                                               _mm256_load_ps(dv + (m * nc + c) * 8), ga[j][m]);
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m256 sv = _mm256_broadcast_ss(scales + (n + j) * ng + g);
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++) acc[j][m] = _mm256_fmadd_ps(ga[j][m], sv, acc[j][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) {
+            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+#ifndef FVK_I4GA
+#define FVK_I4GA 1
+#endif
+/* NB: rows per tile for the per-chunk-scale tile (G = 32, or MM > 4); NBG: rows per tile for
+ * the per-group tile SFX(i4q_tile_ga) (0: not used for this MM). */
+#define I4Q_CASE(MM, NB, NBG)                                                                 \
+    case MM: {                                                                                \
+        if (!g32 && NBG && FVK_I4GA) {                                                        \
+            const int nbg = NBG ? NBG : 1;                                                    \
+            int64_t nblk = N / nbg;                                                           \
+            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
+            for (int64_t b = 0; b < nblk; b++)                                                \
+                SFX(i4q_tile_ga)(xq, dv, sx, w, scales, zb, bias, y, b * nbg, K, N, gsh, MM, nbg); \
+            for (int64_t n = nblk * nbg; n < N; n++)                                          \
+                SFX(i4q_tile_ga)(xq, dv, sx, w, scales, zb, bias, y, n, K, N, gsh, MM, 1);         \
+            break;                                                                            \
+        }                                                                                     \
+        int64_t nblk = N / NB;                                                                \
+        if (g32) {                                                                            \
+            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
+            for (int64_t b = 0; b < nblk; b++)                                                \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, b * NB, K, N, 0, MM, NB, 1);     \
+            for (int64_t n = nblk * NB; n < N; n++)                                           \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, n, K, N, 0, MM, 1, 1);           \
+        } else {                                                                              \
+            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
+            for (int64_t b = 0; b < nblk; b++)                                                \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, b * NB, K, N, gsh, MM, NB, 0);   \
+            for (int64_t n = nblk * NB; n < N; n++)                                           \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, n, K, N, gsh, MM, 1, 0);         \
+        }                                                                                     \
+        break;                                                                                \
+    }
+
+static void SFX(i4q_block)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                      const float *scales, const float *zb, const float *bias, float *y,
+                      int64_t M, int64_t N, int64_t K, int64_t G, int nt) {
+    const int g32 = G == 32;
+    int gsh = 0;
+    while ((64 << gsh) < G) gsh++;
+    switch (M) {
+        I4Q_CASE(1, 4, 4)
+        I4Q_CASE(2, 4, 2)
+        I4Q_CASE(3, 2, 1)
+        I4Q_CASE(4, 2, 1)
+        I4Q_CASE(5, 1, 0)
+        I4Q_CASE(6, 1, 0)
+        I4Q_CASE(7, 1, 0)
+        I4Q_CASE(8, 1, 0)
+    }
+}
+
+#endif
