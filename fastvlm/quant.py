@@ -396,9 +396,10 @@ class Int4Linear(_QuantLinear):
     the portable form from the packed one.
 
     `act_quant` (class default True; set it on an instance or the class to compare): the
-    kernel quantizes x to int8 per 32 columns and uses integer dot products (llama.cpp's
-    Q4 x Q8_0, ORT MatMulNBits accuracy_level=4), ~3x faster at M = 1 than exact fp32 math;
-    its added error is ~10x below the int4 weight rounding (bound in `kernels.linear_int4`).
+    kernel quantizes x to int8 in blocks of 8-32 columns and uses integer dot products
+    (llama.cpp's Q4 x Q8, ORT MatMulNBits accuracy_level=4), ~3x faster at M = 1 than exact fp32
+    math; its added error is ~10x below the int4 weight rounding (bound in
+    `kernels.linear_int4`).
     """
 
     act_quant: bool = True

@@ -129,34 +129,43 @@ def test_int4_matches_float64(m, n, k, group_size, with_bias):
     assert rel_err(kernels.linear_int4(x, packed, s, None, group_size, b, zb=zb), ref) < 1e-5
 
 
-def act_quant_x(x: torch.Tensor) -> torch.Tensor:
-    """x as the int4 act_quant kernel sees it, reproduced bit for bit in fp32: per 32 columns
-    d = absmax / 127, xq = round-half-even(x · (127 / absmax)), x̂ = d · xq (float64 out)."""
+def block_absmax(x: torch.Tensor, gs: int) -> torch.Tensor:
+    """absmax of the int4 act_quant kernel's x block, per element (M, K). A block is lane u
+    (columns 8u..8u+7) of the S chunks of 64 columns that share a weight group (S = G/64, 1 for
+    G = 32): 8 columns for G <= 64, 16 for G = 128, 32 for G = 256."""
     m, k = x.shape
-    b = x.reshape(m, k // 32, 32)
-    amax = b.abs().amax(-1, keepdim=True)
+    span = max(1, gs // 64)
+    b = x.reshape(m, k // (64 * span), span, 8, 8).abs().amax(dim=(2, 4), keepdim=True)
+    return b.expand(m, k // (64 * span), span, 8, 8).reshape(m, k)
+
+
+def act_quant_d(x: torch.Tensor, gs: int) -> torch.Tensor:
+    """The block step d = absmax / 127 per element (M, K), float64."""
+    return block_absmax(x, gs).double() / 127.0
+
+
+def act_quant_x(x: torch.Tensor, gs: int) -> torch.Tensor:
+    """x as the int4 act_quant kernel sees it, reproduced bit for bit in fp32:
+    xq = round-half-even(x · (127 / absmax)), x̂ = (absmax / 127) · xq (float64 out)."""
+    amax = block_absmax(x, gs)
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
-    xq = torch.round(b * inv)  # fp32 multiply, half-to-even: the kernel's cvtps_epi32
+    xq = torch.round(x * inv)  # fp32 multiply, half-to-even: the kernel's cvtps_epi32
     assert xq.abs().max() <= 127
-    return (xq.double() * (amax / 127.0).double()).reshape(m, k)
+    return xq.double() * (amax / 127.0).double()
 
 
 def act_quant_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) -> torch.Tensor:
     """Per-output bound on |y_act_quant - y_exact| (M, N), float64: the kernel uses exact sums
-    of x for the zb term, so the error is Σ_k q_k·s_g(k)·(x̂_k - x_k) and |x̂_k - x_k| ≤ d_b/2."""
-    m, k = x.shape
-    d = x.reshape(m, k // 32, 32).abs().amax(-1).double() / 127.0  # (M, K/32)
-    half_step = (d / 2).repeat_interleave(32, 1)  # (M, K)
+    of x for the zb term, so the error is Σ_k q_k·s_g(k)·(x̂_k - x_k) and |x̂_k - x_k| ≤ d_k/2."""
+    half_step = act_quant_d(x, gs) / 2  # (M, K)
     qs = q.double() * s.double().repeat_interleave(gs, 1)  # (N, K), ≥ 0
     return half_step @ qs.T
 
 
 def act_quant_sigma(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) -> torch.Tensor:
     """Standard deviation of that error when the rounding errors x̂_k - x_k are independent
-    and uniform on ±d_b/2 (variance d_b²/12): sqrt(Σ_k (q_k·s_g(k))² · d_b(k)² / 12)."""
-    m, k = x.shape
-    d = x.reshape(m, k // 32, 32).abs().amax(-1).double() / 127.0
-    var = (d**2 / 12).repeat_interleave(32, 1)
+    and uniform on ±d_k/2 (variance d_k²/12): sqrt(Σ_k (q_k·s_g(k))² · d_k² / 12)."""
+    var = act_quant_d(x, gs) ** 2 / 12
     qs2 = (q.double() * s.double().repeat_interleave(gs, 1)) ** 2
     return (var @ qs2.T).sqrt()
 
@@ -177,7 +186,8 @@ def isa(request):
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias, isa):
-    """The fast int4 path (x quantized to int8 per 32 columns, integer dot products).
+    """The fast int4 path (x quantized to int8 in blocks of 8-32 columns, see block_absmax;
+    integer dot products).
     1) Against float64 math on the same quantized x̂ (reproduced exactly in Python): only fp32
        accumulation error is left, so the exact path's 1e-5 holds.
     2) Against the true float64 result: within the worst-case x-quantization bound (+1e-5
@@ -203,7 +213,7 @@ def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias, isa):
     # 1) same x̂, float64: the zb term uses the exact x sums, so split w = q·s + zb
     qs = q.double() * s.double().repeat_interleave(group_size, 1)
     zbk = zb.double().repeat_interleave(group_size, 1)
-    ref_hat = act_quant_x(x) @ qs.T + x.double() @ zbk.T + bias
+    ref_hat = act_quant_x(x, group_size) @ qs.T + x.double() @ zbk.T + bias
     assert rel_err(y, ref_hat) < 1e-5
     # 2) the true result, within the bound
     ref = x.double() @ w.T + bias

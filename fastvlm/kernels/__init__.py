@@ -309,9 +309,10 @@ def linear_int4(
     `zb=int4_zb(scales, zeros)` to skip rebuilding it (then `zeros` is not read).
 
     `act_quant=True` is the fast path `Int4Linear` uses: x is quantized per call to int8 in
-    blocks of 32 columns (absmax / 127) and multiplied with integer dot products; the error
-    per output is at most Σ_blocks d_b/2 · Σ_{k∈b} |q_k · scale_g(k)| (d_b = the block's
-    absmax / 127), see gemv.c. When K % 64 != 0 it silently takes the exact fp32 path."""
+    blocks of 8 (G ≤ 64), 16 (G = 128) or 32 (G = 256) columns (absmax / 127; the block layout
+    is in gemv.c) and multiplied with integer dot products; the error per output is at most
+    Σ_k d_b(k)/2 · |q_k · scale_g(k)| (d_b = the block's absmax / 127). When K % 64 != 0 it
+    takes the exact fp32 path."""
     lib = _lib_or_raise()
     n, k2 = packed.shape
     k = 2 * k2

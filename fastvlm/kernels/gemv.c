@@ -427,54 +427,58 @@ static void i4_block(const float *xp, const float *sx, const uint8_t *w, const f
 }
 
 /* ------------------------------------------------------------------ int4 x int8 (act_q)
- * The fast int4 path (llama.cpp's Q4 x Q8_0, ONNX Runtime MatMulNBits accuracy_level=4): each
- * row of x is quantized per call to int8 in blocks of 32 columns (d = absmax / 127, xq =
- * round(x / d)), and 64 weights (32 bytes) are multiplied as integers with two
- * _mm256_maddubs_epi16 (unsigned nibble 0..15 x signed xq; |pair sum| <= 2 * 15 * 127, no
- * saturation) + one _mm256_madd_epi16 into 8 int32 lanes: lanes 0-3 hold columns 0..31 of the
- * chunk (x block 2c), lanes 4-7 columns 32..63 (block 2c+1).  Those are converted once per
- * chunk and scaled by d_block * scale_group (one FMA).  ~0.2 vector instructions per weight
- * instead of ~0.6 for the fp32 path, so M = 1 becomes memory-bound.  The offset term
- * sum_g zb_g * sum_g(x) uses the exact fp32 group sums of x.
+ * The fast int4 path (llama.cpp's Q4 x Q8, ONNX Runtime MatMulNBits accuracy_level=4): each
+ * row of x is quantized per call to int8 (d = absmax / 127 per block, xq = round(x / d)), and
+ * a chunk of 64 weights (32 bytes) is multiplied as integers: two _mm256_maddubs_epi16
+ * (unsigned nibble 0..15 x signed xq; |pair sum| <= 2 * 15 * 127, no saturation) + one
+ * _mm256_madd_epi16, or two AVX-VNNI vpdpbusd, give 8 int32 lanes; lane u holds columns
+ * 8u..8u+7 of the chunk.  The x blocks follow those lanes: block (span, u) = lane u of the S
+ * chunks of one weight group (S = G / 64, 1 for G = 32), i.e. 8 columns for G <= 64, 16 for
+ * G = 128, 32 for G = 256.  So a whole group accumulates in integer registers and is converted
+ * and scaled (d_block * scale_group per lane) once per group, not per chunk.  ~0.15 vector
+ * instructions per weight instead of ~0.6 for the fp32 path: M = 1 becomes memory-bound.  The
+ * offset term sum_g zb_g * sum_g(x) uses the exact fp32 group sums of x.
  * Error (vs exact fp32 math): |x - d * xq| <= d / 2 per element, so per output
- * |dy| <= sum_blocks d_b / 2 * sum_{k in b} |q_k * scale_g(k)|; relative to |y| that is
- * ~1e-3, an order of magnitude below the int4 weight rounding itself (scale / 2 per weight).
+ * |dy| <= sum_k d_b(k) / 2 * |q_k * scale_g(k)|; relative to |y| that is ~1e-3, an order of
+ * magnitude below the int4 weight rounding itself (scale / 2 per weight).
  *
- * xq layout per row and 64-column chunk c: 32 bytes of x at even columns, then 32 at odd
- * columns (the nibble order of a 32-byte weight chunk); dv[m, c] = [d_2c x4, d_2c+1 x4]. */
+ * Layouts: xq per row and chunk c: 32 bytes of x at even columns, then 32 at odd columns (the
+ * nibble order of a 32-byte weight chunk); dv[m, span] = the 8 lanes' d. */
+/* chunks of 64 columns per x block span: one weight group (G = 64..256), 1 for G = 32 */
+static inline int64_t xq_span(int64_t G) { return G <= 64 ? 1 : G / 64; }
+
 static void prep_xq(const float *x, int8_t *xq, float *dv, float *sx, int64_t M, int64_t K,
                     int64_t G) {
-    const int64_t nc = K / 64;
+    const int64_t nc = K / 64, S = xq_span(G), ns = nc / S;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t c = 0; c < nc; c++) {
-            const float *s = x + m * K + c * 64;
-            int8_t *d = xq + m * K + c * 64;
-            float id[2];
-            for (int b = 0; b < 2; b++) {
-                __m256 am = _mm256_setzero_ps();
-                const __m256 sign = _mm256_set1_ps(-0.0f);
-                for (int i = 0; i < 32; i += 8)
-                    am = _mm256_max_ps(am, _mm256_andnot_ps(sign, _mm256_loadu_ps(s + 32 * b + i)));
-                __m128 h = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+        for (int64_t sp = 0; sp < ns; sp++) {
+            const float *s0 = x + m * K + sp * S * 64;
+            __m256 mx[8];
+            for (int u = 0; u < 8; u++) mx[u] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < S; c++)
+                for (int u = 0; u < 8; u++)
+                    mx[u] = _mm256_max_ps(mx[u], _mm256_andnot_ps(sign, _mm256_loadu_ps(s0 + c * 64 + 8 * u)));
+            float id[8];
+            for (int u = 0; u < 8; u++) {
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx[u]), _mm256_extractf128_ps(mx[u], 1));
                 h = _mm_max_ps(h, _mm_movehl_ps(h, h));
                 h = _mm_max_ss(h, _mm_movehdup_ps(h));
                 float amax = _mm_cvtss_f32(h);
-                float dd = amax / 127.0f;
-                id[b] = amax > 0.0f ? 127.0f / amax : 0.0f;
-                for (int i = 0; i < 4; i++) {
-                    dv[(m * nc + c) * 8 + 4 * b + i] = dd;
+                dv[(m * ns + sp) * 8 + u] = amax / 127.0f;
+                id[u] = amax > 0.0f ? 127.0f / amax : 0.0f;
+            }
+            for (int64_t c = 0; c < S; c++) {
+                int32_t qi[64];
+                for (int u = 0; u < 8; u++)
+                    _mm256_storeu_si256((__m256i *)(qi + 8 * u),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(
+                                            _mm256_loadu_ps(s0 + c * 64 + 8 * u), _mm256_set1_ps(id[u]))));
+                int8_t *d = xq + m * K + (sp * S + c) * 64;
+                for (int i = 0; i < 32; i++) {
+                    d[i] = (int8_t)qi[2 * i];
+                    d[32 + i] = (int8_t)qi[2 * i + 1];
                 }
-            }
-            int32_t qi[64];
-            for (int b = 0; b < 2; b++) {
-                const __m256 iv = _mm256_set1_ps(id[b]);
-                for (int i = 0; i < 32; i += 8)
-                    _mm256_storeu_si256((__m256i *)(qi + 32 * b + i),
-                                        _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + 32 * b + i), iv)));
-            }
-            for (int i = 0; i < 32; i++) {
-                d[i] = (int8_t)qi[2 * i];
-                d[32 + i] = (int8_t)qi[2 * i + 1];
             }
         }
         for (int64_t g = 0; g < K / G; g++) {
@@ -500,22 +504,30 @@ INL float dot_f32(const float *a, const float *b, int64_t n) {
  * at run time by CPUID (`fvk_set_isa` can force AVX2, for tests and A/B measurements). */
 #define FVK_I4Q_BODY
 #define SFX(name) name##_avx2
-#define DOT4(lo, hi, xl, xh)                                                                  \
-    _mm256_madd_epi16(                                                                        \
-        _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)),         \
-        _mm256_set1_epi16(1))
-#include "gemv.c"
+/* ACC4: acc += the 64 products of a chunk (lo/hi nibbles x even/odd xq); FIN4: acc as int32 */
+#define ACC4(acc, lo, hi, xl, xh)                                                             \
+    _mm256_add_epi16(acc,                                                                     \
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)))
+#define FIN4(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+#define DOT4(lo, hi, xl, xh) FIN4(ACC4(_mm256_setzero_si256(), lo, hi, xl, xh))
+#include __FILE__
 #undef SFX
+#undef ACC4
+#undef FIN4
 #undef DOT4
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define FVK_HAVE_VNNI 1
 #pragma GCC push_options
 #pragma GCC target("avxvnni")
 #define SFX(name) name##_vnni
-#define DOT4(lo, hi, xl, xh)                                                                  \
-    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xl), hi, xh)
-#include "gemv.c"
+#define ACC4(acc, lo, hi, xl, xh)                                                             \
+    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, xl), hi, xh)
+#define FIN4(acc) (acc)
+#define DOT4(lo, hi, xl, xh) ACC4(_mm256_setzero_si256(), lo, hi, xl, xh)
+#include __FILE__
 #undef SFX
+#undef ACC4
+#undef FIN4
 #undef DOT4
 #pragma GCC pop_options
 #else
@@ -595,6 +607,8 @@ INL void SFX(i4q_tile)(const int8_t *xq, const float *dv, const float *sx, const
 #pragma GCC unroll 8
         for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
     const int64_t nc = K / 64, K2 = K / 2, ng = G32 ? K / 32 : K >> (6 + gsh);
+    const int ssh = G32 ? 0 : gsh; /* x block span = 1 << ssh chunks */
+    const int64_t ns = nc >> ssh;
     const __m256i m4 = _mm256_set1_epi8(15);
     const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     const uint8_t *wr = w + n * K2;
@@ -618,7 +632,7 @@ INL void SFX(i4q_tile)(const int8_t *xq, const float *dv, const float *sx, const
                 const int8_t *xc = xq + m * K + c * 64;
                 __m256i d32 = DOT4(lo, hi, _mm256_load_si256((const __m256i *)xc),
                                    _mm256_load_si256((const __m256i *)(xc + 32)));
-                __m256 f = _mm256_mul_ps(_mm256_load_ps(dv + (m * nc + c) * 8), sv);
+                __m256 f = _mm256_mul_ps(_mm256_load_ps(dv + (m * ns + (c >> ssh)) * 8), sv);
                 acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), f, acc[j][m]);
             }
         }
@@ -632,26 +646,27 @@ INL void SFX(i4q_tile)(const int8_t *xq, const float *dv, const float *sx, const
         }
 }
 
-/* G >= 64, small MM * NB: the same products, but accumulated per group with d_block only
- * (gacc += dot * d), the weight scale applied once per group (acc += gacc * scale): no
- * per-chunk multiply, at the price of twice the accumulator registers. */
+/* G >= 64, small MM * NB: a weight group is exactly one x block span, so the integer dot
+ * products of a whole group accumulate in integer registers (AVX2: int16 lanes, at most
+ * 4 chunks * 2 * 2 * 15 * 127 = 30480 < 32767; VNNI: int32) and are converted and scaled
+ * (d_block * scale_group) once per group, not per chunk. */
 INL void SFX(i4q_tile_ga)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
                      const float *scales, const float *zb, const float *bias, float *y,
                      int64_t n, int64_t K, int64_t N, int gsh, const int MM, const int NB) {
-    __m256 acc[4][4];
+    __m256 acc[4][MAXM];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; j++)
 #pragma GCC unroll 4
         for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
-    const int64_t nc = K / 64, K2 = K / 2, ng = K >> (6 + gsh), cpg = 1 << gsh;
+    const int64_t K2 = K / 2, ng = K >> (6 + gsh), cpg = 1 << gsh;
     const __m256i m4 = _mm256_set1_epi8(15);
     const uint8_t *wr = w + n * K2;
     for (int64_t g = 0; g < ng; g++) {
-        __m256 ga[4][4];
+        __m256i ia[4][MAXM];
 #pragma GCC unroll 4
         for (int j = 0; j < NB; j++)
-#pragma GCC unroll 4
-            for (int m = 0; m < MM; m++) ga[j][m] = _mm256_setzero_ps();
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) ia[j][m] = _mm256_setzero_si256();
         for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
 #pragma GCC unroll 4
             for (int j = 0; j < NB; j++) {
@@ -663,10 +678,8 @@ INL void SFX(i4q_tile_ga)(const int8_t *xq, const float *dv, const float *sx, co
 #pragma GCC unroll 4
                 for (int m = 0; m < MM; m++) {
                     const int8_t *xc = xq + m * K + c * 64;
-                    __m256i d32 = DOT4(lo, hi, _mm256_load_si256((const __m256i *)xc),
-                                       _mm256_load_si256((const __m256i *)(xc + 32)));
-                    ga[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32),
-                                               _mm256_load_ps(dv + (m * nc + c) * 8), ga[j][m]);
+                    ia[j][m] = ACC4(ia[j][m], lo, hi, _mm256_load_si256((const __m256i *)xc),
+                                    _mm256_load_si256((const __m256i *)(xc + 32)));
                 }
             }
         }
@@ -674,7 +687,10 @@ INL void SFX(i4q_tile_ga)(const int8_t *xq, const float *dv, const float *sx, co
         for (int j = 0; j < NB; j++) {
             __m256 sv = _mm256_broadcast_ss(scales + (n + j) * ng + g);
 #pragma GCC unroll 4
-            for (int m = 0; m < MM; m++) acc[j][m] = _mm256_fmadd_ps(ga[j][m], sv, acc[j][m]);
+            for (int m = 0; m < MM; m++)
+                acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FIN4(ia[j][m])),
+                                            _mm256_mul_ps(_mm256_load_ps(dv + (m * ng + g) * 8), sv),
+                                            acc[j][m]);
         }
     }
 #pragma GCC unroll 4
