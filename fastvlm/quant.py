@@ -15,11 +15,14 @@ Components (`--quant llm=int4,projector=int8,vision=none` or a preset name, see 
 
 Kernels, in order of preference on CPU:
 * `fastvlm.kernels` (our AVX2/FMA C kernels, compiled on first use; `kernels.available()`): the
-  quantized layer's portable form is the kernel's layout, the math is fp32 (inputs of other float
-  dtypes are cast), and each weight byte is read once per 8 input rows. Used for every M: at
-  M=16..256 they also beat torch's kernels below (one 4864x896 layer, 1 thread: int8 M=64 8 ms vs
-  13 ms, int4-g128 M=256 36 ms vs 58 ms), so an Int4Linear keeps only its nibble form (no
-  second, tinygemm-packed copy).
+  quantized layer's portable form is the kernel's layout, inputs of other float dtypes are cast
+  to fp32, and each weight byte is read once per 8 input rows. By default (`act_quant`) the
+  kernel quantizes x per call (int16 for int8 weights, int8 for int4) and uses integer dot
+  products; `act_quant = False` keeps exact fp32 math. Used for every M: at M=64..256 they also
+  beat torch's kernels below (one 4864x896 layer, 1 thread, Zen 5 where torch's bf16 kernels use
+  AVX-512: int8 M=64 3.5 ms vs 3.7 ms, int4-g128 M=256 12.1 ms vs 13.3 ms; on an AVX2-only EPYC
+  the exact fp32 kernels already won: int8 M=64 8 ms vs 13 ms, int4 M=256 36 ms vs 58 ms), so an
+  Int4Linear keeps only its nibble form (no second, tinygemm-packed copy).
 * Otherwise torch's CPU ops (torch 2.13; looked up with `hasattr`, older torch falls back):
 * `aten._weight_int8pack_mm(x (M,K) f32|bf16|f16 with stride(1)==1, w int8 (N,K) contiguous,
   scales (N,) same dtype as x) -> (M,N)`; no shape constraints; w is the plain int8 matrix.

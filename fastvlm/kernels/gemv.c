@@ -14,6 +14,9 @@
  *         M <= 4: y = sum_g scale_g * dot_g(q, x) + sum_g zb_g * sum_g(x) (raw nibbles, one
  *         convert per weight); M = 5..8: w dequantized in registers, shared by all rows.
  *         x is permuted once per call into the nibble order of 16-column blocks.
+ *   act_q (int8 and int4, the modules' default): x quantized per call (int16 for int8
+ *         weights, int8 for int4) and integer dot products; see the sections below.  The
+ *         exact fp32 paths above stay for act_q = 0 and K % 64 != 0.
  */
 #ifndef FVK_I4Q_BODY /* the whole file, except the act_q int4 tiles at the end */
 #include <immintrin.h>
@@ -510,7 +513,7 @@ INL float dot_f32(const float *a, const float *b, int64_t n) {
         _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)))
 #define FIN4(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
 #define DOT4(lo, hi, xl, xh) FIN4(ACC4(_mm256_setzero_si256(), lo, hi, xl, xh))
-#include __FILE__
+#include "gemv.c" /* this file (always built under that name) */
 #undef SFX
 #undef ACC4
 #undef FIN4
@@ -524,7 +527,7 @@ INL float dot_f32(const float *a, const float *b, int64_t n) {
     _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, xl), hi, xh)
 #define FIN4(acc) (acc)
 #define DOT4(lo, hi, xl, xh) ACC4(_mm256_setzero_si256(), lo, hi, xl, xh)
-#include __FILE__
+#include "gemv.c" /* this file (always built under that name) */
 #undef SFX
 #undef ACC4
 #undef FIN4
