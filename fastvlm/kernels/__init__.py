@@ -43,11 +43,15 @@ Design decisions:
 place (same Parameter objects). Measure with scripts/bench_kernels.py (kernels alone, torch
 interleaved) and scripts/bench_decode_kernels.py (Engine decode, 0.5B shape).
 
-Measured (2-core AMD EPYC Zen 5 VM, AVX2 + AVX-VNNI, shared with other work; 1 thread, 0.5B
-decoder shapes, weights out of cache, GB/s of weight payload; M = 1 / M = 4):
-int8 act_quant 30-43 / 18-19 (exact fp32 kernels before: 18-25 / 8.5); int4-g128 act_quant
-26-31 / 11-14 (before: 8-9 / 4-5.5). Engine decode, 2 threads (scripts/bench_decode_kernels.py):
-see the commit messages of the `kern` branch for the runs.
+Measured (2-core AMD EPYC Zen 5 VM, AVX2 + AVX-VNNI, shared with other work, so noisy). Kernels
+alone, 1 thread, 0.5B decoder shapes (896x896 ... 151936x896), weights out of cache, GB/s of
+weight payload, previous exact-fp32 kernels -> act_quant, interleaved in one process:
+int8 M=1 17-23 -> 27-40, M=4 7-10.5 -> 13.6-17.6; int4-g128 M=1 7-8.6 -> 14-25 (20-25 for
+the large layers), M=4 3.6-5.3 -> 7-14. Engine decode on the 0.5B shape
+(scripts/bench_decode_kernels.py, tok/s, 1 stream / 4 streams aggregate, before -> after):
+1 thread int8 29.9/54.5 -> 40.2/109, int4 26.3/65.7 -> 58.8/139 (fp32 ours 13.0-13.5/33-34);
+2 threads int8 41.6/95 -> 52-57/110-163, int4 33.2/93 -> 56-69/149-196 (fp32 ours 18-23/57-62;
+the spread is other load on the second core).
 """
 
 from __future__ import annotations
