@@ -15,11 +15,14 @@ Components (`--quant llm=int4,projector=int8,vision=none` or a preset name, see 
 
 Kernels, in order of preference on CPU:
 * `fastvlm.kernels` (our AVX2/FMA C kernels, compiled on first use; `kernels.available()`): the
-  quantized layer's portable form is the kernel's layout, the math is fp32 (inputs of other float
-  dtypes are cast), and each weight byte is read once per 8 input rows. Used for every M: at
-  M=16..256 they also beat torch's kernels below (one 4864x896 layer, 1 thread: int8 M=64 8 ms vs
-  13 ms, int4-g128 M=256 36 ms vs 58 ms), so an Int4Linear keeps only its nibble form (no
-  second, tinygemm-packed copy).
+  quantized layer's portable form is the kernel's layout, inputs of other float dtypes are cast
+  to fp32, and each weight byte is read once per 8 input rows. By default (`act_quant`) the
+  kernel quantizes x per call (int16 for int8 weights, int8 for int4) and uses integer dot
+  products; `act_quant = False` keeps exact fp32 math. Used for every M: at M=64..256 they also
+  beat torch's kernels below (one 4864x896 layer, 1 thread, Zen 5 where torch's bf16 kernels use
+  AVX-512: int8 M=64 3.5 ms vs 3.7 ms, int4-g128 M=256 12.1 ms vs 13.3 ms; on an AVX2-only EPYC
+  the exact fp32 kernels already won: int8 M=64 8 ms vs 13 ms, int4 M=256 36 ms vs 58 ms), so an
+  Int4Linear keeps only its nibble form (no second, tinygemm-packed copy).
 * Otherwise torch's CPU ops (torch 2.13; looked up with `hasattr`, older torch falls back):
 * `aten._weight_int8pack_mm(x (M,K) f32|bf16|f16 with stride(1)==1, w int8 (N,K) contiguous,
   scales (N,) same dtype as x) -> (M,N)`; no shape constraints; w is the plain int8 matrix.
@@ -316,9 +319,17 @@ class _QuantLinear(nn.Module):
 
 
 class Int8Linear(_QuantLinear):
-    """Per-output-channel symmetric int8 weight, float bias; `_weight_int8pack_mm` on CPU."""
+    """Per-output-channel symmetric int8 weight, float bias; fastvlm.kernels or
+    `_weight_int8pack_mm` on CPU.
+
+    `act_quant` (class default True; set it on an instance or the class to compare): the
+    kernel quantizes x to int16 per 64 columns and uses integer dot products (_mm256_madd_epi16),
+    ~2x faster at M = 2..8 than exact fp32 math; its added error is ~1e-5 relative, far below the
+    int8 weight rounding (bound in `kernels.linear_int8`).
+    """
 
     scheme = Scheme(bits=8)
+    act_quant: bool = True
 
     def __init__(
         self,
@@ -365,7 +376,7 @@ class Int8Linear(_QuantLinear):
         return ptrs, (s, b)
 
     def _run(self, x: torch.Tensor, m: int, plan: tuple) -> torch.Tensor:
-        return kernels._run_i8(x, m, *plan, self.out_features, self.in_features)
+        return kernels._run_i8(x, m, *plan, self.out_features, self.in_features, self.act_quant)
 
     def _kernel(self, x2: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         cd = compute_dtype or self.cpu_compute_dtype
@@ -386,7 +397,15 @@ class Int4Linear(_QuantLinear):
     `fastvlm.kernels` runs directly. Without those, `repack()` on CPU converts it to tinygemm's
     packed layout and frees the portable copy (int4 is for memory); `state_dict()` then rebuilds
     the portable form from the packed one.
+
+    `act_quant` (class default True; set it on an instance or the class to compare): the
+    kernel quantizes x to int8 in blocks of 8-32 columns and uses integer dot products
+    (llama.cpp's Q4 x Q8, ORT MatMulNBits accuracy_level=4), ~3x faster at M = 1 than exact fp32
+    math; its added error is ~10x below the int4 weight rounding (bound in
+    `kernels.linear_int4`).
     """
+
+    act_quant: bool = True
 
     def __init__(
         self,
@@ -466,7 +485,7 @@ class Int4Linear(_QuantLinear):
 
     def _run(self, x: torch.Tensor, m: int, plan: tuple) -> torch.Tensor:
         n, k = self.out_features, self.in_features
-        return kernels._run_i4(x, m, *plan, n, k, self.group_size)
+        return kernels._run_i4(x, m, *plan, n, k, self.group_size, self.act_quant)
 
     def _dequant(self, x2: torch.Tensor) -> torch.Tensor:
         if not self.qweight.numel():

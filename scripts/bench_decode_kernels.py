@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     base = build_shape(a.shape, image_size=256)
 
     def text_ids(seed: int) -> list[int]:
-        return [t for t in prompt_ids(base, seed=seed) if t != base.config.image_token_id][:48]
+        ids = prompt_ids(base.config, seed=seed)
+        return [t for t in ids if t != base.config.image_token_id][:48]
 
     ids = text_ids(2)
 

@@ -11,7 +11,12 @@ torch baselines are the paths the model used before the kernels: F.linear for fp
 `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` with the input cast to bf16 (Int8Linear /
 Int4Linear's CPU path; fp32 input is ~10x slower in those ops).
 
+"ours" for int8 / int4 is the path the modules take (`act_quant=True`: x quantized per call to
+int16 / int8, integer dot products); `--exact` measures the exact-fp32 kernels instead.
+`--shapes 0.5b` runs the Qwen2-0.5B decoder's Linear shapes (q/o, k/v, gate/up, down, lm_head).
+
     OMP_NUM_THREADS=2 python scripts/bench_kernels.py --threads 2
+    OMP_NUM_THREADS=1 python scripts/bench_kernels.py --threads 1 --shapes 0.5b --ms 1,4
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ def best_per_call(fn, mats, x, rounds_out: list[float]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from fastvlm import kernels
-    from fastvlm.quant import pack_nibbles, quantize_int4, quantize_int8
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -52,16 +56,38 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct weight matrices (raised so each kind spans >= 128 MB)",
     )
     p.add_argument("--rounds", type=int, default=15, help="timed rounds; best is kept")
+    p.add_argument("--shapes", default="", help="NxK,NxK,... or 0.5b (overrides --n/--k)")
+    p.add_argument("--exact", action="store_true", help="int8/int4: exact fp32 kernel path")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if not kernels.available():
         print(f"kernels not available: {kernels.unavailable_reason()}", file=sys.stderr)
         return 1
+    if a.shapes:
+        text = SHAPES.get(a.shapes, a.shapes)
+        shapes = [tuple(int(v) for v in t.lower().split("x")) for t in text.split(",")]
+    else:
+        shapes = [(a.n, a.k)]
+    results = []
+    for n, k in shapes:
+        results += run_shape(a, n, k)
+    print(json.dumps({"threads": a.threads, "shapes": shapes, "results": results}))
+    return 0
+
+
+SHAPES = {"0.5b": "896x896,128x896,4864x896,896x4864,151936x896"}
+
+
+def run_shape(a, n: int, k: int) -> list[dict]:
+    from fastvlm import kernels
+    from fastvlm.quant import pack_nibbles, quantize_int4, quantize_int8
+
     aten = torch.ops.aten
     ms = [int(v) for v in a.ms.split(",")]
-    n, k = a.n, a.k
+    aq = not a.exact
     g = torch.Generator().manual_seed(0)
-    print(f"threads={a.threads} N={n} K={k} mats={a.mats} rounds={a.rounds}")
+    path = "exact fp32" if a.exact else "act_quant"
+    print(f"threads={a.threads} N={n} K={k} mats={a.mats} rounds={a.rounds} int8/int4: {path}")
     print(f"{'kind':<10} {'M':>2} {'torch GB/s':>10} {'ours GB/s':>10} {'torch us':>9} "
           f"{'ours us':>9} {'ratio':>6}")  # fmt: skip
     results = []
@@ -97,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             torch_fn = lambda x, m: aten._weight_int8pack_mm(  # noqa: E731
                 x.bfloat16(), m[0], m[1]
             ).float()
-            ours_fn = lambda x, m: kernels.linear_int8(x, m[0], m[1])  # noqa: E731
+            ours_fn = lambda x, m: kernels.linear_int8(x, m[0], m[1], act_quant=aq)  # noqa: E731
         else:
             torch_fn = lambda x, m, gs=gs: aten._weight_int4pack_mm_for_cpu(  # noqa: E731
                 x.bfloat16(), m[0], gs, m[1]
             ).float()
             ours_fn = lambda x, m, gs=gs: kernels.linear_int4(  # noqa: E731
-                x, m[0], m[1], None, gs, zb=m[2]
+                x, m[0], m[1], None, gs, zb=m[2], act_quant=aq
             )
         for mm in ms:
             x = torch.randn(mm, k, generator=g)
@@ -129,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f"   (x.sum() read: {row['read_gbs']:.2f} GB/s)" if tr else "")
             )
         del mats_t, mats_o
-    print(json.dumps({"threads": a.threads, "n": n, "k": k, "results": results}))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -56,6 +56,57 @@ def test_int8_matches_float64(m, n, k, with_bias):
     assert rel_err(kernels.linear_int8(x, q, s, b), ref) < 1e-5
 
 
+def int8_act_quant_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 act_quant kernel sees it, reproduced bit for bit in fp32: per 64 columns
+    d = absmax / 32767, xs = round-half-even(x · (32767 / absmax)), x̂ = d · xs (float64)."""
+    m, k = x.shape
+    b = x.reshape(m, k // 64, 64)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, torch.zeros_like(amax))
+    xs = torch.round(b * inv)
+    assert xs.abs().max() <= 32767
+    return (xs.double() * (amax / 32767.0).double()).reshape(m, k)
+
+
+def int8_act_quant_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Per-output bound on |y_act_quant - y_exact| (M, N): scale_n · Σ_k |q_k| · d_b(k)/2
+    (K % 64 != 0: the kernel is exact, the bound is 0)."""
+    m, k = x.shape
+    if k % 64:
+        return torch.zeros(m, q.shape[0], dtype=torch.float64)
+    d = x.reshape(m, k // 64, 64).abs().amax(-1).double() / 32767.0
+    return ((d / 2).repeat_interleave(64, 1) @ q.double().abs().T) * s.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 896), (131, 4864), (13, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_act_quant_matches_float64(m, n, k, with_bias):
+    """The fast int8 path (x quantized to int16 per 64 columns, _mm256_madd_epi16).
+    1) Against float64 math on the same x̂ (reproduced exactly): the exact path's 1e-5.
+    2) Against the true float64 result: within the worst-case bound and within 6σ of the error
+       model (independent uniform rounding errors, see test_int4_act_quant_matches_float64).
+       σ is ~1e-5 of |y| without outliers (~1e-4 for K = 64 with the 20x outlier), ~100x below
+       the int8 weight rounding (1/254 of a row's absmax)."""
+    g = gen(m * 1000 + n + 3)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5] *= 20  # an outlier column
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s = torch.rand(n, generator=g) + 0.01
+    b = torch.randn(n, generator=g) * 10 if with_bias else None
+    bias = 0 if b is None else b.double()
+    y = kernels.linear_int8(x, q, s, b, act_quant=True)
+    ref_hat = (int8_act_quant_x(x) @ q.double().T) * s.double() + bias
+    assert rel_err(y, ref_hat) < 1e-5
+    ref = (x.double() @ q.double().T) * s.double() + bias
+    err, scale = (y.double() - ref).abs(), ref.abs().max()
+    assert (err <= int8_act_quant_bound(x, q, s) + 1e-5 * scale).all()
+    d = x.reshape(m, k // 64, 64).abs().amax(-1).double() / 32767.0
+    sigma = ((d**2 / 12).repeat_interleave(64, 1) @ (q.double() ** 2).T).sqrt() * s.double()
+    assert (err <= 6 * sigma + 1e-5 * scale).all()
+
+
 @needs_kernels
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", [(37, 512), (131, 4864)])
@@ -76,6 +127,130 @@ def test_int4_matches_float64(m, n, k, group_size, with_bias):
     assert rel_err(kernels.linear_int4(x, packed, s, z, group_size, b), ref) < 1e-5
     zb = kernels.int4_zb(s, z)  # the cached-offset form the modules use
     assert rel_err(kernels.linear_int4(x, packed, s, None, group_size, b, zb=zb), ref) < 1e-5
+
+
+def block_absmax(x: torch.Tensor, gs: int) -> torch.Tensor:
+    """absmax of the int4 act_quant kernel's x block, per element (M, K). A block is lane u
+    (columns 8u..8u+7) of the S chunks of 64 columns that share a weight group (S = G/64, 1 for
+    G = 32): 8 columns for G <= 64, 16 for G = 128, 32 for G = 256."""
+    m, k = x.shape
+    span = max(1, gs // 64)
+    b = x.reshape(m, k // (64 * span), span, 8, 8).abs().amax(dim=(2, 4), keepdim=True)
+    return b.expand(m, k // (64 * span), span, 8, 8).reshape(m, k)
+
+
+def act_quant_d(x: torch.Tensor, gs: int) -> torch.Tensor:
+    """The block step d = absmax / 127 per element (M, K), float64."""
+    return block_absmax(x, gs).double() / 127.0
+
+
+def act_quant_x(x: torch.Tensor, gs: int) -> torch.Tensor:
+    """x as the int4 act_quant kernel sees it, reproduced bit for bit in fp32:
+    xq = round-half-even(x · (127 / absmax)), x̂ = (absmax / 127) · xq (float64 out)."""
+    amax = block_absmax(x, gs)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(x * inv)  # fp32 multiply, half-to-even: the kernel's cvtps_epi32
+    assert xq.abs().max() <= 127
+    return xq.double() * (amax / 127.0).double()
+
+
+def act_quant_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) -> torch.Tensor:
+    """Per-output bound on |y_act_quant - y_exact| (M, N), float64: the kernel uses exact sums
+    of x for the zb term, so the error is Σ_k q_k·s_g(k)·(x̂_k - x_k) and |x̂_k - x_k| ≤ d_k/2."""
+    half_step = act_quant_d(x, gs) / 2  # (M, K)
+    qs = q.double() * s.double().repeat_interleave(gs, 1)  # (N, K), ≥ 0
+    return half_step @ qs.T
+
+
+def act_quant_sigma(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) -> torch.Tensor:
+    """Standard deviation of that error when the rounding errors x̂_k - x_k are independent
+    and uniform on ±d_k/2 (variance d_k²/12): sqrt(Σ_k (q_k·s_g(k))² · d_k² / 12)."""
+    var = act_quant_d(x, gs) ** 2 / 12
+    qs2 = (q.double() * s.double().repeat_interleave(gs, 1)) ** 2
+    return (var @ qs2.T).sqrt()
+
+
+@pytest.fixture(params=["vnni", "avx2"])
+def isa(request):
+    """Both builds of the int4 act_quant tiles (VNNI is skipped where the CPU lacks it)."""
+    want = request.param == "vnni"
+    if kernels.use_vnni(want) != want:
+        pytest.skip("CPU or compiler without AVX-VNNI")
+    yield request.param
+    kernels.use_vnni(True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("n,k", [(37, 512), (131, 4864), (48, 896)])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias, isa):
+    """The fast int4 path (x quantized to int8 in blocks of 8-32 columns, see block_absmax;
+    integer dot products).
+    1) Against float64 math on the same quantized x̂ (reproduced exactly in Python): only fp32
+       accumulation error is left, so the exact path's 1e-5 holds.
+    2) Against the true float64 result: within the worst-case x-quantization bound (+1e-5
+       relative for fp32 accumulation), and — the tolerance that has teeth, since the worst
+       case adds every rounding error with the same sign — within 6 standard deviations of the
+       error model (independent uniform rounding errors; a sum of bounded independent terms is
+       sub-Gaussian, so a 6σ miss is a real bug, not bad luck)."""
+    if k % group_size:
+        pytest.skip("K not a multiple of the group size")
+    g = gen(m * 1000 + n + group_size + 5)
+    x = torch.randn(m, k, generator=g)
+    x[:, 7] *= 20  # an outlier column, as in real activations: its block gets a coarse step
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // group_size, generator=g) + 0.01
+    z = torch.randn(n, k // group_size, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    w = (q.double() - 8) * s.double().repeat_interleave(group_size, 1) + z.double(
+    ).repeat_interleave(group_size, 1)  # fmt: skip
+    bias = 0 if b is None else b.double()
+    packed = quant.pack_nibbles(q).contiguous()
+    zb = kernels.int4_zb(s, z)
+    y = kernels.linear_int4(x, packed, s, None, group_size, b, zb=zb, act_quant=True)
+    # 1) same x̂, float64: the zb term uses the exact x sums, so split w = q·s + zb
+    qs = q.double() * s.double().repeat_interleave(group_size, 1)
+    zbk = zb.double().repeat_interleave(group_size, 1)
+    ref_hat = act_quant_x(x, group_size) @ qs.T + x.double() @ zbk.T + bias
+    assert rel_err(y, ref_hat) < 1e-5
+    # 2) the true result, within the bound
+    ref = x.double() @ w.T + bias
+    bound = act_quant_bound(x, q, s, group_size)
+    scale = ref.abs().max()
+    err = (y.double() - ref).abs()
+    assert (err <= bound + 1e-5 * scale).all()
+    assert (err <= 6 * act_quant_sigma(x, q, s, group_size) + 1e-5 * scale).all()
+
+
+@needs_kernels
+def test_int4_act_quant_vnni_and_avx2_agree_exactly():
+    """Both builds compute the same integer dot products, then the same fp32 operations."""
+    g = gen(12)
+    x = torch.randn(5, 896, generator=g)
+    q = torch.randint(0, 16, (64, 896), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(64, 7, generator=g) + 0.01, torch.randn(64, 7, generator=g)
+    packed = quant.pack_nibbles(q).contiguous()
+    ys = []
+    for want in (True, False):
+        kernels.use_vnni(want)
+        ys.append([kernels.linear_int4(x[:m], packed, s, z, 128, act_quant=True) for m in (1, 5)])
+    kernels.use_vnni(True)
+    for a, b in zip(*ys, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
+def test_int4_act_quant_falls_back_to_exact_when_k_not_multiple_of_64():
+    g = gen(11)
+    x = torch.randn(3, 96, generator=g)
+    q = torch.randint(0, 16, (16, 96), generator=g, dtype=torch.uint8)
+    s, z = torch.rand(16, 3, generator=g) + 0.01, torch.randn(16, 3, generator=g)
+    packed = quant.pack_nibbles(q).contiguous()
+    exact = kernels.linear_int4(x, packed, s, z, 32)
+    torch.testing.assert_close(kernels.linear_int4(x, packed, s, z, 32, act_quant=True), exact,
+                               rtol=0, atol=0)  # fmt: skip
 
 
 @needs_kernels
@@ -122,17 +297,24 @@ def spy(monkeypatch, name: str) -> list[int]:
 
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 4, 8, 40])
-def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m):
-    lin = nn.Linear(96, 80)
+@pytest.mark.parametrize("k", [96, 256])  # 96: K % 64 != 0, the exact path even with act_quant
+def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m, k):
+    lin = nn.Linear(k, 80)
     layer = Int8Linear.from_linear(lin)
-    x = torch.randn(m, 1, 96)
-    ref = layer._dequant(x.reshape(-1, 96)).reshape(m, 1, 80)  # fp32 dequantize + F.linear
+    x = torch.randn(m, 1, k)
+    ref = layer._dequant(x.reshape(-1, k)).reshape(m, 1, 80)  # fp32 dequantize + F.linear
     calls = spy(monkeypatch, "_run_i8")
+    assert Int8Linear.act_quant  # the default: int16 activations (fast path)
     y = layer(x)
     assert calls == [m]
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    bound = int8_act_quant_bound(x.reshape(-1, k), layer.qweight, layer.scales)
+    err = (y.reshape(-1, 80).double() - ref.reshape(-1, 80).double()).abs()
+    assert (err <= bound + 1e-5 * ref.abs().max()).all()
+    layer.act_quant = False  # exact fp32 math in the kernel
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    del layer.act_quant
     if quant.HAS_INT8_KERNEL:  # the torch int8 op in bf16, the previous default CPU path
-        old = layer._kernel(x.reshape(-1, 96)).reshape(m, 1, 80)
+        old = layer._kernel(x.reshape(-1, k)).reshape(m, 1, 80)
         torch.testing.assert_close(y, old, rtol=2e-2, atol=2e-2)
 
 
@@ -147,9 +329,15 @@ def test_int4_linear_uses_kernel_and_matches_previous_paths(monkeypatch, group_s
     x = torch.randn(m, 512)
     ref = layer._dequant(x)
     calls = spy(monkeypatch, "_run_i4")
+    assert Int4Linear.act_quant  # the default: int8 activations (fast path)
     y = layer(x)
     assert calls == [m]
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    q = quant.unpack_nibbles(layer.qweight)
+    bound = act_quant_bound(x, q, layer.scales, group_size) + 1e-5 * ref.abs().max()
+    assert ((y.double() - ref.double()).abs() <= bound).all()
+    layer.act_quant = False  # exact fp32 math in the kernel
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    del layer.act_quant
     # bf16 input: computed in fp32 by the kernel, returned as bf16
     yb = layer(x.bfloat16())
     assert yb.dtype == torch.bfloat16
@@ -177,13 +365,20 @@ def test_quantized_model_with_kernel_matches_dequant_path(monkeypatch):
     model = make_tiny_model(vocab_size=304)
     quant.quantize_model(model, "int4-g32")
     ids = torch.randint(4, 300, (1, 6))
+    head = model.lm_head
     with torch.no_grad():
         hidden = model.language_model.embed_tokens(ids)
-        fast = [model.lm_head(hidden[:, i : i + 1]) for i in range(6)]  # decode-shaped (B, 1, K)
+        rows = [hidden[:, i : i + 1] for i in range(6)]  # decode-shaped (B, 1, K)
+        fast = [head(r) for r in rows]  # act_quant (int8 activations)
+        monkeypatch.setattr(Int4Linear, "act_quant", False)
+        exact = [head(r) for r in rows]
         monkeypatch.setattr(kernels, "_enabled", False)
-        slow = [model.lm_head._dequant(hidden[0, i : i + 1])[None] for i in range(6)]
-    for a, b in zip(fast, slow, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        slow = [head._dequant(r[0])[None] for r in rows]
+    q = quant.unpack_nibbles(head.qweight)
+    for r, a, e, b in zip(rows, fast, exact, slow, strict=True):
+        torch.testing.assert_close(e, b, rtol=1e-5, atol=1e-5)
+        bound = act_quant_bound(r[0], q, head.scales, 32) + 1e-5 * b.abs().max()
+        assert ((a[0].double() - b[0].double()).abs() <= bound).all()
 
 
 # ---------------------------------------------------------------------- FastLinear

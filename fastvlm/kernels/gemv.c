@@ -14,7 +14,11 @@
  *         M <= 4: y = sum_g scale_g * dot_g(q, x) + sum_g zb_g * sum_g(x) (raw nibbles, one
  *         convert per weight); M = 5..8: w dequantized in registers, shared by all rows.
  *         x is permuted once per call into the nibble order of 16-column blocks.
+ *   act_q (int8 and int4, the modules' default): x quantized per call (int16 for int8
+ *         weights, int8 for int4) and integer dot products; see the sections below.  The
+ *         exact fp32 paths above stay for act_q = 0 and K % 64 != 0.
  */
+#ifndef FVK_I4Q_BODY /* the whole file, except the act_q int4 tiles at the end */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,6 +28,12 @@
 #define MAXM 8
 #ifndef FVK_PF
 #define FVK_PF 2048 /* fp32 software prefetch distance in bytes (0: off) */
+#endif
+#ifndef FVK_PF4
+#define FVK_PF4 12288 /* int4 (act_q) software prefetch distance in bytes (0: off) */
+#endif
+#ifndef FVK_PF8
+#define FVK_PF8 16384 /* int8 software prefetch distance in bytes (0: off) */
 #endif
 
 INL float hsum(__m256 v) {
@@ -114,6 +124,7 @@ INL void i8_tile(const float *x, const int8_t *w, const float *scales, const flo
 #pragma GCC unroll 8
         for (int j = 0; j < NB; j++) {
             const int8_t *p = wr + j * K + k;
+            if (FVK_PF8 && (k & 63) == 0) _mm_prefetch((const char *)p + FVK_PF8, _MM_HINT_T0);
             __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
             __m256 w1 = _mm256_cvtepi32_ps(
                 _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
@@ -158,12 +169,126 @@ static void i8_block(const float *x, const int8_t *w, const float *scales, const
     }
 }
 
-void fvk_linear_i8(const float *x, const int8_t *w, const float *scales, const float *bias,
-                   float *y, int64_t M, int64_t N, int64_t K, int nt) {
+/* ------------------------------------------------------------------ int8 x int16 (act_q)
+ * The fast int8 path: each row of x is quantized per call to int16 in blocks of 64 columns
+ * (d = absmax / 32767, xs = round(x / d)); weights are sign-extended to int16
+ * (_mm256_cvtepi8_epi16, shared by all MM rows of x) and multiplied with _mm256_madd_epi16
+ * (16 multiply-adds per instruction, pairs summed into int32: |sum| <= 8 * 2 * 127 * 32767
+ * per lane and block, no overflow).  Per block one int32 -> float convert and one FMA with d;
+ * the per-row weight scale is applied at the end.  ~2x fewer vector instructions than the fp32
+ * path (whose FMA ports are the limit at M >= 2), and the added error is ~1e-5 relative
+ * (|x - d * xs| <= d / 2 = absmax / 65534), far below the int8 weight rounding (1/254).
+ * Requires K % 64 == 0 (else the exact fp32 path runs). */
+static void prep_xs(const float *x, int16_t *xs, float *dx, int64_t M, int64_t K) {
+    const int64_t nb = K / 64;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *s = x + m * K + b * 64;
+            __m256 am = _mm256_setzero_ps();
+            for (int i = 0; i < 64; i += 8)
+                am = _mm256_max_ps(am, _mm256_andnot_ps(sign, _mm256_loadu_ps(s + i)));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(am), _mm256_extractf128_ps(am, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            float amax = _mm_cvtss_f32(h);
+            dx[m * nb + b] = amax / 32767.0f;
+            const __m256 iv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+            for (int i = 0; i < 64; i += 16) {
+                __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + i), iv));
+                __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + i + 8), iv));
+                /* packs works per 128-bit lane: [a0-3 c0-3 | a4-7 c4-7] -> fix the order */
+                __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+                _mm256_store_si256((__m256i *)(xs + m * K + b * 64 + i), p);
+            }
+        }
+}
+
+INL void i8q_tile(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
+                  const float *bias, float *y, int64_t n, int64_t K, int64_t N, const int MM,
+                  const int NB) {
+    __m256 acc[4][MAXM];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t nb = K / 64;
+    const int8_t *wr = w + n * K;
+    for (int64_t b = 0; b < nb; b++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            const int8_t *p = wr + j * K + b * 64;
+            if (FVK_PF8) _mm_prefetch((const char *)p + FVK_PF8, _MM_HINT_T0);
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
+            __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 32)));
+            __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 48)));
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) {
+                const __m256i *xv = (const __m256i *)(xs + m * K + b * 64);
+                __m256i s01 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_load_si256(xv)),
+                                               _mm256_madd_epi16(w1, _mm256_load_si256(xv + 1)));
+                __m256i s23 = _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_load_si256(xv + 2)),
+                                               _mm256_madd_epi16(w3, _mm256_load_si256(xv + 3)));
+                acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s01, s23)),
+                                            _mm256_broadcast_ss(dx + m * nb + b), acc[j][m]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++)
+            y[m * N + n + j] = hsum(acc[j][m]) * scales[n + j] + (bias ? bias[n + j] : 0.0f);
+}
+
+#define I8Q_CASE(MM, NB)                                                                      \
+    case MM: {                                                                                \
+        int64_t nblk = N / NB;                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")          \
+        for (int64_t b = 0; b < nblk; b++)                                                    \
+            i8q_tile(xs, dx, w, scales, bias, y, b * NB, K, N, MM, NB);                       \
+        for (int64_t n = nblk * NB; n < N; n++) i8q_tile(xs, dx, w, scales, bias, y, n, K, N, MM, 1); \
+        break;                                                                                \
+    }
+
+static void i8q_block(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
+                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nt) {
+    switch (M) {
+        I8Q_CASE(1, 4)
+        I8Q_CASE(2, 4)
+        I8Q_CASE(3, 2)
+        I8Q_CASE(4, 2)
+        I8Q_CASE(5, 1)
+        I8Q_CASE(6, 1)
+        I8Q_CASE(7, 1)
+        I8Q_CASE(8, 1)
+    }
+}
+
+/* act_q != 0 (and K % 64 == 0): the int16-activation path above; else exact fp32.
+ * Returns 0, or -2 when out of memory. */
+int fvk_linear_i8(const float *x, const int8_t *w, const float *scales, const float *bias,
+                  float *y, int64_t M, int64_t N, int64_t K, int nt, int act_q) {
+    if (act_q && K % 64 == 0) {
+        int64_t mb = M < MAXM ? M : MAXM;
+        size_t bytes = (size_t)(mb * K) * 2 + (size_t)(mb * (K / 64)) * sizeof(float);
+        int16_t *xs = (int16_t *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!xs) return -2;
+        float *dx = (float *)(xs + mb * K);
+        for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+            int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+            prep_xs(x + m0 * K, xs, dx, mm, K);
+            i8q_block(xs, dx, w, scales, bias, y + m0 * N, mm, N, K, nt);
+        }
+        free(xs);
+        return 0;
+    }
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
         i8_block(x + m0 * K, w, scales, bias, y + m0 * N, mm, N, K, nt);
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------------ int4 */
@@ -304,12 +429,161 @@ static void i4_block(const float *xp, const float *sx, const uint8_t *w, const f
     }
 }
 
-/* Returns 0, or -1 when K is not a multiple of 16 and G, or -2 when out of memory. */
+/* ------------------------------------------------------------------ int4 x int8 (act_q)
+ * The fast int4 path (llama.cpp's Q4 x Q8, ONNX Runtime MatMulNBits accuracy_level=4): each
+ * row of x is quantized per call to int8 (d = absmax / 127 per block, xq = round(x / d)), and
+ * a chunk of 64 weights (32 bytes) is multiplied as integers: two _mm256_maddubs_epi16
+ * (unsigned nibble 0..15 x signed xq; |pair sum| <= 2 * 15 * 127, no saturation) + one
+ * _mm256_madd_epi16, or two AVX-VNNI vpdpbusd, give 8 int32 lanes; lane u holds columns
+ * 8u..8u+7 of the chunk.  The x blocks follow those lanes: block (span, u) = lane u of the S
+ * chunks of one weight group (S = G / 64, 1 for G = 32), i.e. 8 columns for G <= 64, 16 for
+ * G = 128, 32 for G = 256.  So a whole group accumulates in integer registers and is converted
+ * and scaled (d_block * scale_group per lane) once per group, not per chunk.  ~0.15 vector
+ * instructions per weight instead of ~0.6 for the fp32 path: M = 1 becomes memory-bound.  The
+ * offset term sum_g zb_g * sum_g(x) uses the exact fp32 group sums of x.
+ * Error (vs exact fp32 math): |x - d * xq| <= d / 2 per element, so per output
+ * |dy| <= sum_k d_b(k) / 2 * |q_k * scale_g(k)|; relative to |y| that is ~1e-3, an order of
+ * magnitude below the int4 weight rounding itself (scale / 2 per weight).
+ *
+ * Layouts: xq per row and chunk c: 32 bytes of x at even columns, then 32 at odd columns (the
+ * nibble order of a 32-byte weight chunk); dv[m, span] = the 8 lanes' d. */
+/* chunks of 64 columns per x block span: one weight group (G = 64..256), 1 for G = 32 */
+static inline int64_t xq_span(int64_t G) { return G <= 64 ? 1 : G / 64; }
+
+static void prep_xq(const float *x, int8_t *xq, float *dv, float *sx, int64_t M, int64_t K,
+                    int64_t G) {
+    const int64_t nc = K / 64, S = xq_span(G), ns = nc / S;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t sp = 0; sp < ns; sp++) {
+            const float *s0 = x + m * K + sp * S * 64;
+            __m256 mx[8];
+            for (int u = 0; u < 8; u++) mx[u] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < S; c++)
+                for (int u = 0; u < 8; u++)
+                    mx[u] = _mm256_max_ps(mx[u], _mm256_andnot_ps(sign, _mm256_loadu_ps(s0 + c * 64 + 8 * u)));
+            float id[8];
+            for (int u = 0; u < 8; u++) {
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx[u]), _mm256_extractf128_ps(mx[u], 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_max_ss(h, _mm_movehdup_ps(h));
+                float amax = _mm_cvtss_f32(h);
+                dv[(m * ns + sp) * 8 + u] = amax / 127.0f;
+                id[u] = amax > 0.0f ? 127.0f / amax : 0.0f;
+            }
+            for (int64_t c = 0; c < S; c++) {
+                int32_t qi[64];
+                for (int u = 0; u < 8; u++)
+                    _mm256_storeu_si256((__m256i *)(qi + 8 * u),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(
+                                            _mm256_loadu_ps(s0 + c * 64 + 8 * u), _mm256_set1_ps(id[u]))));
+                int8_t *d = xq + m * K + (sp * S + c) * 64;
+                for (int i = 0; i < 32; i++) {
+                    d[i] = (int8_t)qi[2 * i];
+                    d[32 + i] = (int8_t)qi[2 * i + 1];
+                }
+            }
+        }
+        for (int64_t g = 0; g < K / G; g++) {
+            float t = 0.0f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * K + k];
+            sx[m * (K / G) + g] = t;
+        }
+    }
+}
+
+INL float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+    float t = hsum(s);
+    for (; i < n; i++) t += a[i] * b[i];
+    return t;
+}
+
+/* The act_q int4 tiles are compiled twice (this file includes itself): with AVX2 only, and,
+ * where the compiler knows it (GCC), with AVX-VNNI (_mm256_dpbusd_avx_epi32: the u8 x s8 dot
+ * of 4 pairs accumulated into int32 in one instruction, replacing maddubs + add + madd), picked
+ * at run time by CPUID (`fvk_set_isa` can force AVX2, for tests and A/B measurements). */
+#define FVK_I4Q_BODY
+#define SFX(name) name##_avx2
+/* ACC4: acc += the 64 products of a chunk (lo/hi nibbles x even/odd xq); FIN4: acc as int32 */
+#define ACC4(acc, lo, hi, xl, xh)                                                             \
+    _mm256_add_epi16(acc,                                                                     \
+        _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)))
+#define FIN4(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+#define DOT4(lo, hi, xl, xh) FIN4(ACC4(_mm256_setzero_si256(), lo, hi, xl, xh))
+#include "gemv.c" /* this file (always built under that name) */
+#undef SFX
+#undef ACC4
+#undef FIN4
+#undef DOT4
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FVK_HAVE_VNNI 1
+#pragma GCC push_options
+#pragma GCC target("avxvnni")
+#define SFX(name) name##_vnni
+#define ACC4(acc, lo, hi, xl, xh)                                                             \
+    _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, xl), hi, xh)
+#define FIN4(acc) (acc)
+#define DOT4(lo, hi, xl, xh) ACC4(_mm256_setzero_si256(), lo, hi, xl, xh)
+#include "gemv.c" /* this file (always built under that name) */
+#undef SFX
+#undef ACC4
+#undef FIN4
+#undef DOT4
+#pragma GCC pop_options
+#else
+#define FVK_HAVE_VNNI 0
+#endif
+
+static int fvk_isa = -1; /* -1: not probed yet; 0: AVX2; 1: AVX-VNNI */
+
+/* 0: force AVX2; 1: use AVX-VNNI when the CPU has it. Returns the ISA now in use (0 or 1). */
+int fvk_set_isa(int want) {
+    int vnni = 0;
+#if FVK_HAVE_VNNI
+    __builtin_cpu_init();
+    vnni = __builtin_cpu_supports("avxvnni") != 0;
+#endif
+    fvk_isa = want && vnni;
+    return fvk_isa;
+}
+
+static void i4q_block(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                      const float *scales, const float *zb, const float *bias, float *y,
+                      int64_t M, int64_t N, int64_t K, int64_t G, int nt) {
+    if (fvk_isa < 0) fvk_set_isa(1);
+#if FVK_HAVE_VNNI
+    if (fvk_isa == 1) {
+        i4q_block_vnni(xq, dv, sx, w, scales, zb, bias, y, M, N, K, G, nt);
+        return;
+    }
+#endif
+    i4q_block_avx2(xq, dv, sx, w, scales, zb, bias, y, M, N, K, G, nt);
+}
+
+/* act_q != 0 (and K % 64 == 0): the int8-activation path above; else exact fp32.
+ * Returns 0, or -1 when K is not a multiple of 16 and G, or -2 when out of memory. */
 int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const float *zb,
                   const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t G,
-                  int nt) {
+                  int nt, int act_q) {
     if (K % 16 || G % 16 || K % G) return -1;
     int64_t mb = M < MAXM ? M : MAXM;
+    if (act_q && K % 64 == 0 && G % 32 == 0) {
+        /* xq (mb K bytes) | dv (mb K/8 floats) | sx (mb K/G floats), 32-byte aligned */
+        size_t bytes = (size_t)(mb * K) + (size_t)(mb * (K / 8) + mb * (K / G)) * sizeof(float);
+        int8_t *xq = (int8_t *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!xq) return -2;
+        float *dv = (float *)(xq + mb * K), *sx = dv + mb * (K / 8);
+        for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+            int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+            prep_xq(x + m0 * K, xq, dv, sx, mm, K, G);
+            i4q_block(xq, dv, sx, w, scales, zb, bias, y + m0 * N, mm, N, K, G, nt);
+        }
+        free(xq);
+        return 0;
+    }
     size_t bytes = (size_t)(mb * K + mb * (K / G)) * sizeof(float);
     float *xp = (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!xp) return -2;
@@ -323,4 +597,164 @@ int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const f
     return 0;
 }
 
-int fvk_abi_version(void) { return 1; }
+int fvk_abi_version(void) { return 4; }
+
+#else /* FVK_I4Q_BODY: the act_q int4 tiles, included twice from above */
+/* G32: groups of 32 (two per chunk: scale vector [s_2c x4, s_2c+1 x4]); else G = 64 << gsh. */
+INL void SFX(i4q_tile)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                  const float *scales, const float *zb, const float *bias, float *y, int64_t n,
+                  int64_t K, int64_t N, int gsh, const int MM, const int NB, const int G32) {
+    __m256 acc[4][MAXM];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t nc = K / 64, K2 = K / 2, ng = G32 ? K / 32 : K >> (6 + gsh);
+    const int ssh = G32 ? 0 : gsh; /* x block span = 1 << ssh chunks */
+    const int64_t ns = nc >> ssh;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const uint8_t *wr = w + n * K2;
+    for (int64_t c = 0; c < nc; c++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m256 sv;
+            if (G32) {
+                __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(scales + (n + j) * ng + 2 * c)));
+                sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), pair);
+            } else {
+                sv = _mm256_broadcast_ss(scales + (n + j) * ng + (c >> gsh));
+            }
+            if (FVK_PF4 && (c & 1) == 0)
+                _mm_prefetch((const char *)(wr + j * K2 + c * 32) + FVK_PF4, _MM_HINT_T0);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * K2 + c * 32));
+            __m256i lo = _mm256_and_si256(b, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) {
+                const int8_t *xc = xq + m * K + c * 64;
+                __m256i d32 = DOT4(lo, hi, _mm256_load_si256((const __m256i *)xc),
+                                   _mm256_load_si256((const __m256i *)(xc + 32)));
+                __m256 f = _mm256_mul_ps(_mm256_load_ps(dv + (m * ns + (c >> ssh)) * 8), sv);
+                acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d32), f, acc[j][m]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+/* G >= 64, small MM * NB: a weight group is exactly one x block span, so the integer dot
+ * products of a whole group accumulate in integer registers (AVX2: int16 lanes, at most
+ * 4 chunks * 2 * 2 * 15 * 127 = 30480 < 32767; VNNI: int32) and are converted and scaled
+ * (d_block * scale_group) once per group, not per chunk. */
+INL void SFX(i4q_tile_ga)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                     const float *scales, const float *zb, const float *bias, float *y,
+                     int64_t n, int64_t K, int64_t N, int gsh, const int MM, const int NB) {
+    __m256 acc[4][MAXM];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
+    const int64_t K2 = K / 2, ng = K >> (6 + gsh), cpg = 1 << gsh;
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const uint8_t *wr = w + n * K2;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256i ia[4][MAXM];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+            for (int m = 0; m < MM; m++) ia[j][m] = _mm256_setzero_si256();
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; j++) {
+                if (FVK_PF4 && (c & 1) == 0)
+                    _mm_prefetch((const char *)(wr + j * K2 + c * 32) + FVK_PF4, _MM_HINT_T0);
+                __m256i b = _mm256_loadu_si256((const __m256i *)(wr + j * K2 + c * 32));
+                __m256i lo = _mm256_and_si256(b, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+#pragma GCC unroll 4
+                for (int m = 0; m < MM; m++) {
+                    const int8_t *xc = xq + m * K + c * 64;
+                    ia[j][m] = ACC4(ia[j][m], lo, hi, _mm256_load_si256((const __m256i *)xc),
+                                    _mm256_load_si256((const __m256i *)(xc + 32)));
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            __m256 sv = _mm256_broadcast_ss(scales + (n + j) * ng + g);
+#pragma GCC unroll 4
+            for (int m = 0; m < MM; m++)
+                acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(FIN4(ia[j][m])),
+                                            _mm256_mul_ps(_mm256_load_ps(dv + (m * ng + g) * 8), sv),
+                                            acc[j][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 4
+        for (int m = 0; m < MM; m++) {
+            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+#ifndef FVK_I4GA
+#define FVK_I4GA 1
+#endif
+/* NB: rows per tile for the per-chunk-scale tile (G = 32, or MM > 4); NBG: rows per tile for
+ * the per-group tile SFX(i4q_tile_ga) (0: not used for this MM). */
+#define I4Q_CASE(MM, NB, NBG)                                                                 \
+    case MM: {                                                                                \
+        if (!g32 && NBG && FVK_I4GA) {                                                        \
+            const int nbg = NBG ? NBG : 1;                                                    \
+            int64_t nblk = N / nbg;                                                           \
+            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
+            for (int64_t b = 0; b < nblk; b++)                                                \
+                SFX(i4q_tile_ga)(xq, dv, sx, w, scales, zb, bias, y, b * nbg, K, N, gsh, MM, nbg); \
+            for (int64_t n = nblk * nbg; n < N; n++)                                          \
+                SFX(i4q_tile_ga)(xq, dv, sx, w, scales, zb, bias, y, n, K, N, gsh, MM, 1);         \
+            break;                                                                            \
+        }                                                                                     \
+        int64_t nblk = N / NB;                                                                \
+        if (g32) {                                                                            \
+            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
+            for (int64_t b = 0; b < nblk; b++)                                                \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, b * NB, K, N, 0, MM, NB, 1);     \
+            for (int64_t n = nblk * NB; n < N; n++)                                           \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, n, K, N, 0, MM, 1, 1);           \
+        } else {                                                                              \
+            _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")      \
+            for (int64_t b = 0; b < nblk; b++)                                                \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, b * NB, K, N, gsh, MM, NB, 0);   \
+            for (int64_t n = nblk * NB; n < N; n++)                                           \
+                SFX(i4q_tile)(xq, dv, sx, w, scales, zb, bias, y, n, K, N, gsh, MM, 1, 0);         \
+        }                                                                                     \
+        break;                                                                                \
+    }
+
+static void SFX(i4q_block)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+                      const float *scales, const float *zb, const float *bias, float *y,
+                      int64_t M, int64_t N, int64_t K, int64_t G, int nt) {
+    const int g32 = G == 32;
+    int gsh = 0;
+    while ((64 << gsh) < G) gsh++;
+    switch (M) {
+        I4Q_CASE(1, 4, 4)
+        I4Q_CASE(2, 4, 2)
+        I4Q_CASE(3, 2, 1)
+        I4Q_CASE(4, 2, 1)
+        I4Q_CASE(5, 1, 0)
+        I4Q_CASE(6, 1, 0)
+        I4Q_CASE(7, 1, 0)
+        I4Q_CASE(8, 1, 0)
+    }
+}
+
+#endif
