@@ -361,7 +361,12 @@ class Int8Linear(_QuantLinear):
         return dequantize_int8(self.qweight, self.scales)
 
     def _kernel_ready(self) -> bool:
-        return HAS_INT8_KERNEL
+        # torch 2.13's CPU kernel crashes the process (SIGSEGV, seen on an AVX-512 Zen 5 CPU)
+        # when a weight row does not start on a 64-byte boundary (K % 64 != 0 with M > 1, or a
+        # weight mmap'd from a safetensors file at an unaligned offset): only aligned layers use
+        # it, the others take the dequantize fallback (`repack` makes loaded weights aligned).
+        q = self.qweight
+        return HAS_INT8_KERNEL and self.in_features % 64 == 0 and q.data_ptr() % 64 == 0
 
     def _plan_tensors(self) -> tuple:
         return self.qweight, self.scales, self.bias
@@ -384,9 +389,11 @@ class Int8Linear(_QuantLinear):
         return self._add_bias(y.to(x2.dtype))
 
     def repack(self) -> None:
-        """Nothing to pack: the kernel takes the plain (N, K) int8 matrix."""
+        """Nothing to pack: the kernel takes the plain (N, K) int8 matrix (64-byte aligned: a
+        fresh copy if the storage is not, e.g. mmap'd from a file)."""
         if self.qweight.device.type != "meta":
-            self.qweight = self.qweight.contiguous()
+            q = self.qweight.contiguous()
+            self.qweight = q.clone() if q.device.type == "cpu" and q.data_ptr() % 64 else q
 
 
 class Int4Linear(_QuantLinear):
