@@ -33,6 +33,11 @@ GRAMMAR = {
 }
 
 
+# Per-type floors for the 20-scene sample: the full evaluation (500 scenes) measured count 0.818,
+# colour 0.628, shape 0.669; a blind model scores about 0.3 / 0.17 / 0.17.
+QA_FLOOR = {"count": 0.65, "color": 0.45, "shape": 0.45}
+
+
 @pytest.fixture(scope="module")
 def vlm():
     return fastvlm.load()
@@ -43,10 +48,6 @@ def test_default_model_is_small_and_offline(vlm):
     assert size <= 20 * 2**20
     assert vlm.path == DEFAULT_MODEL and vlm.tokenizer is not None
     assert vlm.dtype == fastvlm.api.torch.float32  # stored fp16, computed fp32 on CPU
-
-
-def colors(caption: str) -> list[str]:
-    return re.findall(r"\b(red|orange|yellow|green|blue|purple)\b", caption)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
