@@ -253,6 +253,19 @@ def test_vision_cache_skips_the_encoder(model, monkeypatch):
     assert calls == [1, 1] and eng.vision_cache.hits == 1
 
 
+def test_reset_caches_recomputes_everything(model, monkeypatch):
+    """`reset_caches` (benchmarks): the same request again encodes the image and prefills in full."""
+    ids, px = prompt(model.config, 6, seed=72, image=True), pixels(5)
+    eng = engine(model)
+    calls = count_calls(monkeypatch, model)
+    first = eng.submit(ids, px, params(max_tokens=6)).result()
+    again = eng.submit(ids, px, params(max_tokens=6))
+    assert again.result() == first and calls == [1] and again.prefill_tokens == 1
+    eng.reset_caches()
+    h = eng.submit(ids, px, params(max_tokens=6))
+    assert h.result() == first and calls == [1, 1] and h.prefill_tokens == len(ids)
+
+
 def test_prefix_reuse_second_turn_prefills_only_new_tokens(model, monkeypatch):
     cfg = model.config
     px = pixels(5)
