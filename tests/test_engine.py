@@ -254,7 +254,7 @@ def test_vision_cache_skips_the_encoder(model, monkeypatch):
 
 
 def test_reset_caches_recomputes_everything(model, monkeypatch):
-    """`reset_caches` (benchmarks): the same request again encodes the image and prefills in full."""
+    """`reset_caches`: the same request again encodes the image and prefills in full."""
     ids, px = prompt(model.config, 6, seed=72, image=True), pixels(5)
     eng = engine(model)
     calls = count_calls(monkeypatch, model)
