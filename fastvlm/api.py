@@ -335,6 +335,8 @@ def load(
         tune_malloc()  # big activations: reuse heap memory instead of mmap + page faults
     cfg = load_config(folder, image_size)
     net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
+    if dev.type == "cpu":
+        net.vision_tower.use_channels_last()
     tok = load_tokenizer(folder)
     proc = Processor(net.config, tok)
     return FastVLM(net, proc, tok, folder, engine=engine, engine_options=engine_options)

@@ -571,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if a.shape:
         base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev, dtype)
+        if dev.type == "cpu":
+            base.vision_tower.use_channels_last()  # as fastvlm.load does on CPU
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:

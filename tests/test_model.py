@@ -255,3 +255,17 @@ def test_unknown_model_is_a_typed_error(monkeypatch):
         fastvlm.load("nobody/no-such-model-xyz")
     with pytest.raises(ModelNotFoundError, match="neither a local folder"):
         fastvlm.load("./no/such/folder")
+
+
+def test_channels_last_vision_tower_matches_contiguous():
+    """`use_channels_last` (what fastvlm.load does on CPU) changes only the memory layout."""
+    model = make_tiny_model(seed=4)
+    px = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.encode_images(px)
+        model.vision_tower.use_channels_last()
+        assert model.vision_tower.patch_embed[0].reparam_conv.weight.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        got = model.encode_images(px)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -393,7 +393,19 @@ class FastViTHD(nn.Module):
     # (measured: 0.209 images/s at batch 8 vs 0.224 at batch 1, 2 threads, 0.5B tower).
     cpu_microbatch = 1
 
+    # On CPU, oneDNN's convolutions run ~20 % faster on NHWC (channels_last) tensors: 1.73 s →
+    # 1.39 s for the 0.5B tower at 1024², 2 threads. `use_channels_last()` converts the weights
+    # once (fastvlm.load does it on CPU); inputs are then converted per call. Same math.
+    channels_last = False
+
+    def use_channels_last(self) -> FastViTHD:
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and pixel_values.dim() == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         mb = self.cpu_microbatch
         if pixel_values.is_cpu and not self.training and mb and pixel_values.shape[0] > mb:
             return torch.cat([self._forward(c) for c in pixel_values.split(mb)])
