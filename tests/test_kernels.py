@@ -27,6 +27,21 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def rand_int4(g: torch.Generator, m: int, n: int, k: int, group_size: int):
+    """x (m, k), nibbles q (n, k), scales s and zeros z (n, k / group_size), drawn in this order."""
+    x = torch.randn(m, k, generator=g)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // group_size, generator=g) + 0.01
+    z = torch.randn(n, k // group_size, generator=g)
+    return x, q, s, z
+
+
+def dequant_int4(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, group_size: int):
+    """The float64 weight an int4 layer stands for: (q - 8) * scale + zero, per group."""
+    rep = lambda t: t.double().repeat_interleave(group_size, 1)  # noqa: E731
+    return (q.double() - 8) * rep(s) + rep(z)
+
+
 # ---------------------------------------------------------------------- kernels vs float64
 @needs_kernels
 @pytest.mark.parametrize("m", ROWS)
@@ -114,14 +129,9 @@ def test_int8_act_quant_matches_float64(m, n, k, with_bias):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_int4_matches_float64(m, n, k, group_size, with_bias):
     g = gen(m * 1000 + n + group_size)
-    x = torch.randn(m, k, generator=g)
-    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    s = torch.rand(n, k // group_size, generator=g) + 0.01
-    z = torch.randn(n, k // group_size, generator=g)
+    x, q, s, z = rand_int4(g, m, n, k, group_size)
     b = torch.randn(n, generator=g) if with_bias else None
-    w = (
-        (q.double() - 8) * s.double().repeat_interleave(group_size, 1)
-    ) + z.double().repeat_interleave(group_size, 1)
+    w = dequant_int4(q, s, z, group_size)
     ref = x.double() @ w.T + (0 if b is None else b.double())
     packed = quant.pack_nibbles(q).contiguous()
     assert rel_err(kernels.linear_int4(x, packed, s, z, group_size, b), ref) < 1e-5
@@ -198,14 +208,10 @@ def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias, isa):
     if k % group_size:
         pytest.skip("K not a multiple of the group size")
     g = gen(m * 1000 + n + group_size + 5)
-    x = torch.randn(m, k, generator=g)
+    x, q, s, z = rand_int4(g, m, n, k, group_size)
     x[:, 7] *= 20  # an outlier column, as in real activations: its block gets a coarse step
-    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    s = torch.rand(n, k // group_size, generator=g) + 0.01
-    z = torch.randn(n, k // group_size, generator=g)
     b = torch.randn(n, generator=g) if with_bias else None
-    w = (q.double() - 8) * s.double().repeat_interleave(group_size, 1) + z.double(
-    ).repeat_interleave(group_size, 1)  # fmt: skip
+    w = dequant_int4(q, s, z, group_size)
     bias = 0 if b is None else b.double()
     packed = quant.pack_nibbles(q).contiguous()
     zb = kernels.int4_zb(s, z)
@@ -227,26 +233,24 @@ def test_int4_act_quant_matches_float64(m, n, k, group_size, with_bias, isa):
 @needs_kernels
 def test_int4_act_quant_vnni_and_avx2_agree_exactly():
     """Both builds compute the same integer dot products, then the same fp32 operations."""
-    g = gen(12)
-    x = torch.randn(5, 896, generator=g)
-    q = torch.randint(0, 16, (64, 896), generator=g, dtype=torch.uint8)
-    s, z = torch.rand(64, 7, generator=g) + 0.01, torch.randn(64, 7, generator=g)
+    x, q, s, z = rand_int4(gen(12), 5, 64, 896, 128)
     packed = quant.pack_nibbles(q).contiguous()
     ys = []
-    for want in (True, False):
-        kernels.use_vnni(want)
-        ys.append([kernels.linear_int4(x[:m], packed, s, z, 128, act_quant=True) for m in (1, 5)])
-    kernels.use_vnni(True)
+    try:
+        for want in (True, False):
+            kernels.use_vnni(want)
+            ys.append(
+                [kernels.linear_int4(x[:m], packed, s, z, 128, act_quant=True) for m in (1, 5)]
+            )
+    finally:
+        kernels.use_vnni(True)  # the default, also when an assertion above failed
     for a, b in zip(*ys, strict=True):
         assert torch.equal(a, b)
 
 
 @needs_kernels
 def test_int4_act_quant_falls_back_to_exact_when_k_not_multiple_of_64():
-    g = gen(11)
-    x = torch.randn(3, 96, generator=g)
-    q = torch.randint(0, 16, (16, 96), generator=g, dtype=torch.uint8)
-    s, z = torch.rand(16, 3, generator=g) + 0.01, torch.randn(16, 3, generator=g)
+    x, q, s, z = rand_int4(gen(11), 3, 16, 96, 32)
     packed = quant.pack_nibbles(q).contiguous()
     exact = kernels.linear_int4(x, packed, s, z, 32)
     torch.testing.assert_close(kernels.linear_int4(x, packed, s, z, 32, act_quant=True), exact,
