@@ -60,6 +60,20 @@ def make_tiny_model(seed: int = 0, **kw) -> FastVLMModel:
     return randomize(FastVLMModel(tiny_config(**kw)), seed)
 
 
+def random_prompt(cfg, n: int, seed: int, image: bool = False) -> list[int]:
+    """`n` random ordinary token ids (seeded); with `image`, one image's placeholders after two."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(4, cfg.text.vocab_size, (n,), generator=g).tolist()
+    if not image:
+        return text
+    return text[:2] + [cfg.image_token_id] * cfg.num_image_tokens + text[2:]
+
+
+def random_pixels(seed: int) -> torch.Tensor:
+    """One seeded random 128² image tensor (the tiny configs' resolution)."""
+    return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from fastvlm.train.tokenizer_build import build_tokenizer

@@ -10,6 +10,8 @@ import threading
 import pytest
 import torch
 from conftest import make_tiny_model
+from conftest import random_pixels as pixels
+from conftest import random_prompt as prompt
 
 from fastvlm.engine.engine import Engine, content_hash, stream_text
 from fastvlm.engine.generate import generate_step, stream_generate
@@ -21,18 +23,6 @@ MAX_LEN = 160
 @pytest.fixture(scope="module")
 def model():
     return make_tiny_model(seed=3, tie=False)  # untied: greedy sequences wander, not repeat
-
-
-def prompt(cfg, n: int, seed: int, image: bool = False) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(4, cfg.text.vocab_size, (n,), generator=g).tolist()
-    if not image:
-        return text
-    return text[:2] + [cfg.image_token_id] * cfg.num_image_tokens + text[2:]
-
-
-def pixels(seed: int) -> torch.Tensor:
-    return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
 
 
 def ref(model, ids, px=None, eos_ids=(), **kw) -> list[int]:

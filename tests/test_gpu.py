@@ -10,6 +10,8 @@ import copy
 import pytest
 import torch
 from conftest import make_tiny_model
+from conftest import random_pixels as pixels
+from conftest import random_prompt as prompt
 
 from fastvlm.engine.engine import Engine
 from fastvlm.engine.generate import generate_step
@@ -26,18 +28,6 @@ CUDA = torch.device("cuda")
 @pytest.fixture(scope="module")
 def model():
     return make_tiny_model(seed=3, tie=False).to(CUDA)
-
-
-def prompt(cfg, n: int, seed: int, image: bool = False) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(4, cfg.text.vocab_size, (n,), generator=g).tolist()
-    if not image:
-        return text
-    return text[:2] + [cfg.image_token_id] * cfg.num_image_tokens + text[2:]
-
-
-def pixels(seed: int) -> torch.Tensor:
-    return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
 
 
 def greedy(n: int) -> SamplingParams:
