@@ -90,7 +90,7 @@ def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype 
         torch.manual_seed(a.seed)
         model = FastVLMModel(cfg).to(device=device, dtype=dtype)
         model.init_weights()
-        if getattr(a, "init_vision", None):  # a pre-trained tower (train.vision_pretrain)
+        if a.init_vision:  # a pre-trained tower (train.vision_pretrain)
             from safetensors.torch import load_file
 
             sd = load_file(a.init_vision)
@@ -416,13 +416,11 @@ class _Reported(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i: int):
-        before = len(self.ds.skipped)
-        item = self.ds[i]
-        bad = {}
-        if item is None and len(self.ds.skipped) > before:
+        item = self.ds[i]  # None when skipped; the reason is then in ds.skipped[line]
+        if item is None:
             line = self.ds.records[i].line
-            bad[line] = self.ds.skipped[line]
-        return item, bad
+            return None, {line: self.ds.skipped[line]}
+        return item, {}
 
 
 class _Collate:
@@ -436,11 +434,11 @@ class _Collate:
         return collate([x for x, _ in items], self.pad_id), bad
 
 
-def micro_batches(ds, first, stop, steps_per_epoch, a, rank, world, pad_id, workers):
+def micro_batches(ds, first, stop, steps_per_epoch, a, rank, world, pad_id):
     """(batch, skipped rows) for every micro-batch from step `first` to `stop`, in order.
 
-    With `workers` > 0 a DataLoader decodes / draws the images in that many processes ahead of
-    the training step (same batches, same order as without: only where the work runs changes).
+    With `--workers` > 0 a DataLoader decodes / draws the images in that many processes ahead
+    of the training step (same batches, same order as without: only where the work runs changes).
     """
     sampler = _StepSampler(
         len(ds), first, stop, steps_per_epoch, a.batch_size, a.grad_accum, a.seed, rank, world
@@ -449,8 +447,8 @@ def micro_batches(ds, first, stop, steps_per_epoch, a, rank, world, pad_id, work
         _Reported(ds),
         batch_sampler=sampler,
         collate_fn=_Collate(pad_id),
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
+        num_workers=a.workers,
+        prefetch_factor=4 if a.workers else None,
         persistent_workers=False,
     )
 
@@ -504,7 +502,7 @@ def train(a: argparse.Namespace) -> Path:
             a.data_seed,
             model.config.vision.image_size,
             a.shapes_max_count,
-            getattr(a, "shapes_qa_first", False),
+            a.shapes_qa_first,
         )
     else:
         records, report = load_records(a.data, a.image_dir)
@@ -538,11 +536,7 @@ def train(a: argparse.Namespace) -> Path:
     )
     t_start, tokens_seen = time.perf_counter(), 0
     stop = min(total, a.stop_after) if a.stop_after else total
-    loader = iter(
-        micro_batches(
-            ds, step, stop, steps_per_epoch, a, rank, world, pad_id, getattr(a, "workers", 0)
-        )
-    )
+    loader = iter(micro_batches(ds, step, stop, steps_per_epoch, a, rank, world, pad_id))
     while step < stop:
         torch.manual_seed((a.seed * 1_000_003 + step) * 4096 + rank)  # dropout: resume-exact
         lr = lr_at(step, total, a.warmup, a.lr)

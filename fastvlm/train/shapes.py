@@ -584,13 +584,11 @@ def make_example(
     ident = f"shapes-{seed}-{index:06d}"
 
     if qa_first:
-        chosen = rng.sample(qas, min(5, len(qas)))
-    else:
-        chosen = rng.sample(qas, rng.randint(1, min(3, len(qas))))
-    turns: list[tuple[str, str]] = [(qa.question, qa.answer) for qa in chosen]
-    if qa_first:
+        turns = [(qa.question, qa.answer) for qa in rng.sample(qas, min(5, len(qas)))]
         pos = len(turns)
     else:
+        chosen = rng.sample(qas, rng.randint(1, min(3, len(qas))))
+        turns = [(qa.question, qa.answer) for qa in chosen]
         pos = 0 if rng.random() < 0.6 else rng.randint(0, len(turns))
     turns.insert(pos, (rng.choice(DESCRIBE_PROMPTS), cap))
     conversations: list[dict[str, str]] = []

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .shapes import COLORS, KINDS, SIZES, image_rng
+from .shapes import COLORS, KINDS, SIZES, draw_scene, image_rng
 
 LABELS = [*KINDS, *COLORS, *SIZES]
 
@@ -59,8 +59,6 @@ class SceneAttributes(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int):
-        from .shapes import draw_scene
-
         img, scene = draw_scene(image_rng(self.seed, i), self.size)
         return self.processor.pixels([img])[0], scene_targets(scene)
 
@@ -100,12 +98,9 @@ def pretrain(a: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(a.seed)
     model = FastVLMModel(cfg)
     model.init_weights()
-    tower = model.vision_tower.to(device).eval()
+    tower = model.vision_tower.to(device).train()
     del model
-    with torch.no_grad():
-        c = tower(torch.zeros(1, 3, 64, 64, device=device)).shape[1]
-    tower.train()
-    head = nn.Linear(c, len(LABELS)).to(device)
+    head = nn.Linear(cfg.vision.hidden_size, len(LABELS)).to(device)  # the tower's out channels
     processor = Processor(cfg, None)
     ds = SceneAttributes(processor, a.steps * a.batch_size, a.data_seed)
     loader = torch.utils.data.DataLoader(
