@@ -205,6 +205,14 @@ def set_enabled(flag: bool) -> bool:
     return prev
 
 
+def _check_rc(rc: int, fn: str) -> None:
+    """The C kernels return 0, -1 (shape the kernel cannot take) or -2 (out of memory for its
+    scratch buffer); an error, not an assert, so it also holds under `python -O`."""
+    if rc:
+        why = {-1: "unsupported shape", -2: "out of memory"}.get(rc, "error")
+        raise RuntimeError(f"{fn} failed with {rc} ({why})")
+
+
 def use_vnni(flag: bool = True) -> bool:
     """Run the int4 act_quant tiles with AVX-VNNI (`vpdpbusd`) when the CPU (and the compiler
     that built the library) has it — the default — or force the AVX2 tiles (`flag=False`;
@@ -301,7 +309,7 @@ def linear_int8(
         rc = lib.fvk_linear_i8(x.data_ptr(), q.data_ptr(), scales.data_ptr(), _ptr(bias),
                                y.data_ptr(), m, n, k, torch.get_num_threads(),
                                int(act_quant))  # fmt: skip
-        assert rc == 0, f"fvk_linear_i8 failed with {rc}"
+        _check_rc(rc, "fvk_linear_i8")
     return y
 
 
@@ -351,7 +359,7 @@ def linear_int4(
         rc = lib.fvk_linear_i4(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zb.data_ptr(),
                                _ptr(bias), y.data_ptr(), m, n, k, group_size,
                                torch.get_num_threads(), int(act_quant))  # fmt: skip
-        assert rc == 0, f"fvk_linear_i4 failed with {rc}"
+        _check_rc(rc, "fvk_linear_i4")
     return y
 
 
@@ -400,7 +408,7 @@ def _run_i8(x: torch.Tensor, m: int, qp: int, sp: int, bp: int | None, n: int, k
     y = _out(x, n)
     rc = _lib.fvk_linear_i8(x.data_ptr(), qp, sp, bp, y.data_ptr(), m, n, k,
                             torch.get_num_threads(), act_quant)  # fmt: skip
-    assert rc == 0, f"fvk_linear_i8 failed with {rc}"
+    _check_rc(rc, "fvk_linear_i8")
     return y
 
 
@@ -409,7 +417,7 @@ def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int
     y = _out(x, n)
     rc = _lib.fvk_linear_i4(x.data_ptr(), qp, sp, zp, bp, y.data_ptr(), m, n, k, g,
                             torch.get_num_threads(), act_quant)  # fmt: skip
-    assert rc == 0, f"fvk_linear_i4 failed with {rc}"
+    _check_rc(rc, "fvk_linear_i4")
     return y
 
 
