@@ -601,6 +601,19 @@ int fvk_abi_version(void) { return 4; }
 
 #else /* FVK_I4Q_BODY: the act_q int4 tiles, included twice from above */
 /* G32: groups of 32 (two per chunk: scale vector [s_2c x4, s_2c+1 x4]); else G = 64 << gsh. */
+/* Both int4 act_q tiles end alike: y = hsum(acc) + zb · Σx per group (the offset term, exact
+ * fp32 sums of x) + bias, for the tile's NB output rows and MM input rows. */
+INL void SFX(i4q_store)(__m256 acc[4][MAXM], const float *sx, const float *zb, const float *bias,
+                        float *y, int64_t n, int64_t N, int64_t ng, const int MM, const int NB) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
+            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
 INL void SFX(i4q_tile)(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
                   const float *scales, const float *zb, const float *bias, float *y, int64_t n,
                   int64_t K, int64_t N, int gsh, const int MM, const int NB, const int G32) {
@@ -640,13 +653,7 @@ INL void SFX(i4q_tile)(const int8_t *xq, const float *dv, const float *sx, const
             }
         }
     }
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) {
-            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
-            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
-        }
+    SFX(i4q_store)(acc, sx, zb, bias, y, n, N, ng, MM, NB);
 }
 
 /* G >= 64, small MM * NB: a weight group is exactly one x block span, so the integer dot
@@ -696,13 +703,7 @@ INL void SFX(i4q_tile_ga)(const int8_t *xq, const float *dv, const float *sx, co
                                             acc[j][m]);
         }
     }
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 4
-        for (int m = 0; m < MM; m++) {
-            float t = hsum(acc[j][m]) + dot_f32(zb + (n + j) * ng, sx + m * ng, ng);
-            y[m * N + n + j] = t + (bias ? bias[n + j] : 0.0f);
-        }
+    SFX(i4q_store)(acc, sx, zb, bias, y, n, N, ng, MM, NB);
 }
 
 #ifndef FVK_I4GA
