@@ -225,6 +225,7 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
         max_len=len(ids) + n_new + 64,
         cuda_graphs=not getattr(args, "no_cuda_graphs", False),
         compile=getattr(args, "compile", False),
+        fused_decode=not getattr(args, "no_fused_decode", False),
     )
     p = SamplingParams(max_tokens=n_new, ignore_eos=True)
 
@@ -262,6 +263,8 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
                 out[f"aggregate_tok_s@{n}"] = _concurrent(eng, model, px, n, n_new)
                 if captures() == before:
                     break
+    if dev.type == "cpu":
+        out["fused_decode"] = eng._plan is not None  # the decode steps ran as one C call each
     out["peak_rss_mb"] = peak_rss_mb()
     if dev.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -531,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument(
         "--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA (no graph replay)"
+    )
+    p.add_argument(
+        "--no-fused-decode",
+        action="store_true",
+        help="CPU: decode layer by layer in torch (not one fused C call per step), for A/B",
     )
     p.add_argument(
         "--agreement", type=int, default=None, help="greedy-agreement images (trained models)"

@@ -11,9 +11,9 @@ Steps (each deterministic from its seed):
    `--phase1` steps, then `--resume` on all scenes (1-4 shapes); vision tower in its
    multi-branch BatchNorm train form (saved fused), vision + projector at 3x the LLM's lr;
 5. phase 3 (`--finetune-steps N`): the packaged model trained further with the vision tower
-   frozen (LLM + projector only) on fresh scenes whose questions come before the caption
-   (`--shapes-qa-first`): after phases 1-2 captions are exact but questions asked on their own
-   are weak (in 60 % of the training rows the caption came first, so answers could be copied
+   frozen (LLM + projector only) on fresh scenes whose questions come before the caption, or
+   without it (`--finetune-layout`, default qa-first): after phases 1-2 captions are exact but
+   questions asked on their own are weak (in 60 % of the training rows the caption came first, so answers could be copied
    from it);
 6. packaging: weights stored as float16 (loaded as float32 on CPU), tokenizer, the exact
    commands (`train_commands.txt`), training time;
@@ -146,7 +146,8 @@ def finetune_command(a, work: Path) -> list[str]:
     tower frozen, starting from the packaged (float16) stage-1 model."""
     return [
         sys.executable, "-m", "fastvlm", "train", "--model", str(work / "stage1"),
-        "--freeze", "vision", "--shapes", "100000", "--data-seed", "3", "--shapes-qa-first",
+        "--freeze", "vision", "--shapes", "100000", "--data-seed", "3",
+        "--shapes-layout", a.finetune_layout,
         "--lr", str(a.finetune_lr), "--warmup", "50", "--weight-decay", "0.01",
         "--max-steps", str(a.finetune_steps), "--batch-size", "16", "--workers", "1",
         "--device", a.finetune_device, "--log-every", "100", "--save-every", "300",
@@ -214,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         help="phase 3: steps of LLM + projector training (vision frozen) after packaging",
     )
     p.add_argument("--finetune-lr", type=float, default=3e-4)
+    p.add_argument(
+        "--finetune-layout",
+        default="qa-first",
+        choices=("mixed", "qa-first", "separate"),
+        help="phase 3 conversations (fastvlm train --shapes-layout)",
+    )
     p.add_argument("--finetune-device", default="cpu")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)

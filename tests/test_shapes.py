@@ -497,3 +497,33 @@ def test_tokenizer_learns_the_vocabulary(tokenizer) -> None:  # noqa: ANN001
 def test_tokenizer_rejects_tiny_vocab() -> None:
     with pytest.raises(ValueError):
         TB.build_tokenizer(["abc"], vocab_size=100)
+
+
+def test_conversation_layouts() -> None:
+    """mixed: caption + 1-3 questions; qa-first: questions, then the caption last; separate: the
+    caption alone or questions without it. Answers are always the scene's own."""
+    seen = {"caption only": 0, "questions only": 0}
+    for i in range(60):
+        img, _, evs = S.make_example(5, i, 64)
+        answers = {e["question"]: e["answer"] for e in evs[1:]}
+        cap = evs[0]["answer"]
+        for layout in S.LAYOUTS:
+            _, row, evs2 = S.make_example(5, i, 64, layout)
+            assert evs2 == evs  # the eval rows do not depend on the layout
+            turns = row["conversations"]
+            assert turns[0]["value"].startswith("<image>\n")
+            qa = [(q["value"].removeprefix("<image>\n"), a["value"]) for q, a in
+                  zip(turns[::2], turns[1::2], strict=True)]  # fmt: skip
+            caps = [k for k, (_, a) in enumerate(qa) if a == cap]
+            for q, a in qa:
+                assert a == cap or answers[q] == a
+            if layout == "mixed":
+                assert len(caps) == 1 and 2 <= len(qa) <= 4
+            elif layout == "qa-first":
+                assert caps == [len(qa) - 1] and len(qa) >= 2
+            else:
+                assert caps in ([0], []) and (len(qa) == 1 if caps else 1 <= len(qa) <= 4)
+                seen["caption only" if caps else "questions only"] += 1
+    assert seen["caption only"] >= 10 and seen["questions only"] >= 25
+    with pytest.raises(ValueError, match="layout"):
+        S.make_example(5, 0, 64, "captions-last")

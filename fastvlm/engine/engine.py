@@ -33,6 +33,7 @@ from collections import OrderedDict, deque
 import torch
 
 from ..model.fastvlm import check_tokens_per_image
+from ..model.qwen2 import rope_cos_sin
 from .kv_cache import SlotKVCache
 from .request import _DONE, Key, RequestHandle, stream_text
 from .sampling import SamplingParams, make_generator, sample
@@ -118,6 +119,7 @@ class Engine:
         span_bucket: int = 64,
         cpu_kernels: bool = True,
         cuda_graphs: bool | None = None,
+        fused_decode: bool = True,
     ) -> None:
         cfg = model.config.text
         ctx = cfg.max_position_embeddings
@@ -133,7 +135,8 @@ class Engine:
         self.slots, self.max_len = slots, max_len
         self.device = model.lm_head.weight.device
         self.fast_linears = 0
-        if cpu_kernels and self.device.type == "cpu" and not compile:
+        cpu_fast = cpu_kernels and self.device.type == "cpu" and not compile
+        if cpu_fast:
             # Decode GEMVs at memory bandwidth (fastvlm/kernels): swaps the decoder's fp32
             # Linears in place (same Parameters; quantized layers use the kernels already).
             from ..kernels import available, use_fast_linears
@@ -161,6 +164,10 @@ class Engine:
         self._step_lock = threading.Lock()  # one step (one model call sequence) at a time
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # CPU decode steps run every decoder layer in one C call when the model allows it
+        # (fastvlm/kernels/fused.py; re-validated each step, else the torch path below).
+        self.fused_decode = bool(fused_decode and cpu_fast)
+        self._plan = None
         self._decode_fn = self._decode_forward
         self.graphs = None  # GraphedDecode when decode steps replay CUDA graphs
         if compile:
@@ -502,6 +509,20 @@ class Engine:
         # Decode ids are never image placeholders (masked at sampling), so skip `model.embed`
         # and its host sync.
         lm = self.model.language_model
+        if self.fused_decode:
+            from ..kernels import available
+            from ..kernels.fused import DecodePlan
+
+            self._plan = DecodePlan.current(self._plan, lm, self.cache) if available() else None
+            if self._plan is not None:
+                cfg = lm.config
+                x = lm.embed_tokens(tokens[:, 0]).contiguous()  # (B, D), a fresh tensor
+                pos = positions[:, 0].contiguous()
+                cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+                hd = cfg.head_dim
+                limits = mask.reshape(mask.shape[0], -1).sum(-1) - 1  # mask = arange(S) <= limit
+                x = self._plan(x, lo, pos, limits, cos.reshape(-1, hd), sin.reshape(-1, hd))
+                return self.model.lm_head(lm.norm(x))
         view = self.cache.window(lo, hi, mask.shape[-1])
         h = lm(lm.embed_tokens(tokens), positions, mask, view)  # (B, 1, D)
         return self.model.lm_head(h[:, -1])

@@ -502,7 +502,7 @@ def train(a: argparse.Namespace) -> Path:
             a.data_seed,
             model.config.vision.image_size,
             a.shapes_max_count,
-            a.shapes_qa_first,
+            a.shapes_layout,
         )
     else:
         records, report = load_records(a.data, a.image_dir)
@@ -642,9 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only scenes with at most this many shapes (a curriculum stage; default 4 = all)",
     )
     d.add_argument(
-        "--shapes-qa-first",
-        action="store_true",
-        help="generated scenes: up to 5 questions before the caption (answers from the image)",
+        "--shapes-layout",
+        choices=("mixed", "qa-first", "separate"),
+        default="mixed",
+        help="generated scenes' conversations: mixed = caption + 1-3 questions (caption first in "
+        "60%%); qa-first = up to 5 questions, then the caption; separate = the caption alone "
+        "(1/3) or 1-4 questions without it, so answers come from the image",
     )
     d.add_argument("--max-length", type=int, default=2048)
     o = p.add_argument_group("optimisation")

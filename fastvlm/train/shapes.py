@@ -567,15 +567,25 @@ def image_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"fastvlm-shapes:{seed}:{index}")
 
 
+LAYOUTS = ("mixed", "qa-first", "separate")
+
+
 def make_example(
-    seed: int, index: int, size: int = 256, qa_first: bool = False
+    seed: int, index: int, size: int = 256, layout: str = "mixed"
 ) -> tuple[Image.Image, dict, list[dict]]:
     """Image ``index`` of dataset ``seed``: ``(image, train row, eval rows)``.
 
-    The training conversation holds the caption and 1-3 questions, the caption first in 60 % of
-    rows. ``qa_first`` (a later training stage) asks up to 5 questions *before* the caption, so
-    every answer must come from the image, not from a caption earlier in the context.
+    ``layout`` arranges the training conversation:
+
+    * ``"mixed"``: the caption and 1-3 questions, the caption first in 60 % of rows (phases 1-2
+      of the shipped model);
+    * ``"qa-first"``: up to 5 questions *before* the caption;
+    * ``"separate"``: a third of the rows are the caption alone, the others 1-4 questions and no
+      caption, so every answer must come from the image (as in ``fastvlm eval``, which asks each
+      question on its own), never copied from a caption earlier in the context.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rng = image_rng(seed, index)
     img, scene = draw_scene(rng, size)
     qas = typed_questions(scene, rng)
@@ -583,14 +593,20 @@ def make_example(
     rel = f"images/{index:06d}.png"
     ident = f"shapes-{seed}-{index:06d}"
 
-    if qa_first:
+    if layout == "qa-first":
         turns = [(qa.question, qa.answer) for qa in rng.sample(qas, min(5, len(qas)))]
-        pos = len(turns)
+        turns.append((rng.choice(DESCRIBE_PROMPTS), cap))
+    elif layout == "separate":
+        if rng.random() < 1 / 3:
+            turns = [(rng.choice(DESCRIBE_PROMPTS), cap)]
+        else:
+            chosen = rng.sample(qas, rng.randint(1, min(4, len(qas))))
+            turns = [(qa.question, qa.answer) for qa in chosen]
     else:
         chosen = rng.sample(qas, rng.randint(1, min(3, len(qas))))
         turns = [(qa.question, qa.answer) for qa in chosen]
         pos = 0 if rng.random() < 0.6 else rng.randint(0, len(turns))
-    turns.insert(pos, (rng.choice(DESCRIBE_PROMPTS), cap))
+        turns.insert(pos, (rng.choice(DESCRIBE_PROMPTS), cap))
     conversations: list[dict[str, str]] = []
     for i, (q, a) in enumerate(turns):
         conversations.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q})

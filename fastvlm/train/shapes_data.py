@@ -18,12 +18,12 @@ from .shapes import MAX_SHAPES, image_rng, make_example, sample_scene
 
 class ShapesRecords(Sequence):
     def __init__(
-        self, n: int, seed: int, size: int, max_shapes: int = MAX_SHAPES, qa_first: bool = False
+        self, n: int, seed: int, size: int, max_shapes: int = MAX_SHAPES, layout: str = "mixed"
     ) -> None:
         if not 1 <= max_shapes <= MAX_SHAPES:
             raise ValueError(f"max_shapes must be in 1..{MAX_SHAPES}, got {max_shapes}")
         self.n, self.seed, self.size, self.max_shapes = n, seed, size, max_shapes
-        self.qa_first = qa_first
+        self.layout = layout
         self.index: list[int] | None = None
         if max_shapes < MAX_SHAPES:
             self.index, j = [], 0
@@ -39,12 +39,12 @@ class ShapesRecords(Sequence):
         if not 0 <= i < self.n:
             raise IndexError(i)
         j = i if self.index is None else self.index[i]
-        img, row, _ = make_example(self.seed, j, self.size, self.qa_first)
+        img, row, _ = make_example(self.seed, j, self.size, self.layout)
         msgs = [{"role": ROLES[t["from"]], "content": t["value"]} for t in row["conversations"]]
         return Record([img], msgs, j + 1)
 
 
 def shapes_records(
-    n: int, seed: int, size: int, max_shapes: int = MAX_SHAPES, qa_first: bool = False
+    n: int, seed: int, size: int, max_shapes: int = MAX_SHAPES, layout: str = "mixed"
 ) -> ShapesRecords:
-    return ShapesRecords(n, seed, size, max_shapes, qa_first)
+    return ShapesRecords(n, seed, size, max_shapes, layout)
