@@ -13,8 +13,8 @@ Steps (each deterministic from its seed):
 5. phase 3 (`--finetune-steps N`): the packaged model trained further with the vision tower
    frozen (LLM + projector only) on fresh scenes whose questions come before the caption, or
    without it (`--finetune-layout`, default qa-first): after phases 1-2 captions are exact but
-   questions asked on their own are weak (in 60 % of the training rows the caption came first, so answers could be copied
-   from it);
+   questions asked on their own are weak (in 60 % of the training rows the caption came
+   first, so answers could be copied from it);
 6. packaging: weights stored as float16 (loaded as float32 on CPU), tokenizer, the exact
    commands (`train_commands.txt`), training time;
 7. evaluation: `fastvlm eval --model <asset> --shapes 500 --data-seed 1000` (held-out seed).
