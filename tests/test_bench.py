@@ -30,7 +30,10 @@ def test_bench_tiny_shape_reports_everything(capsys):
     for r in result["runs"]:
         assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and 0 < r["mbu"]
         assert r["roofline_tok_s"] == pytest.approx(
-            result["info"]["bandwidth_gb_s"] * 1e9 / r["bytes_per_token"]
+            r["bandwidth_gb_s"] * 1e9 / r["bytes_per_token"]
+        )
+        assert r["mbu_at_start_bandwidth"] == pytest.approx(
+            r["decode_tok_s"] * r["bytes_per_token"] / (result["info"]["bandwidth_gb_s"] * 1e9)
         )
     assert fp32["image_tokens"] == 4 and small["image_tokens"] == 1  # 128 px → 2x2, 64 px → 1
     assert int4["bytes_per_token"] < int8["bytes_per_token"] < fp32["bytes_per_token"]

@@ -97,8 +97,9 @@ def int8_act_quant_bound(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> t
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("n,k", [(37, 896), (131, 4864), (13, 64)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int8_act_quant_matches_float64(m, n, k, with_bias):
-    """The fast int8 path (x quantized to int16 per 64 columns, _mm256_madd_epi16).
+def test_int8_act_quant_matches_float64(m, n, k, with_bias, isa):
+    """The fast int8 path (x quantized to int16 per 64 columns, _mm256_madd_epi16; at M = 1 with
+    `isa` = vnni on an AVX-512 BW + VNNI CPU, _mm512_dpwssd_epi32).
     1) Against float64 math on the same x̂ (reproduced exactly): the exact path's 1e-5.
     2) Against the true float64 result: within the worst-case bound and within 6σ of the error
        model (independent uniform rounding errors, see test_int4_act_quant_matches_float64).
@@ -182,7 +183,8 @@ def act_quant_sigma(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, gs: int) 
 
 @pytest.fixture(params=["vnni", "avx2"])
 def isa(request):
-    """Both builds of the int4 act_quant tiles (VNNI is skipped where the CPU lacks it)."""
+    """Both builds of the int4 act_quant tiles (VNNI is skipped where the CPU lacks it); for
+    int8 at M = 1, "vnni" is also the AVX-512 path where the CPU has AVX-512 BW + VNNI."""
     want = request.param == "vnni"
     if kernels.use_vnni(want) != want:
         pytest.skip("CPU or compiler without AVX-VNNI")

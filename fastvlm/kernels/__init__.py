@@ -79,7 +79,7 @@ from torch import nn
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_M = 8  # FastLinear uses the kernel up to this many rows (decode); larger M keeps MKL
 
 _lib: ctypes.CDLL | None = None
@@ -225,9 +225,9 @@ def _check_rc(rc: int, fn: str) -> None:
 
 
 def use_vnni(flag: bool = True) -> bool:
-    """Run the int4 act_quant tiles with AVX-VNNI (`vpdpbusd`) when the CPU (and the compiler
-    that built the library) has it — the default — or force the AVX2 tiles (`flag=False`;
-    tests and A/B runs). Same results either way (exact integer dot products). Returns whether
+    """Run the int4 act_quant tiles with AVX-VNNI (`vpdpbusd`), and int8 act_quant at M = 1 with
+    AVX-512 VNNI (`vpdpwssd`), when the CPU (and the compiler that built the library) has them —
+    the default — or force the AVX2 tiles (`flag=False`; tests and A/B runs). Same results either way (exact integer dot products). Returns whether
     VNNI is now in use."""
     return bool(_lib_or_raise().fvk_set_isa(int(flag)))
 
