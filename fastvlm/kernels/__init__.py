@@ -227,8 +227,9 @@ def _check_rc(rc: int, fn: str) -> None:
 def use_vnni(flag: bool = True) -> bool:
     """Run the int4 act_quant tiles with AVX-VNNI (`vpdpbusd`), and int8 act_quant at M = 1 with
     AVX-512 VNNI (`vpdpwssd`), when the CPU (and the compiler that built the library) has them —
-    the default — or force the AVX2 tiles (`flag=False`; tests and A/B runs). Same results either way (exact integer dot products). Returns whether
-    VNNI is now in use."""
+    the default — or force the AVX2 tiles (`flag=False`; tests and A/B runs). The same integer
+    dot products either way (int8: float sums in another order, ~1e-7). Returns whether
+    AVX-VNNI is now in use (the AVX-512 path follows the flag where the CPU has it)."""
     return bool(_lib_or_raise().fvk_set_isa(int(flag)))
 
 
