@@ -44,6 +44,24 @@ INL float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* AVX-512 (F, BW, VNNI) paths, picked at run time where the CPU has them (fvk_set_isa). */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define FVK_HAVE_512 1
+#else
+#define FVK_HAVE_512 0
+#endif
+static int fvk_avx512 = -1; /* -1: not probed; 0: off (AVX2); 1: AVX-512 F + BW + VNNI */
+
+static int probe_avx512(void) {
+#if FVK_HAVE_512
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 /* ------------------------------------------------------------------ fp32 */
 INL void f32_tile(const float *x, const float *w, const float *bias, float *y, int64_t n,
                   int64_t K, int64_t N, const int MM, const int NB) {
@@ -138,6 +156,68 @@ static void f32_gemv1(const float *x, const float *w, const float *bias, float *
     for (int64_t n = 0; n < N; n++) y[n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
 }
 
+#if FVK_HAVE_512
+/* M = 2..8 with AVX-512: the same tiles at 16 lanes (half the FMA and load instructions; at
+ * M = 4 the AVX2 tile streamed the weights at ~70 % of the M = 1 speed on 2 Zen 5 cores). */
+static inline __attribute__((always_inline, target("avx512f"))) void
+f32_tile512(const float *x, const float *w, const float *bias, float *y, int64_t n, int64_t K,
+            int64_t N, const int MM, const int NB) {
+    __m512 acc[4][MAXM];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) acc[j][m] = _mm512_setzero_ps();
+    const float *wr = w + n * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; j++) {
+            if (FVK_PF) _mm_prefetch((const char *)(wr + j * K + k) + FVK_PF, _MM_HINT_T0);
+            wv[j] = _mm512_loadu_ps(wr + j * K + k);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            __m512 xv = _mm512_loadu_ps(x + m * K + k);
+#pragma GCC unroll 4
+            for (int j = 0; j < NB; j++) acc[j][m] = _mm512_fmadd_ps(wv[j], xv, acc[j][m]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; j++)
+#pragma GCC unroll 8
+        for (int m = 0; m < MM; m++) {
+            float s = _mm512_reduce_add_ps(acc[j][m]);
+            for (int64_t t = k; t < K; t++) s += wr[j * K + t] * x[m * K + t];
+            y[m * N + n + j] = s + (bias ? bias[n + j] : 0.0f);
+        }
+}
+
+#define F32_CASE512(MM, NB)                                                                   \
+    case MM: {                                                                                \
+        int64_t nblk = N / NB;                                                                \
+        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")          \
+        for (int64_t b = 0; b < nblk; b++) f32_tile512(x, w, bias, y, b * NB, K, N, MM, NB); \
+        for (int64_t n = nblk * NB; n < N; n++) f32_tile512(x, w, bias, y, n, K, N, MM, 1);   \
+        break;                                                                                \
+    }
+
+__attribute__((target("avx512f"))) static void f32_block512(const float *x, const float *w,
+                                                             const float *bias, float *y,
+                                                             int64_t M, int64_t N, int64_t K,
+                                                             int nt) {
+    switch (M) {
+        F32_CASE512(2, 4)
+        F32_CASE512(3, 4)
+        F32_CASE512(4, 4)
+        F32_CASE512(5, 3)
+        F32_CASE512(6, 3)
+        F32_CASE512(7, 3)
+        F32_CASE512(8, 3)
+    }
+}
+#endif
+
 /* y (M, N) = x (M, K) @ w (N, K)^T + bias; rows of x in blocks of 8. */
 void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
                     int64_t N, int64_t K, int nt) {
@@ -145,8 +225,17 @@ void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y,
         f32_gemv1(x, w, bias, y, N, K, nt);
         return;
     }
+#if FVK_HAVE_512
+    if (fvk_avx512 < 0) fvk_avx512 = probe_avx512();
+#endif
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+#if FVK_HAVE_512
+        if (mm > 1 && fvk_avx512 == 1) {
+            f32_block512(x + m0 * K, w, bias, y + m0 * N, mm, N, K, nt);
+            continue;
+        }
+#endif
         f32_block(x + m0 * K, w, bias, y + m0 * N, mm, N, K, nt);
     }
 }
@@ -299,19 +388,7 @@ INL void i8q_tile(const int16_t *xs, const float *dx, const int8_t *w, const flo
  * instructions, which had made this path compute-bound at ~36 GB/s of int8 weights on 2 Zen 5
  * cores (above that, the weights stream at memory speed).  Same integer block sums as the AVX2
  * tile, so the same error bound; only the float accumulation order differs. */
-static int fvk_avx512 = -1; /* -1: not probed; 0: off (AVX2); 1: AVX-512 BW + VNNI */
-
-static int probe_avx512(void) {
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
-#else
-    return 0;
-#endif
-}
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define FVK_HAVE_512 1
+#if FVK_HAVE_512
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
 i8q_gemv1_512(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
               const float *bias, float *y, int64_t N, int64_t K, int nt) {
@@ -335,8 +412,6 @@ i8q_gemv1_512(const int16_t *xs, const float *dx, const int8_t *w, const float *
         y[n] = _mm512_reduce_add_ps(acc) * scales[n] + (bias ? bias[n] : 0.0f);
     }
 }
-#else
-#define FVK_HAVE_512 0
 #endif
 
 static void i8q_block(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
@@ -645,10 +720,55 @@ int fvk_set_isa(int want) {
     return fvk_isa;
 }
 
+#if FVK_HAVE_512
+/* M = 1, G >= 64, AVX-512 BW + VNNI: a 64-column chunk is 32 bytes of nibbles; broadcast to
+ * both 256-bit halves, the upper half shifted right by 4 (`vpsrlvq`), masked: [even columns |
+ * odd columns] as u8, exactly the layout prep_xq gives the chunk's 64 int8 x values, so one
+ * `vpdpbusd` does the whole chunk (the AVX2 / AVX-VNNI tiles need two, plus the unpacking).
+ * Lane L of either half sums x block u = L (8 natural columns), so the per-group scaling is dv
+ * broadcast to both halves.  Same integer group sums as SFX(i4q_tile_ga); only the float
+ * accumulation order differs. */
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) static void
+i4q_gemv1_512(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
+              const float *scales, const float *zb, const float *bias, float *y, int64_t N,
+              int64_t K, int64_t G, int nt) {
+    const int64_t K2 = K / 2, ng = K / G, cpg = G / 64;
+    const __m512i m4 = _mm512_set1_epi8(15);
+    const __m512i sh = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+    int64_t chunk = N / ((int64_t)nt * 8);
+    chunk = chunk < 16 ? 16 : chunk > 256 ? 256 : chunk;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (nt > 1)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *wr = w + n * K2;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i ia = _mm512_setzero_si512();
+            for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+                if (FVK_PF4 && (c & 1) == 0)
+                    _mm_prefetch((const char *)(wr + c * 32) + FVK_PF4, _MM_HINT_T0);
+                __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(wr + c * 32)));
+                __m512i wv = _mm512_and_si512(_mm512_srlv_epi64(b, sh), m4);
+                ia = _mm512_dpbusd_epi32(ia, wv, _mm512_load_si512((const __m512i *)(xq + c * 64)));
+            }
+            __m512 f = _mm512_mul_ps(_mm512_broadcast_f32x8(_mm256_load_ps(dv + g * 8)),
+                                     _mm512_set1_ps(scales[n * ng + g]));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia), f, acc);
+        }
+        y[n] = _mm512_reduce_add_ps(acc) + dot_f32(zb + n * ng, sx, ng) + (bias ? bias[n] : 0.0f);
+    }
+}
+#endif
+
 static void i4q_block(const int8_t *xq, const float *dv, const float *sx, const uint8_t *w,
                       const float *scales, const float *zb, const float *bias, float *y,
                       int64_t M, int64_t N, int64_t K, int64_t G, int nt) {
     if (fvk_isa < 0) fvk_set_isa(1);
+#if FVK_HAVE_512
+    if (M == 1 && G >= 64 && fvk_avx512 == 1) {
+        i4q_gemv1_512(xq, dv, sx, w, scales, zb, bias, y, N, K, G, nt);
+        return;
+    }
+#endif
 #if FVK_HAVE_VNNI
     if (fvk_isa == 1) {
         i4q_block_vnni(xq, dv, sx, w, scales, zb, bias, y, M, N, K, G, nt);
@@ -849,7 +969,7 @@ int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, 
     return 0;
 }
 
-int fvk_abi_version(void) { return 6; }
+int fvk_abi_version(void) { return 8; }
 
 #else /* FVK_I4Q_BODY: the act_q int4 tiles, included twice from above */
 /* G32: groups of 32 (two per chunk: scale vector [s_2c x4, s_2c+1 x4]); else G = 64 << gsh. */
