@@ -313,7 +313,8 @@ def bench_vision_batches(
     model, batches: list[int], image_size: int, repeats: int = 2
 ) -> dict[str, float]:
     """Images/s of the vision tower + projector per batch size. Every batch size encodes the
-    same number of images (the largest batch; smaller ones in several calls), and the rounds
+    same distinct images (as many as the largest batch; smaller ones in several calls; the
+    last call may be short), and the rounds
     interleave the batch sizes, so a descheduled call or a change in the shared machine's memory
     bandwidth does not decide the comparison; the best of `repeats` rounds counts (on a GPU
     after a warm-up call of each shape)."""
@@ -322,19 +323,17 @@ def bench_vision_batches(
     g = torch.Generator().manual_seed(0)
     n_img = max(batches)
     with torch.inference_mode():
-        pxs = {}
-        for b in batches:
-            px = torch.rand(b, 3, image_size, image_size, generator=g)
-            pxs[b] = px.to(dev, model.lm_head.weight.dtype)
-            if dev.type != "cpu":
-                model.embed_images(pxs[b])  # warm-up: kernel selection / autotuning
+        px = torch.rand(n_img, 3, image_size, image_size, generator=g)
+        px = px.to(dev, model.lm_head.weight.dtype)  # the same distinct images for every size
+        if dev.type != "cpu":
+            for b in batches:
+                model.embed_images(px[:b])  # warm-up: kernel selection / autotuning
         for _ in range(repeats):
             for b in batches:
-                calls = -(-n_img // b)
                 t0 = _now(dev)
-                for _ in range(calls):
-                    model.embed_images(pxs[b])
-                rate = calls * b / (_now(dev) - t0)
+                for i in range(0, n_img, b):
+                    model.embed_images(px[i : i + b])
+                rate = n_img / (_now(dev) - t0)
                 key = f"vision_images_s@{b}"
                 out[key] = max(out.get(key, 0.0), rate)
     return out

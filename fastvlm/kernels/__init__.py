@@ -32,7 +32,7 @@ Design decisions:
   built with `-mavx2 -mfma`, the AVX-512 functions carry their own target attribute): fp32 at
   M = 2..8 (16-lane tiles), int8 act_quant at M = 1 (`vpdpwssd`), int4 act_quant at M = 1 with
   G >= 64 (one `vpdpbusd` per 64 columns). On the 2-core Zen 5 VM, A/B in one process: fp32
-  M = 4 30.6 -> 37.9 GB/s, int8 M = 1 37-42 -> 55-61, int4-g128 M = 1 19 -> 33 (GB/s of
+  M = 4 30.6 -> 43 GB/s, int8 M = 1 37-42 -> 55-61, int4-g128 M = 1 19 -> 33 (GB/s of
   weight payload). `use_vnni(False)` forces the AVX2 code everywhere (tests run both).
 * **Software prefetch** 12-16 KB ahead in the int8/int4 weight streams: with a compute-light
   inner loop the hardware prefetcher alone left ~30% of the bandwidth unused.

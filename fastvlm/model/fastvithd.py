@@ -404,14 +404,16 @@ class FastViTHD(nn.Module):
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and pixel_values.dim() == 4:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         mb = self.cpu_microbatch
         if pixel_values.is_cpu and not self.training and mb and pixel_values.shape[0] > mb:
+            # each micro-batch converted to channels_last on its own (a cache-sized copy, not
+            # one copy of the whole batch up front)
             return torch.cat([self._forward(c) for c in pixel_values.split(mb)])
         return self._forward(pixel_values)
 
     def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and pixel_values.dim() == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(pixel_values)
         for stage in self.network:
             x = stage(x)
