@@ -168,6 +168,7 @@ class Engine:
         # (fastvlm/kernels/fused.py; re-validated each step, else the torch path below).
         self.fused_decode = bool(fused_decode and cpu_fast)
         self._plan = None
+        self._plan_checked = False  # re-validated when a request is admitted (see _decode_forward)
         self._decode_fn = self._decode_forward
         self.graphs = None  # GraphedDecode when decode steps replay CUDA graphs
         if compile:
@@ -379,6 +380,7 @@ class Engine:
                 break
             with self._lock:
                 self._waiting.popleft()
+            self._plan_checked = False  # weights may have changed since the last request
             try:
                 out.append((req, self._prefill(req, *pick)))
             except Exception as e:
@@ -513,7 +515,15 @@ class Engine:
             from ..kernels import available
             from ..kernels.fused import DecodePlan
 
-            self._plan = DecodePlan.current(self._plan, lm, self.cache) if available() else None
+            # The plan is checked against the model (module identities, weight storages and
+            # versions: ~0.5 ms with cold caches on the 0.5B shape) when a request was admitted
+            # since the last check, not on every step: weights changed while requests are in
+            # flight are not picked up by those requests (they hold their own pointers safely).
+            if not available():
+                self._plan = None
+            elif not self._plan_checked:
+                self._plan = DecodePlan.current(self._plan, lm, self.cache)
+                self._plan_checked = True
             if self._plan is not None:
                 cfg = lm.config
                 x = lm.embed_tokens(tokens[:, 0]).contiguous()  # (B, D), a fresh tensor
