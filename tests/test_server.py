@@ -827,6 +827,7 @@ class _SpyVLM:
         self._real = real
         self.yielded: list[int] = []
         self.closed: list[bool] = []
+        self.delay = 0.0  # seconds per chunk: a slower model (the demo model decodes ~3k tok/s)
 
     def __getattr__(self, name):
         return getattr(self._real, name)
@@ -839,6 +840,8 @@ class _SpyVLM:
         try:
             for c in self._real.stream_chunks(messages, **sampling):
                 self.yielded[i] += 1
+                if self.delay:
+                    time.sleep(self.delay)
                 yield c
             finished = True
         finally:
@@ -994,11 +997,15 @@ def test_non_streaming_client_timeout_cancels_generation(strict):
     spy = strict.spy
     long = body([image_msg("Describe.")], max_tokens=900, ignore_eos=True)
     i = len(spy.yielded)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(strict.url + "/v1/chat/completions", json=long, headers=AUTH, timeout=1.0)
-    deadline = time.time() + 30
-    while (len(spy.closed) <= i or not spy.closed[i]) and time.time() < deadline:
-        time.sleep(0.05)
+    spy.delay = 0.005  # 900 chunks ≥ 4.5 s: the client's 1 s timeout comes first
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(strict.url + "/v1/chat/completions", json=long, headers=AUTH, timeout=1.0)
+        deadline = time.time() + 30
+        while (len(spy.closed) <= i or not spy.closed[i]) and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        spy.delay = 0.0
     assert spy.closed[i] and spy.yielded[i] < 900
     r = httpx.post(strict.url + "/v1/chat/completions", json=body([image_msg("hi")]), headers=AUTH)
     assert r.status_code == 200
@@ -1006,6 +1013,7 @@ def test_non_streaming_client_timeout_cancels_generation(strict):
 
 def test_graceful_shutdown_ends_inflight_generation(vlm):
     spy = _SpyVLM(vlm)
+    spy.delay = 0.005  # 900 chunks ≥ 4.5 s: still generating when the 1 s grace time ends
     srv = LiveServer(create_app(ServerConfig(), vlm=spy), graceful_s=1)
     srv.wait_ready()
     long = body([image_msg("Describe.")], max_tokens=900, ignore_eos=True, stream=True)
@@ -1201,8 +1209,19 @@ CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package")
-def test_playground_in_headless_chromium(live, tmp_path):
+def test_playground_in_headless_chromium(live, tmp_path, monkeypatch):
     sync_api = pytest.importorskip("playwright.sync_api")
+    # The demo model streams a whole answer in a few ms (one network read for the browser); a
+    # 20 ms pause per chunk stands in for a real model, so the page must render it step by step.
+    real = live.service.vlm
+    fast_stream = real.stream_chunks
+
+    def slow_stream(*a, **kw):
+        for c in fast_stream(*a, **kw):
+            time.sleep(0.02)
+            yield c
+
+    monkeypatch.setattr(real, "stream_chunks", slow_stream)
     img = tmp_path / "red.png"
     img.write_bytes(png((230, 20, 20), (64, 64)))
     with sync_api.sync_playwright() as p:
