@@ -281,9 +281,9 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
     out["mbu"] = out["decode_tok_s"] / out["roofline_tok_s"]
     out["mbu_at_start_bandwidth"] = out["decode_tok_s"] * bpt / (bandwidth * 1e9)
     if len(samples) > 1:
-        out["decode_tok_s_runs"] = [round(x.stats.decode_tps, 3) for x, _ in samples]
-        out["ttft_s_runs"] = [round(x.stats.prefill_s, 4) for x, _ in samples]
-        out["mbu_runs"] = [round(x.stats.decode_tps * bpt / (b * 1e9), 4) for x, b in samples]
+        out["decode_tok_s_runs"] = [x.stats.decode_tps for x, _ in samples]
+        out["ttft_s_runs"] = [x.stats.prefill_s for x, _ in samples]
+        out["mbu_runs"] = [x.stats.decode_tps * bpt / (b * 1e9) for x, b in samples]
     for n in args.concurrency:
         if n > 1:
             for _ in range(3):  # until no graph was captured inside the measurement
