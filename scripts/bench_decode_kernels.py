@@ -2,9 +2,11 @@
 
 Variants, all through the public Engine (text-only prompt, greedy, batch 1 and N concurrent):
 fp32 (torch F.linear), fp32 + `use_fast_linears`, int8 / int4 with torch's kernels (bf16
-compute; `kernels.set_enabled(False)`) and with ours. Rounds alternate the variants and the best
-round of each is kept, so load from other processes on a shared machine biases all alike;
-compare the ratios (last columns: vs torch fp32 and vs our fp32).
+compute; `kernels.set_enabled(False)`) and with ours; `--unfused` adds ours decoded layer by
+layer in torch (`Engine(fused_decode=False)`) next to the default fused C step. Rounds
+alternate the variants and the best round of each is kept, so load from other processes on a
+shared machine biases all alike; compare the ratios (last columns: vs torch fp32 and vs our
+fp32).
 
     OMP_NUM_THREADS=2 python scripts/bench_decode_kernels.py --threads 2
 """
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4, help="N for the aggregate tok/s (0: off)")
     p.add_argument("--quant", default="int8,int4", help="comma-separated quant specs")
+    p.add_argument(
+        "--unfused",
+        action="store_true",
+        help="also time each kernel variant with Engine(fused_decode=False) (fused-step A/B)",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
@@ -74,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     fast = copy.deepcopy(base)
     n = kernels.use_fast_linears(fast)
     variants = {"fp32 torch": (base, False), "fp32 ours": (fast, True), **variants}
+    # the same models decoded layer by layer in torch between the kernels (no fused C step)
+    unfused = {f"{k} unfused": v for k, v in variants.items() if v[1]} if a.unfused else {}
+    variants.update(unfused)
     print(f"shape={a.shape} threads={a.threads} tokens={a.tokens} swapped={n}", file=sys.stderr)
 
-    engines = {k: Engine(m, slots=max(1, a.concurrency), max_len=len(ids) + a.tokens + 64)
+    engines = {k: Engine(m, slots=max(1, a.concurrency), max_len=len(ids) + a.tokens + 64,
+                         fused_decode=k not in unfused)
                for k, (m, _) in variants.items()}  # fmt: skip
     params = SamplingParams(max_tokens=a.tokens, ignore_eos=True)
     best: dict[str, dict[str, float]] = {k: {} for k in variants}
