@@ -237,28 +237,27 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
     def captures() -> int:
         return eng.graphs.captures if eng.graphs is not None else 0
 
-    probes: list[float] = []
-
     def timed():
+        """(handle, graphs captured during it, best bandwidth probe right around it)."""
         eng.submit(ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=4)).result()  # warm-up
         before = captures()
-        probes[:] = [measure_bandwidth(dev, repeats=3)]
+        bw_before = measure_bandwidth(dev, repeats=3)
         h = eng.submit(ids, px, p)
         h.result()
-        probes.append(measure_bandwidth(dev, repeats=3))
-        return h, captures() - before
+        bw = max(bw_before, measure_bandwidth(dev, repeats=3))
+        return h, captures() - before, bw
 
     if gpu:  # the whole request once with another image: kernels, allocator, CUDA graphs
         eng.submit(ids, processor.pixels([random_image(size, seed=99)]).to(dev), p).result()
 
     def measure():
-        h, new = timed()
+        h, new, bw = timed()
         for _ in range(2):  # a graph captured inside the timed run (another slot window): again
             if not new:
                 break
             eng.reset_caches()
-            h, new = timed()
-        return h, max(probes)
+            h, new, bw = timed()
+        return h, bw
 
     # `--repeats` timed requests (each recomputing vision and prefill); the run with the median
     # decode speed is reported, with its own bandwidth probes (all runs are in the JSON).

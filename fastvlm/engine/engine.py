@@ -32,6 +32,8 @@ from collections import OrderedDict, deque
 
 import torch
 
+from ..kernels import available as kernels_available
+from ..kernels.fused import DecodePlan
 from ..model.fastvlm import check_tokens_per_image
 from ..model.qwen2 import rope_cos_sin
 from .kv_cache import SlotKVCache
@@ -512,14 +514,11 @@ class Engine:
         # and its host sync.
         lm = self.model.language_model
         if self.fused_decode:
-            from ..kernels import available
-            from ..kernels.fused import DecodePlan
-
             # The plan is checked against the model (module identities, weight storages and
             # versions: ~0.5 ms with cold caches on the 0.5B shape) when a request was admitted
             # since the last check, not on every step: weights changed while requests are in
             # flight are not picked up by those requests (they hold their own pointers safely).
-            if not available():
+            if not kernels_available():
                 self._plan = None
             elif not self._plan_checked:
                 self._plan = DecodePlan.current(self._plan, lm, self.cache)

@@ -35,7 +35,7 @@ import ctypes
 import torch
 from torch import nn
 
-from . import FastLinear, _check_rc, _lib_or_raise, available
+from . import FastLinear, _check_rc, _fp32_param, _lib_or_raise, available
 
 _c_i32, _c_i64, _p = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
 _PROJ = ("q", "k", "v", "o", "gate", "up", "down")
@@ -52,10 +52,6 @@ class _Layer(ctypes.Structure):
     _fields_ = [*((name, _Lin) for name in _PROJ), ("ln1", _p), ("ln2", _p), ("kc", _p), ("vc", _p)]
 
 
-def _fp32(t: torch.Tensor | None) -> bool:
-    return t is None or (t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-
-
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
     at, mlp = layer.self_attn, layer.mlp
     return (at.q_proj, at.k_proj, at.v_proj, at.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -69,7 +65,7 @@ def _describe(mod: nn.Module) -> tuple[_Lin, tuple] | None:
     lin.n, lin.k = mod.out_features, mod.in_features
     if type(mod) in (nn.Linear, FastLinear):
         w, b = mod.weight, mod.bias
-        if not (_fp32(w) and _fp32(b)) or w.shape != (lin.n, lin.k):
+        if not (_fp32_param(w) and _fp32_param(b)) or w.shape != (lin.n, lin.k):
             return None
         lin.kind, lin.w, lin.bias = 0, w.data_ptr(), None if b is None else b.data_ptr()
         return lin, (w, b)
@@ -115,13 +111,13 @@ class _ActQuant:
 class DecodePlan:
     """The C description of a decoder stack + cache; call it on one decode step's rows."""
 
-    def __init__(self, key: tuple, layers, keep: list, dims: tuple, eps: float) -> None:
-        self.key, self.layers, self._keep, self.dims, self.eps = key, layers, keep, dims, eps
+    def __init__(self, lm: nn.Module, cache, layers, keep: list, dims: tuple, eps: float) -> None:
+        self.layers, self._keep, self.dims, self.eps = layers, keep, dims, eps
+        self.n_layers, self.slots = len(layers), cache.k[0].shape[0]
         self._scratch = torch.empty(0)
-        self.n_layers = len(layers)
-        self.slots = 0
-        self._watch_list: list = []
-        self._owner: tuple = ()
+        self._owner = (id(lm), id(cache))
+        self._watch_list = self._watch(lm, cache)
+        self.key = self._key(self._watch_list)
 
     @staticmethod
     def _watch(lm: nn.Module, cache) -> list[tuple[object, object]]:
@@ -164,26 +160,6 @@ class DecodePlan:
                 out.append(int(v) if type(v) is bool else id(v))
         return out
 
-    def _still_valid(self) -> bool:
-        """`_key(watch) == key` without building the list: no container allocations per step
-        (a list of tuples each step cost ~0.4 ms in garbage collection on the 0.5B shape)."""
-        key, i = self.key, 0
-        for c, k in self._watch_list:
-            v = c[k]
-            if isinstance(c, _Storage):
-                if id(v) != key[i] or v.data_ptr() != key[i + 1]:
-                    return False
-                i += 2
-            elif isinstance(v, torch.Tensor):
-                if id(v) != key[i] or v.data_ptr() != key[i + 1] or v._version != key[i + 2]:
-                    return False
-                i += 3
-            else:
-                if (int(v) if type(v) is bool else id(v)) != key[i]:
-                    return False
-                i += 1
-        return True
-
     @classmethod
     def build(cls, lm: nn.Module, cache) -> DecodePlan | None:
         """A plan for `lm` (a `Qwen2Model`) over `cache` (a `SlotKVCache`), or None when some
@@ -194,8 +170,7 @@ class DecodePlan:
         heads, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         if heads % kvh or cfg.hidden_act != "silu" or len(cache.k) != len(lm.layers):
             return None
-        if any(not (t.dtype is torch.float32 and t.device.type == "cpu" and t.is_contiguous())
-               for t in (*cache.k, *cache.v)):  # fmt: skip
+        if not all(_fp32_param(t) for t in (*cache.k, *cache.v)):
             return None
         layers = (_Layer * len(lm.layers))()
         keep: list = []
@@ -207,7 +182,7 @@ class DecodePlan:
                 setattr(layers[i], name, d[0])
                 keep.append(d[1])
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(not _fp32(n.weight) or n.eps != cfg.rms_norm_eps for n in norms):
+            if any(not _fp32_param(n.weight) or n.eps != cfg.rms_norm_eps for n in norms):
                 return None
             layers[i].ln1, layers[i].ln2 = (n.weight.data_ptr() for n in norms)
             layers[i].kc, layers[i].vc = kc.data_ptr(), vc.data_ptr()
@@ -216,15 +191,16 @@ class DecodePlan:
         if (at0.q_proj.out_features, at0.k_proj.out_features) != (heads * hd, kvh * hd):
             return None
         dims = (cfg.hidden_size, heads, kvh, hd, cfg.intermediate_size, cache.max_len)
-        watch = cls._watch(lm, cache)
-        plan = cls(cls._key(watch), layers, keep, dims, cfg.rms_norm_eps)
-        plan.slots, plan._watch_list, plan._owner = cache.k[0].shape[0], watch, (id(lm), id(cache))
-        return plan
+        return cls(lm, cache, layers, keep, dims, cfg.rms_norm_eps)
 
     @classmethod
     def current(cls, plan: DecodePlan | None, lm: nn.Module, cache) -> DecodePlan | None:
         """`plan` if it still describes `lm` and `cache` exactly, else a fresh one (or None)."""
-        if plan is not None and plan._owner == (id(lm), id(cache)) and plan._still_valid():
+        if (
+            plan is not None
+            and plan._owner == (id(lm), id(cache))
+            and plan.key == plan._key(plan._watch_list)
+        ):
             return plan
         return cls.build(lm, cache)
 

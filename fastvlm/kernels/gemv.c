@@ -62,6 +62,19 @@ static int probe_avx512(void) {
 #endif
 }
 
+/* Whether the AVX-512 paths run (probed on first use; fvk_set_isa can switch them off). */
+INL int use512(void) {
+    if (fvk_avx512 < 0) fvk_avx512 = probe_avx512();
+    return fvk_avx512 == 1;
+}
+
+/* Rows per dynamic OpenMP chunk for the one-row-at-a-time kernels: about 8 chunks per thread,
+ * 16..256 rows, so each thread mostly streams one contiguous range of W. */
+INL int64_t row_chunk(int64_t rows, int nt) {
+    int64_t c = rows / ((int64_t)nt * 8);
+    return c < 16 ? 16 : c > 256 ? 256 : c;
+}
+
 /* ------------------------------------------------------------------ fp32 */
 INL void f32_tile(const float *x, const float *w, const float *bias, float *y, int64_t n,
                   int64_t K, int64_t N, const int MM, const int NB) {
@@ -150,8 +163,7 @@ INL float f32_row(const float *x, const float *r, int64_t K) {
 
 static void f32_gemv1(const float *x, const float *w, const float *bias, float *y, int64_t N,
                       int64_t K, int nt) {
-    int64_t chunk = N / ((int64_t)nt * 8);
-    chunk = chunk < 16 ? 16 : chunk > 256 ? 256 : chunk;
+    const int64_t chunk = row_chunk(N, nt);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (nt > 1)
     for (int64_t n = 0; n < N; n++) y[n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
 }
@@ -198,8 +210,7 @@ f32_tile512(const float *x, const float *w, const float *bias, float *y, int64_t
 #define F32_CASE512(MM, NB)                                                                   \
     case MM: {                                                                                \
         int64_t nblk = N / NB;                                                                \
-        int64_t ch = nblk / ((int64_t)nt * 8);                                         \
-        ch = ch < 16 ? 16 : ch > 256 ? 256 : ch;                                              \
+        const int64_t ch = row_chunk(nblk, nt);                                               \
         _Pragma("omp parallel for num_threads(nt) schedule(dynamic, ch) if(nt > 1)")          \
         for (int64_t b = 0; b < nblk; b++) f32_tile512(x, w, bias, y, b * NB, K, N, MM, NB); \
         for (int64_t n = nblk * NB; n < N; n++) f32_tile512(x, w, bias, y, n, K, N, MM, 1);   \
@@ -229,13 +240,10 @@ void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y,
         f32_gemv1(x, w, bias, y, N, K, nt);
         return;
     }
-#if FVK_HAVE_512
-    if (fvk_avx512 < 0) fvk_avx512 = probe_avx512();
-#endif
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
 #if FVK_HAVE_512
-        if (mm > 1 && fvk_avx512 == 1) {
+        if (mm > 1 && use512()) {
             f32_block512(x + m0 * K, w, bias, y + m0 * N, mm, N, K, nt);
             continue;
         }
@@ -397,8 +405,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
 i8q_gemv1_512(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
               const float *bias, float *y, int64_t N, int64_t K, int nt) {
     const int64_t nb = K / 64;
-    int64_t chunk = N / ((int64_t)nt * 8);
-    chunk = chunk < 16 ? 16 : chunk > 256 ? 256 : chunk;
+    const int64_t chunk = row_chunk(N, nt);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (nt > 1)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wr = w + n * K;
@@ -421,8 +428,7 @@ i8q_gemv1_512(const int16_t *xs, const float *dx, const int8_t *w, const float *
 static void i8q_block(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
                       const float *bias, float *y, int64_t M, int64_t N, int64_t K, int nt) {
 #if FVK_HAVE_512
-    if (fvk_avx512 < 0) fvk_avx512 = probe_avx512();
-    if (M == 1 && fvk_avx512 == 1) {
+    if (M == 1 && use512()) {
         i8q_gemv1_512(xs, dx, w, scales, bias, y, N, K, nt);
         return;
     }
@@ -739,8 +745,7 @@ i4q_gemv1_512(const int8_t *xq, const float *dv, const float *sx, const uint8_t 
     const int64_t K2 = K / 2, ng = K / G, cpg = G / 64;
     const __m512i m4 = _mm512_set1_epi8(15);
     const __m512i sh = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
-    int64_t chunk = N / ((int64_t)nt * 8);
-    chunk = chunk < 16 ? 16 : chunk > 256 ? 256 : chunk;
+    const int64_t chunk = row_chunk(N, nt);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (nt > 1)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * K2;
@@ -768,7 +773,7 @@ static void i4q_block(const int8_t *xq, const float *dv, const float *sx, const 
                       int64_t M, int64_t N, int64_t K, int64_t G, int nt) {
     if (fvk_isa < 0) fvk_set_isa(1);
 #if FVK_HAVE_512
-    if (M == 1 && G >= 64 && fvk_avx512 == 1) {
+    if (M == 1 && G >= 64 && use512()) {
         i4q_gemv1_512(xq, dv, sx, w, scales, zb, bias, y, N, K, G, nt);
         return;
     }
