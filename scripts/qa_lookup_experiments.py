@@ -21,7 +21,8 @@ Three sub-commands, all on the CPU, all deterministic from their seeds:
   greedy exact match, so step 0 reproduces ``fastvlm eval`` of the same scenes.
   ``--psent`` turns that fraction of colour/shape/size/count-of-X questions into a sentence
   form ("... Answer with a sentence." → "the cross is red."), where the looked-up attribute
-  comes right after the shape's name::
+  comes right after the shape's name; ``--text-scene`` drops the image and gives the scene as
+  text ("Scene: <caption>" before the question), to test look-up in text alone::
 
       python scripts/qa_lookup_experiments.py decoder --train a.pt b.pt --eval eval.pt \\
           --steps 1000 --lr 1e-3 --pcap 0.15 --psent 0.5
@@ -185,10 +186,11 @@ def cmd_decoder(a: argparse.Namespace) -> None:
     cfg = proc.config
     cache: dict[str, list[int]] = {}
 
-    def encode(turns):
+    def encode(turns, scene=None):
         msgs = []
         for i, (q, ans) in enumerate(turns):
-            msgs.append({"role": "user", "content": f"<image>\n{q}" if i == 0 else q})
+            first = f"Scene: {scene}\n{q}" if scene else f"<image>\n{q}"
+            msgs.append({"role": "user", "content": first if i == 0 else q})
             msgs.append({"role": "assistant", "content": ans})
         segs, _ = render_segments(msgs, cfg.chat_template, cfg.system_prompt, False)
         ids: list[int] = []
@@ -212,20 +214,23 @@ def cmd_decoder(a: argparse.Namespace) -> None:
 
     def sample_row(j):
         m = meta[j]
-        if rng.random() < a.pcap:
+        scene = m["caption"] if a.text_scene else None
+        if not scene and rng.random() < a.pcap:
             return encode([(rng.choice(DESCRIBE_PROMPTS), m["caption"])])
         chosen = rng.sample(m["qas"], rng.randint(1, min(a.maxq, len(m["qas"]))))
         turns = []
         for q, ans, _ in chosen:
             s = sentence(q, ans) if rng.random() < a.psent else None
             turns.append(s or (q, ans))
-        return encode(turns)
+        return encode(turns, scene)
 
     held = []
     for k, m in enumerate(ev_meta[: a.neval]):
-        held.append((k, "caption", encode([(DESCRIBE_PROMPT, m["caption"])])))
+        scene = m["caption"] if a.text_scene else None
+        if not scene:
+            held.append((k, "caption", encode([(DESCRIBE_PROMPT, m["caption"])])))
         for q, ans, t in m["qas"]:
-            held.append((k, t, encode([(q, ans)])))
+            held.append((k, t, encode([(q, ans)], scene)))
             if a.psent and t in ("color", "shape") and (s := sentence(q, ans)):
                 held.append((k, f"{t}-sentence", encode([s])))
 
@@ -236,7 +241,11 @@ def cmd_decoder(a: argparse.Namespace) -> None:
         for s in range(0, len(held), 128):
             chunk = held[s : s + 128]
             ids, lab = batchify([r[2] for r in chunk])
-            emb = model.mm_projector(ev_feats[[r[0] for r in chunk]].float())
+            emb = (
+                None
+                if a.text_scene
+                else model.mm_projector(ev_feats[[r[0] for r in chunk]].float())
+            )
             pred, tgt = model(ids, image_embeds=emb)[:, :-1].argmax(-1), lab[:, 1:]
             for r, o in zip(chunk, ((pred == tgt) | (tgt == -100)).all(1).tolist(), strict=True):
                 c = res.setdefault(r[1], [0, 0])
@@ -256,7 +265,8 @@ def cmd_decoder(a: argparse.Namespace) -> None:
             g["lr"] = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * cos)
         idx = [rng.randrange(len(meta)) for _ in range(a.bs)]
         ids, lab = batchify([sample_row(j) for j in idx])
-        logits = model(ids, image_embeds=model.mm_projector(feats[idx].float()))
+        emb = None if a.text_scene else model.mm_projector(feats[idx].float())
+        logits = model(ids, image_embeds=emb)
         loss = lm_loss(logits, lab) / (lab[:, 1:] != -100).sum()
         opt.zero_grad()
         loss.backward()
@@ -301,6 +311,11 @@ def main() -> None:
     d.add_argument("--neval", type=int, default=300, help="held-out scenes evaluated")
     d.add_argument("--reinit-lm", action="store_true", help="fresh projector + decoder")
     d.add_argument("--out", help="save the model here at every evaluation")
+    d.add_argument(
+        "--text-scene",
+        action="store_true",
+        help='no image: the scene is given as text ("Scene: <caption>" before the question)',
+    )
     for s in sub.choices.values():
         s.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = p.parse_args()
