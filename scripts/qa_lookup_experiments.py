@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastvlm
-from fastvlm.processing import render_segments
+from fastvlm.train.data import Record, collate, encode_record
 from fastvlm.train.finetune import lm_loss, save_model
 from fastvlm.train.shapes import (
     DESCRIBE_PROMPT,
@@ -183,31 +183,19 @@ def cmd_decoder(a: argparse.Namespace) -> None:
         model.init_weights()
         model.vision_tower.load_state_dict(tower)
     model.vision_tower.requires_grad_(False)
-    cfg = proc.config
-    cache: dict[str, list[int]] = {}
 
     def encode(turns, scene=None):
+        """Token ids + labels of a conversation about one scene, as `fastvlm train` encodes it."""
         msgs = []
         for i, (q, ans) in enumerate(turns):
             first = f"Scene: {scene}\n{q}" if scene else f"<image>\n{q}"
             msgs.append({"role": "user", "content": first if i == 0 else q})
             msgs.append({"role": "assistant", "content": ans})
-        segs, _ = render_segments(msgs, cfg.chat_template, cfg.system_prompt, False)
-        ids: list[int] = []
-        lab: list[int] = []
-        for text, trained in segs:
-            t = cache.setdefault(text, proc.tokenize(text))
-            ids += t
-            lab += t if trained else [-100] * len(t)
-        return ids, lab
+        return encode_record(Record([], msgs), proc)  # image features come from the cache
 
     def batchify(rows):
-        t = max(len(r[0]) for r in rows)
-        ids = torch.zeros(len(rows), t, dtype=torch.long)
-        lab = torch.full((len(rows), t), -100)
-        for i, (x, y) in enumerate(rows):
-            ids[i, : len(x)], lab[i, : len(y)] = torch.tensor(x), torch.tensor(y)
-        return ids, lab
+        b = collate(rows)
+        return b["input_ids"], b["labels"]
 
     feats, meta = load_caches(a.train)
     ev_feats, ev_meta = load_caches([a.eval])
