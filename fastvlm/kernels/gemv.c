@@ -76,39 +76,39 @@ INL int64_t row_chunk(int64_t rows, int nt) {
 }
 
 /* ------------------------------------------------------------------ fp32 */
-INL void f32_tile(const float *x, const float *w, const float *bias, float *y, int64_t n,
-                  int64_t K, int64_t N, const int MM, const int NB) {
-    __m256 acc[4][MAXM];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) acc[j][m] = _mm256_setzero_ps();
-    const float *wr = w + n * K;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) {
-            if (FVK_PF && MM >= 3) /* helps M >= 3 (+10-25% from DRAM), hurts M = 1 */
-                _mm_prefetch((const char *)(wr + j * K + k) + FVK_PF, _MM_HINT_T0);
-            wv[j] = _mm256_loadu_ps(wr + j * K + k);
-        }
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) {
-            __m256 xv = _mm256_loadu_ps(x + m * K + k);
-#pragma GCC unroll 4
-            for (int j = 0; j < NB; j++) acc[j][m] = _mm256_fmadd_ps(wv[j], xv, acc[j][m]);
-        }
+/* One fp32 tile body for both ISAs: MM rows of x against NB consecutive weight rows starting at
+ * row n, one vector of K per step.  Software prefetch FVK_PF bytes ahead from M >= PF_MIN_M. */
+#define F32_TILE_FN(NAME, ATTR, VT, W, ZERO, LOAD, FMA, REDUCE, PF_MIN_M)                        \
+    ATTR void NAME(const float *x, const float *w, const float *bias, float *y, int64_t n,      \
+                   int64_t K, int64_t N, const int MM, const int NB) {                          \
+        VT acc[4][MAXM];                                                                         \
+        _Pragma("GCC unroll 4") for (int j = 0; j < NB; j++)                                     \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) acc[j][m] = ZERO();            \
+        const float *wr = w + n * K;                                                             \
+        int64_t k = 0;                                                                           \
+        for (; k + W <= K; k += W) {                                                             \
+            VT wv[4];                                                                            \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NB; j++) {                               \
+                if (FVK_PF && MM >= PF_MIN_M)                                                    \
+                    _mm_prefetch((const char *)(wr + j * K + k) + FVK_PF, _MM_HINT_T0);          \
+                wv[j] = LOAD(wr + j * K + k);                                                    \
+            }                                                                                    \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                               \
+                VT xv = LOAD(x + m * K + k);                                                     \
+                _Pragma("GCC unroll 4") for (int j = 0; j < NB; j++) acc[j][m] =                 \
+                    FMA(wv[j], xv, acc[j][m]);                                                   \
+            }                                                                                    \
+        }                                                                                        \
+        _Pragma("GCC unroll 4") for (int j = 0; j < NB; j++)                                     \
+            _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {                               \
+                float s = REDUCE(acc[j][m]);                                                     \
+                for (int64_t t = k; t < K; t++) s += wr[j * K + t] * x[m * K + t];               \
+                y[m * N + n + j] = s + (bias ? bias[n + j] : 0.0f);                              \
+            }                                                                                    \
     }
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) {
-            float s = hsum(acc[j][m]);
-            for (int64_t t = k; t < K; t++) s += wr[j * K + t] * x[m * K + t];
-            y[m * N + n + j] = s + (bias ? bias[n + j] : 0.0f);
-        }
-}
+
+/* AVX2: prefetch helps M >= 3 (+10-25% from DRAM), hurts M = 1. */
+F32_TILE_FN(f32_tile, INL, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum, 3)
 
 #define F32_CASE(MM, NB)                                                                      \
     case MM: {                                                                                \
@@ -173,39 +173,8 @@ static void f32_gemv1(const float *x, const float *w, const float *bias, float *
  * up to 256-row dynamic chunks, so each thread mostly streams one contiguous range, as at
  * M = 1.  2-core Zen 5 VM, 2 threads, A/B in one process: M = 4 AVX2 4-row tiles 30.6 GB/s,
  * AVX-512 4-row tiles 34-38, this 43 (M = 1: 46). */
-static inline __attribute__((always_inline, target("avx512f"))) void
-f32_tile512(const float *x, const float *w, const float *bias, float *y, int64_t n, int64_t K,
-            int64_t N, const int MM, const int NB) {
-    __m512 acc[4][MAXM];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) acc[j][m] = _mm512_setzero_ps();
-    const float *wr = w + n * K;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 wv[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; j++) {
-            if (FVK_PF) _mm_prefetch((const char *)(wr + j * K + k) + FVK_PF, _MM_HINT_T0);
-            wv[j] = _mm512_loadu_ps(wr + j * K + k);
-        }
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) {
-            __m512 xv = _mm512_loadu_ps(x + m * K + k);
-#pragma GCC unroll 4
-            for (int j = 0; j < NB; j++) acc[j][m] = _mm512_fmadd_ps(wv[j], xv, acc[j][m]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; j++)
-#pragma GCC unroll 8
-        for (int m = 0; m < MM; m++) {
-            float s = _mm512_reduce_add_ps(acc[j][m]);
-            for (int64_t t = k; t < K; t++) s += wr[j * K + t] * x[m * K + t];
-            y[m * N + n + j] = s + (bias ? bias[n + j] : 0.0f);
-        }
-}
+F32_TILE_FN(f32_tile512, static inline __attribute__((always_inline, target("avx512f"))), __m512,
+            16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, 1)
 
 #define F32_CASE512(MM, NB)                                                                   \
     case MM: {                                                                                \
