@@ -167,7 +167,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         # CPU decode steps run every decoder layer in one C call when the model allows it
-        # (fastvlm/kernels/fused.py; re-validated each step, else the torch path below).
+        # (fastvlm/kernels/fused.py; re-validated when a request is admitted, else the torch path).
         self.fused_decode = bool(fused_decode and cpu_fast)
         self._plan = None
         self._plan_checked = False  # re-validated when a request is admitted (see _decode_forward)
