@@ -33,9 +33,10 @@ GRAMMAR = {
 }
 
 
-# Per-type floors for the 20-scene sample: the full evaluation (500 scenes) measured count 0.818,
-# colour 0.628, shape 0.669; a blind model scores about 0.3 / 0.17 / 0.17.
-QA_FLOOR = {"count": 0.65, "color": 0.45, "shape": 0.45}
+# Per-type floors for the 20-scene sample (which the model gets at 38/40, 17/18, 19/19): the full
+# evaluation (500 scenes) measured count 0.955, colour 0.988, shape 0.969; the model before its
+# look-up phase scored 0.818 / 0.628 / 0.669 there, a blind model about 0.3 / 0.17 / 0.17.
+QA_FLOOR = {"count": 0.85, "color": 0.8, "shape": 0.8}
 
 
 @pytest.fixture(scope="module")
