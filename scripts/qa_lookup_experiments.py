@@ -276,7 +276,8 @@ def cmd_decoder(a: argparse.Namespace) -> None:
             return encode([(rng.choice(DESCRIBE_PROMPTS), m["caption"])])
         if a.guide and rng.random() < a.guide_frac:
             counts = [qa for qa in m["qas"] if qa[2] == "count" and referent(qa[0])]
-            q, ans, _ = rng.choice(counts if counts and rng.random() < a.count_frac else m["qas"])
+            pick_count = a.count_frac and counts and rng.random() < a.count_frac
+            q, ans, _ = rng.choice(counts if pick_count else m["qas"])
             row = encode([(q, ans)])
             tg = guide_targets(
                 m["scene"],
