@@ -31,8 +31,8 @@ Three sub-commands, all on the CPU, all deterministic from their seeds:
   cross?", "How many red shapes are there?"), an attention loss (weight W) on two decoder layers
   (``--guide-layers``, default 0 and 1) at the position that predicts the answer: head 0 of the
   first should attend to the question's attribute words, heads ``--guide-heads`` (default 0) of
-  the second to the image tokens
-  whose 64-px cells the named shape's box touches (scenes are rebuilt from ``--train-seed``).
+  the second to the image tokens whose 64-px cells the named shape's box touches (scenes are
+  rebuilt from ``--train-seed``).
   Without it the decoder never learns this two-hop look-up on a CPU budget; with it, it does.
   The shipped model's question answering was trained this way (commands in the model's README).
 
@@ -275,9 +275,12 @@ def cmd_decoder(a: argparse.Namespace) -> None:
         if not scene and rng.random() < a.pcap:
             return encode([(rng.choice(DESCRIBE_PROMPTS), m["caption"])])
         if a.guide and rng.random() < a.guide_frac:
-            counts = [qa for qa in m["qas"] if qa[2] == "count" and referent(qa[0])]
-            pick_count = a.count_frac and counts and rng.random() < a.count_frac
-            q, ans, _ = rng.choice(counts if pick_count else m["qas"])
+            qas = m["qas"]
+            if a.count_frac:
+                counts = [qa for qa in qas if qa[2] == "count" and referent(qa[0])]
+                if counts and rng.random() < a.count_frac:
+                    qas = counts
+            q, ans, _ = rng.choice(qas)
             row = encode([(q, ans)])
             tg = guide_targets(
                 m["scene"],
@@ -335,14 +338,12 @@ def cmd_decoder(a: argparse.Namespace) -> None:
             lambda mod, i, o, layer=layer: captured.__setitem__(layer, o)
         )
 
-    def head_logprobs(layer: int, head: int, rows: list[int], qpos: torch.Tensor) -> torch.Tensor:
+    def head_logprobs(layer, head, rows, qpos, cos, sin) -> torch.Tensor:
         """log attention of `head` of `layer` at positions `qpos` of `rows`: (R, T)."""
         x = captured[layer][rows]
         att = model.language_model.layers[layer].self_attn
         t, hd = x.shape[1], tc.head_dim
         kv = head // (tc.num_attention_heads // tc.num_key_value_heads)
-        cos, sin = rope_cos_sin(torch.arange(t)[None], hd, tc.rope_theta, x.dtype)
-        cos, sin = cos[0, 0], sin[0, 0]
         xq = x[torch.arange(len(rows)), qpos]
         q = att.q_proj(xq)[:, head * hd : (head + 1) * hd]
         k = att.k_proj(x)[..., kv * hd : (kv + 1) * hd]
@@ -357,10 +358,13 @@ def cmd_decoder(a: argparse.Namespace) -> None:
         if not rows:
             return torch.zeros(())
         qpos = torch.tensor([int((lab[i] != -100).nonzero()[0]) - 1 for i in rows])
+        dtype = captured[a.guide_layers[0]].dtype
+        cos, sin = rope_cos_sin(torch.arange(lab.shape[1])[None], tc.head_dim, tc.rope_theta, dtype)
+        cos, sin = cos[0, 0], sin[0, 0]  # (T, head_dim), shared by every guided head
         total = torch.zeros(())
         for hop, layer in enumerate(a.guide_layers):
             for head in a.guide_heads if hop else (0,):
-                lp = head_logprobs(layer, head, rows, qpos)
+                lp = head_logprobs(layer, head, rows, qpos, cos, sin)
                 for n, i in enumerate(rows):
                     total = total - lp[n, rows_enc[i]["guide"][hop]].logsumexp(0) / len(rows)
         return total
@@ -376,7 +380,7 @@ def cmd_decoder(a: argparse.Namespace) -> None:
             g["lr"] = a.lr * min(1.0, (step + 1) / a.warmup) * (0.1 + 0.9 * cos)
         idx = [rng.randrange(len(meta)) for _ in range(a.bs)]
         rows_enc = [sample_row(j) for j in idx]
-        ids, lab = batchify([{k: r[k] for k in ("input_ids", "labels")} for r in rows_enc])
+        ids, lab = batchify(rows_enc)  # collate ignores the "guide" key
         emb = None if a.text_scene else model.mm_projector(feats[idx].float())
         logits = model(ids, image_embeds=emb)
         loss = lm_loss(logits, lab) / (lab[:, 1:] != -100).sum()
@@ -432,9 +436,9 @@ def main() -> None:
         "--guide",
         type=float,
         default=0.0,
-        help="weight of the look-up guide: head 0 of --guide-layers attends, at the position that"
-        " predicts the answer, to the question's attribute words (hop 1), then to the image"
-        " tokens of the named shape(s) (hop 2)",
+        help="weight of the look-up guide: at the position that predicts the answer, head 0 of"
+        " the first --guide-layers layer attends to the question's attribute words (hop 1), heads"
+        " --guide-heads of the second to the image tokens of the named shape(s) (hop 2)",
     )
     d.add_argument("--guide-layers", type=int, nargs=2, default=[0, 1])
     d.add_argument("--guide-heads", type=int, nargs="+", default=[0], help="heads guided in hop 2")
