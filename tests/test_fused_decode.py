@@ -10,15 +10,16 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, randomize
 from conftest import random_pixels as pixels
 from conftest import random_prompt as prompt
 
 from fastvlm import kernels
+from fastvlm.config import TextConfig
 from fastvlm.engine.engine import Engine
 from fastvlm.engine.kv_cache import SlotKVCache
 from fastvlm.engine.sampling import SamplingParams
-from fastvlm.model.qwen2 import rope_cos_sin
+from fastvlm.model.qwen2 import Qwen2Model, rope_cos_sin
 from fastvlm.quant import quantize_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="fastvlm.kernels unavailable")
@@ -83,6 +84,42 @@ def test_one_step_matches_torch_path(quant, act_quant):
     for a, b in zip((*cache.k, *cache.v), (*ref_cache.k, *ref_cache.v), strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)  # same K/V written, nowhere else
         assert torch.equal(a[0], b[0])  # slot 0 is outside the window: untouched
+
+
+@pytest.mark.parametrize("head_dim", [16, 12])
+@pytest.mark.parametrize("position", [0, 5, 20, 31])
+def test_single_row_step_matches_torch_path(head_dim, position):
+    """One decode row (M = 1) takes the fused layer's own fp32 paths: q/k/v in one parallel
+    region, gate/up + SiLU in one, and (head_dim % 8 == 0) attention 8 keys at a time with the
+    vectorised exp; head_dim 12 takes the scalar fallback. Attended lengths 1, 6, 21 and 32 cover
+    fewer keys than one 8-key block, a partial last block and whole blocks."""
+    heads, kvh = 4, 2
+    cfg = TextConfig(
+        vocab_size=64, hidden_size=64,
+        intermediate_size=136, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kvh, head_dim=head_dim, max_position_embeddings=512,
+        rope_theta=1e6,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = randomize(Qwen2Model(cfg), seed=5).eval()
+    kernels.use_fast_linears(lm)
+    g = torch.Generator().manual_seed(1)
+    cache = SlotKVCache(cfg.num_hidden_layers, 2, 40, kvh, head_dim, torch.float32, "cpu")
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    ref_cache = copy.deepcopy(cache)
+    x = torch.randn(1, cfg.hidden_size, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # 3 static row ranges: boundaries fall inside q, k, gate and up
+    try:
+        got = one_step(lm, cache, x, 1, [position], [position], fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    want = one_step(lm, ref_cache, x, 1, [position], [position], fused=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.abs().mean() > 0.1
+    for a, b in zip((*cache.k, *cache.v), (*ref_cache.k, *ref_cache.v), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("quant", QUANTS)

@@ -20,6 +20,9 @@
  */
 #ifndef FVK_I4Q_BODY /* the whole file, except the act_q int4 tiles at the end */
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,6 +45,41 @@ INL float hsum(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* e^x for 8 floats: Cody-Waite range reduction and Cephes' degree-6 polynomial (~1 ulp over
+ * the clamped range).  Inputs are clamped to [-87, 88.37]: below, e^x returns ~1.6e-38 where
+ * expf gives a denormal or 0 (both vanish next to the softmax's max term, or in SiLU's x * e^x);
+ * above, ~2.4e38 instead of inf (SiLU: x / (1 + e^-x) is then -0, as with inf).  Used by the
+ * fused decode's softmax and SiLU, which had run scalar expf: 0.38 ms + part of 0.72 ms per token
+ * on the 0.5B shape. */
+INL __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* g[i] = silu(g[i]) * u[i] = g / (1 + e^-g) * u, i in [0, n) */
+static void silu_mul(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(g + i);
+        __m256 d = _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), v)));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(v, d), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 /* AVX-512 (F, BW, VNNI) paths, picked at run time where the CPU has them (fvk_set_isa). */
@@ -133,13 +171,17 @@ static void f32_block(const float *x, const float *w, const float *bias, float *
     }
 }
 
-/* M = 1 (single-stream decode): one weight row at a time, four accumulators, and a software
- * prefetch FVK_PF1 bytes ahead of the row stream; dynamic chunks of up to 256 rows, so each
- * thread mostly streams one contiguous range.  Measured on the 2-core Zen 5 VM (545 MB and
- * 40 x 17 MB matrices, 2 threads, interleaved): 4-row tiles without prefetch 43-47 GB/s, this
- * 48-70 GB/s (the machine's bandwidth itself varies run to run). */
+/* M = 1 (single-stream decode): one weight row at a time, four accumulators; the rows split
+ * statically, so each thread streams ONE contiguous range (N / nt rows) the hardware prefetcher
+ * follows from start to end.  Measured on the 2-core Zen 5 VM (40 x 17 MB matrices, 2 threads;
+ * variants interleaved with a 512 MB torch.sum probe, 900 rounds over four runs, median ratio
+ * to the probe in the VM's ~50 GB/s and ~80 GB/s phases): dynamic 256-row chunks with a 2 KB
+ * software prefetch (the previous version) 0.96-0.97 / 0.86-0.88; static with that prefetch
+ * 0.96-0.99 / 0.91-0.93; static without it 0.96-0.98 / 0.93-0.95 (this); static with a 3-4 KB
+ * prefetch 0.95-0.96 / 0.94-0.96.  A second process spinning on one core slows all variants
+ * alike (~28 GB/s).  FVK_PF1 (bytes, 0: off) keeps the software prefetch as a build option. */
 #ifndef FVK_PF1
-#define FVK_PF1 2048
+#define FVK_PF1 0
 #endif
 INL float f32_row(const float *x, const float *r, int64_t K) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -163,8 +205,7 @@ INL float f32_row(const float *x, const float *r, int64_t K) {
 
 static void f32_gemv1(const float *x, const float *w, const float *bias, float *y, int64_t N,
                       int64_t K, int nt) {
-    const int64_t chunk = row_chunk(N, nt);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (nt > 1)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int64_t n = 0; n < N; n++) y[n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
 }
 
@@ -796,7 +837,13 @@ int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const f
  * position -> attention over cache positions [0, lim[m]] (GQA, fp32 softmax) -> o_proj ->
  * residual -> RMSNorm -> gate/up -> SiLU * up -> down -> residual.  The projections are the
  * GEMV kernels above (fp32 / int8 / int4, per linear).  What this saves is not bandwidth but
- * the ~40 framework ops per layer between the GEMVs (~10 ms per token on the 0.5B shape). */
+ * the ~40 framework ops per layer between the GEMVs (~10 ms per token on the 0.5B shape).
+ * For one fp32 row (single-stream decode) q/k/v run as one parallel region and gate/up + SiLU
+ * as another (f32_gemv1_cat, f32_gateup1): 5 regions per layer instead of 8.  Measured on the
+ * 0.5B shape (one plan call at ~300 positions against a 512 MB torch.sum probe, interleaved,
+ * 2 threads; ~50 / ~80 GB/s phases of the VM): dynamic-chunk GEMVs + scalar expf (before)
+ * 0.91 / 0.80 of the probe, static GEMVs 0.94-0.95 / 0.85-0.86, plus the fused regions and the
+ * vectorised SiLU / softmax 0.96-0.98 / 0.90-0.92. */
 typedef struct {
     int32_t kind; /* 0 fp32 (N, K); 1 int8 (N, K) + scales (N,); 2 int4 nibbles + scales, zb */
     int32_t act_q;
@@ -824,6 +871,59 @@ static int run_lin(const fvk_lin *L, const float *x, float *y, int64_t M, int nt
                              L->k, L->g, nt, L->act_q);
     }
     return -1;
+}
+
+/* This thread's share [*a, *b) of `rows`, split statically into contiguous ranges (called
+ * inside a parallel region; the whole range without OpenMP). */
+INL void thread_range(int64_t rows, int64_t *a, int64_t *b) {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int64_t t = 0, T = 1;
+#endif
+    *a = rows * t / T;
+    *b = rows * (t + 1) / T;
+}
+
+/* One decode row (M = 1) through fp32 q, k and v in ONE parallel region: their rows split
+ * statically as if the three matrices were concatenated, so each thread streams one contiguous
+ * range (the k/v matrices of the 0.5B shape are 0.46 MB: alone, each is mostly fork/join and
+ * prefetcher ramp-up). */
+static void f32_gemv1_cat(const float *x, const fvk_lin *const *L, float *const *y, int nl,
+                          int nt) {
+    int64_t tot = 0;
+    for (int i = 0; i < nl; i++) tot += L[i]->n;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t a, b, off = 0;
+        thread_range(tot, &a, &b);
+        for (int i = 0; i < nl; off += L[i]->n, i++) {
+            const int64_t n0 = a > off ? a - off : 0, n1 = b - off < L[i]->n ? b - off : L[i]->n;
+            const float *w = (const float *)L[i]->w, *bias = L[i]->bias;
+            const int64_t K = L[i]->k;
+            for (int64_t n = n0; n < n1; n++)
+                y[i][n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
+        }
+    }
+}
+
+/* One decode row through fp32 gate and up, then g = silu(g) * u, in ONE parallel region: each
+ * thread takes a contiguous range of the intermediate rows in both matrices (two streams) and
+ * applies SiLU to its own rows, so no second region and no separate SiLU pass. */
+static void f32_gateup1(const float *x, const fvk_lin *G, const fvk_lin *U, float *g, float *u,
+                        int nt) {
+    const int64_t K = G->k;
+    const float *wg = (const float *)G->w, *wu = (const float *)U->w;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t a, b;
+        thread_range(G->n, &a, &b);
+        for (int64_t n = a; n < b; n++) {
+            g[n] = f32_row(x, wg + n * K, K) + (G->bias ? G->bias[n] : 0.0f);
+            u[n] = f32_row(x, wu + n * K, K) + (U->bias ? U->bias[n] : 0.0f);
+        }
+        silu_mul(g + a, u + a, b - a);
+    }
 }
 
 static void rmsnorm(const float *x, const float *w, float *y, int64_t M, int64_t H, float eps) {
@@ -862,30 +962,87 @@ INL float dot_hd(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* out (hd) = softmax(q . K[0..len) * scale) @ V[0..len); sc: len floats of scratch */
+/* q . K[i] for the 8 keys K[0..8) (rows of hd floats, hd % 8 == 0): eight accumulators, then
+ * one transposing reduction (hadd / permute) into the 8 lanes of the result. */
+INL __m256 dot8(const float *q, const float *K, int64_t hd) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t d = 0; d < hd; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(K + d), qv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(K + hd + d), qv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 2 * hd + d), qv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 3 * hd + d), qv, a3);
+        a4 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 4 * hd + d), qv, a4);
+        a5 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 5 * hd + d), qv, a5);
+        a6 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 6 * hd + d), qv, a6);
+        a7 = _mm256_fmadd_ps(_mm256_loadu_ps(K + 7 * hd + d), qv, a7);
+    }
+    /* u0 = [a0..a3 over lanes 0-3 | a0..a3 over lanes 4-7], u1 likewise for a4..a7 */
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* out (hd) = softmax(q . K[0..len) * scale) @ V[0..len); sc: len floats of scratch.  For
+ * hd % 8 == 0 (every Qwen2 shape): scores 8 keys at a time (dot8), exp256, and the output one
+ * 8-float block at a time over all values (four accumulators, no store per key): ~2x faster than
+ * one key at a time (0.54 -> ~0.3 ms per token for the 0.5B shape at ~300 positions). */
 static void attend(const float *q, const float *K, const float *V, float *out, float *sc,
                    int64_t len, int64_t hd, float scale) {
     float mx = -INFINITY;
-    for (int64_t s = 0; s < len; s++) {
+    int64_t s = 0;
+    if (hd % 8 == 0) {
+        __m256 vmx = _mm256_set1_ps(-INFINITY);
+        const __m256 vs = _mm256_set1_ps(scale);
+        for (; s + 8 <= len; s += 8) {
+            const __m256 v = _mm256_mul_ps(dot8(q, K + s * hd, hd), vs);
+            _mm256_storeu_ps(sc + s, v);
+            vmx = _mm256_max_ps(vmx, v);
+        }
+        float m8[8];
+        _mm256_storeu_ps(m8, vmx);
+        for (int i = 0; i < 8; i++) mx = m8[i] > mx ? m8[i] : mx;
+    }
+    for (; s < len; s++) {
         sc[s] = dot_hd(q, K + s * hd, hd) * scale;
         if (sc[s] > mx) mx = sc[s];
     }
-    float tot = 0.0f;
-    for (int64_t s = 0; s < len; s++) {
-        sc[s] = expf(sc[s] - mx);
-        tot += sc[s];
+    int64_t i = 0;
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= len; i += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(mx)));
+        _mm256_storeu_ps(sc + i, e);
+        acc = _mm256_add_ps(acc, e);
     }
-    float inv = 1.0f / tot;
+    float tot = hsum(acc);
+    for (; i < len; i++) {
+        sc[i] = expf(sc[i] - mx);
+        tot += sc[i];
+    }
+    const float inv = 1.0f / tot;
+    if (hd % 8 == 0) {
+        for (int64_t d = 0; d < hd; d += 8) {
+            __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+            const float *vd = V + d;
+            int64_t t = 0;
+            for (; t + 4 <= len; t += 4) {
+                o0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[t]), _mm256_loadu_ps(vd + t * hd), o0);
+                o1 = _mm256_fmadd_ps(_mm256_set1_ps(sc[t + 1]), _mm256_loadu_ps(vd + (t + 1) * hd), o1);
+                o2 = _mm256_fmadd_ps(_mm256_set1_ps(sc[t + 2]), _mm256_loadu_ps(vd + (t + 2) * hd), o2);
+                o3 = _mm256_fmadd_ps(_mm256_set1_ps(sc[t + 3]), _mm256_loadu_ps(vd + (t + 3) * hd), o3);
+            }
+            for (; t < len; t++)
+                o0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[t]), _mm256_loadu_ps(vd + t * hd), o0);
+            const __m256 o = _mm256_add_ps(_mm256_add_ps(o0, o1), _mm256_add_ps(o2, o3));
+            _mm256_storeu_ps(out + d, _mm256_mul_ps(o, _mm256_set1_ps(inv)));
+        }
+        return;
+    }
     for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
-    for (int64_t s = 0; s < len; s++) {
-        float p = sc[s] * inv;
-        const float *vr = V + s * hd;
-        int64_t d = 0;
-        __m256 pv = _mm256_set1_ps(p);
-        for (; d + 8 <= hd; d += 8)
-            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vr + d),
-                                                      _mm256_loadu_ps(out + d)));
-        for (; d < hd; d++) out[d] += p * vr[d];
+    for (int64_t t = 0; t < len; t++) {
+        const float p = sc[t] * inv;
+        const float *vr = V + t * hd;
+        for (int64_t d = 0; d < hd; d++) out[d] += p * vr[d];
     }
 }
 
@@ -914,9 +1071,15 @@ int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, 
     for (int l = 0; l < nl; l++) {
         const fvk_layer *L = layers + l;
         rmsnorm(x, L->ln1, xn, M, H, eps);
-        if ((rc = run_lin(&L->q, xn, q, M, nt)) || (rc = run_lin(&L->k, xn, kk, M, nt)) ||
-            (rc = run_lin(&L->v, xn, vv, M, nt)))
+        if (M == 1 && !L->q.kind && !L->k.kind && !L->v.kind && L->q.k == H && L->k.k == H &&
+            L->v.k == H) {
+            const fvk_lin *qkv[3] = {&L->q, &L->k, &L->v};
+            float *out[3] = {q, kk, vv};
+            f32_gemv1_cat(xn, qkv, out, 3, nt);
+        } else if ((rc = run_lin(&L->q, xn, q, M, nt)) || (rc = run_lin(&L->k, xn, kk, M, nt)) ||
+                   (rc = run_lin(&L->v, xn, vv, M, nt))) {
             return rc;
+        }
         for (int64_t m = 0; m < M; m++) {
             rope(q + m * heads * hd, cs + m * hd, sn + m * hd, heads, hd);
             rope(kk + m * kvh * hd, cs + m * hd, sn + m * hd, kvh, hd);
@@ -938,9 +1101,14 @@ int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, 
         if ((rc = run_lin(&L->o, att, t, M, nt))) return rc;
         for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
         rmsnorm(x, L->ln2, xn, M, H, eps);
-        if ((rc = run_lin(&L->gate, xn, gg, M, nt)) || (rc = run_lin(&L->up, xn, uu, M, nt)))
-            return rc;
-        for (int64_t i = 0; i < M * inter; i++) gg[i] = gg[i] / (1.0f + expf(-gg[i])) * uu[i];
+        if (M == 1 && !L->gate.kind && !L->up.kind && L->gate.n == inter && L->up.n == inter &&
+            L->gate.k == H && L->up.k == H) {
+            f32_gateup1(xn, &L->gate, &L->up, gg, uu, nt);
+        } else {
+            if ((rc = run_lin(&L->gate, xn, gg, M, nt)) || (rc = run_lin(&L->up, xn, uu, M, nt)))
+                return rc;
+            silu_mul(gg, uu, M * inter);
+        }
         if ((rc = run_lin(&L->down, gg, t, M, nt))) return rc;
         for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
     }
