@@ -269,3 +269,30 @@ def test_channels_last_vision_tower_matches_contiguous():
         )
         got = model.encode_images(px)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_batched_vision_matches_one_image_at_a_time():
+    """On CPU a batch runs its high-resolution stages one image at a time and the low-resolution
+    tail (from the first attention stage's PatchEmbed on) batched: same features as encoding each
+    image alone, and the split sits right before that stage's downsampling."""
+    from conftest import make_tiny_model
+
+    from fastvlm.model.fastvithd import AttentionBlock, PatchEmbed
+
+    tower = make_tiny_model(seed=4).vision_tower.eval()
+    split = tower._tail_start()
+    assert isinstance(tower.network[split], PatchEmbed)
+    first_attn = next(
+        i for i, m in enumerate(tower.network)
+        if isinstance(m, torch.nn.Sequential) and isinstance(m[0], AttentionBlock)
+    )  # fmt: skip
+    assert split < first_attn and all(
+        not isinstance(m, torch.nn.Sequential) for m in tower.network[split:first_attn]
+    )
+    px = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        batched = tower(px)
+        alone = torch.cat([tower(px[i : i + 1]) for i in range(3)])
+    assert batched.shape == alone.shape
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    assert batched.abs().mean() > 0.01

@@ -388,9 +388,14 @@ class FastViTHD(nn.Module):
         d = cfg.embed_dims[-1]
         self.conv_exp = MobileOneBlock(d, cfg.hidden_size, 3, 1, d, im, use_se=True)
 
-    # On CPU a batch of images runs as micro-batches: one 1024² image already keeps every conv
-    # GEMM-bound, and a batch-8 forward's multi-GB activations only add cache/TLB misses
-    # (measured: 0.209 images/s at batch 8 vs 0.224 at batch 1, 2 threads, 0.5B tower).
+    # On CPU a batch of images runs as micro-batches through the high-resolution stages: one
+    # 1024² image already keeps every conv GEMM-bound (the 64² stage runs at ~90 % of the FMA
+    # peak of the 2-core dev box), and a batch-8 forward's multi-GB activations only add
+    # cache/TLB misses (measured: 0.209 images/s at batch 8 vs 0.224 at batch 1, 2 threads, 0.5B
+    # tower). From the first attention stage on (1/32 resolution, a few MB per image) the batch
+    # runs whole: its linears see B x more rows. Measured on the 0.5B tower at 1024², 8 images,
+    # 2 threads, 4 interleaved rounds: those stages 3.05 s one image at a time, 2.89 s batched
+    # (-5 %, ~1.4 % of the whole tower).
     cpu_microbatch = 1
 
     # On CPU, oneDNN's convolutions run ~20 % faster on NHWC (channels_last) tensors: 1.73 s →
@@ -407,17 +412,35 @@ class FastViTHD(nn.Module):
         mb = self.cpu_microbatch
         if pixel_values.is_cpu and not self.training and mb and pixel_values.shape[0] > mb:
             # each micro-batch converted to channels_last on its own (a cache-sized copy, not
-            # one copy of the whole batch up front)
-            return torch.cat([self._forward(c) for c in pixel_values.split(mb)])
-        return self._forward(pixel_values)
+            # one copy of the whole batch up front); the low-resolution tail batched
+            split = self._tail_start()
+            x = torch.cat([self._forward(c, 0, split) for c in pixel_values.split(mb)])
+            return self._forward(x, split, len(self.network), tail=True)
+        return self._forward(pixel_values, 0, len(self.network), tail=True)
 
-    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and pixel_values.dim() == 4:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        x = self.patch_embed(pixel_values)
-        for stage in self.network:
+    def _tail_start(self) -> int:
+        """Index in `network` where the first attention stage's resolution begins (its
+        PatchEmbed / RepCPE), or the end when every stage is a RepMixer."""
+        first = None
+        for i, m in enumerate(self.network):
+            if isinstance(m, nn.Sequential) and len(m) and isinstance(m[0], AttentionBlock):
+                first = i
+                break
+        if first is None:
+            return len(self.network)
+        while first > 0 and isinstance(self.network[first - 1], (PatchEmbed, RepCPE)):
+            first -= 1
+        return first
+
+    def _forward(self, x: torch.Tensor, start: int, stop: int, tail: bool = False) -> torch.Tensor:
+        """Stem (when start is 0), network[start:stop], conv_exp (with `tail`)."""
+        if start == 0:
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.patch_embed(x)
+        for stage in self.network[start:stop]:
             x = stage(x)
-        return self.conv_exp(x)  # (B, C_out, S/64, S/64)
+        return self.conv_exp(x) if tail else x  # (B, C_out, S/64, S/64)
 
     def reparameterize(self) -> None:
         """Fold every train-time branch into the fused inference form (exact up to fp rounding)."""
