@@ -86,6 +86,34 @@ def test_one_step_matches_torch_path(quant, act_quant):
         assert torch.equal(a[0], b[0])  # slot 0 is outside the window: untouched
 
 
+@pytest.mark.parametrize("quant", QUANTS)
+def test_step_from_token_ids_matches_torch_path(quant):
+    """`DecodePlan.step` (what the Engine calls): embedding rows, every layer with RoPE from the
+    plan's per-position tables, and the final norm in C, against embedding + the torch layers +
+    final norm; a token id outside the vocabulary is refused, not read out of bounds."""
+    model = tiny(quant)
+    for m in model.modules():
+        if hasattr(m, "act_quant"):
+            m.act_quant = False
+    lm, cfg = model.language_model, model.config.text
+    g = torch.Generator().manual_seed(2)
+    cache = SlotKVCache.for_model(model, slots=4, max_len=40)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    ref_cache = copy.deepcopy(cache)
+    tokens = torch.tensor([5, 17, cfg.vocab_size - 1])
+    positions, limits = [7, 30, 39], [7, 30, 0]
+    with torch.inference_mode():
+        plan = DecodePlan.build(lm, cache)
+        got = plan.step(tokens, 1, torch.tensor(positions), torch.tensor(limits))
+        x = lm.embed_tokens(tokens)
+    want = one_step(lm, ref_cache, x, 1, positions, limits, fused=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.abs().mean() > 0.1
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="unsupported shape"):
+        plan.step(torch.tensor([cfg.vocab_size]), 0, torch.tensor([3]), torch.tensor([3]))
+
+
 @pytest.mark.parametrize("head_dim", [16, 12])
 @pytest.mark.parametrize("position", [0, 5, 20, 31])
 def test_single_row_step_matches_torch_path(head_dim, position):

@@ -35,7 +35,6 @@ import torch
 from ..kernels import available as kernels_available
 from ..kernels.fused import DecodePlan
 from ..model.fastvlm import check_tokens_per_image
-from ..model.qwen2 import rope_cos_sin
 from .kv_cache import SlotKVCache
 from .request import _DONE, Key, RequestHandle, stream_text
 from .sampling import SamplingParams, make_generator, sample
@@ -524,14 +523,10 @@ class Engine:
                 self._plan = DecodePlan.current(self._plan, lm, self.cache)
                 self._plan_checked = True
             if self._plan is not None:
-                cfg = lm.config
-                x = lm.embed_tokens(tokens[:, 0]).contiguous()  # (B, D), a fresh tensor
-                pos = positions[:, 0].contiguous()
-                cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-                hd = cfg.head_dim
+                # embedding, layers and final norm in the one C call; (B, 1) -> (B,) are views
                 limits = mask.reshape(mask.shape[0], -1).sum(-1) - 1  # mask = arange(S) <= limit
-                x = self._plan(x, lo, pos, limits, cos.reshape(-1, hd), sin.reshape(-1, hd))
-                return self.model.lm_head(lm.norm(x))
+                x = self._plan.step(tokens.view(-1), lo, positions.view(-1), limits)
+                return self.model.lm_head(x)
         view = self.cache.window(lo, hi, mask.shape[-1])
         h = lm(lm.embed_tokens(tokens), positions, mask, view)  # (B, 1, D)
         return self.model.lm_head(h[:, -1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -67,6 +68,10 @@ def sample(
     if params.repetition_penalty != 1.0 and seen is not None and seen.numel():
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
+        if logits.device.type == "cpu" and not logits.requires_grad:
+            # numpy's SIMD argmax: ~7 us over a 152k vocabulary where torch's takes ~80 us (per
+            # decode step). Same answer: the first maximal index, a NaN counting as maximal.
+            return torch.from_numpy(np.argmax(logits.contiguous().numpy(), -1))
         return logits.argmax(-1)
     # Shift by the max and floor the temperature (1e-300 is 0 in float32): a tiny temperature
     # then makes a one-hot softmax instead of inf - inf = nan.

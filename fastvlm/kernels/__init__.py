@@ -85,7 +85,7 @@ from torch import nn
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]
-ABI_VERSION = 8
+ABI_VERSION = 9
 MAX_M = 8  # FastLinear uses the kernel up to this many rows (decode); larger M keeps MKL
 
 _lib: ctypes.CDLL | None = None
@@ -199,7 +199,7 @@ def _load() -> ctypes.CDLL | None:
     lib.fvk_decode_scratch.argtypes = [i64] * 7
     lib.fvk_decode_scratch.restype = i64
     f32 = ctypes.c_float
-    lib.fvk_decode.argtypes = [i32, p, p, *[i64] * 8, p, p, p, p, f32, p, i32]
+    lib.fvk_decode.argtypes = [i32, p, p, *[i64] * 8, p, p, p, p, i32, p, p, i64, p, f32, p, i32]
     lib.fvk_decode.restype = ctypes.c_int
     lib.fvk_set_isa.argtypes = [i32]
     lib.fvk_set_isa.restype = ctypes.c_int

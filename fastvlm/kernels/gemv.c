@@ -203,10 +203,36 @@ INL float f32_row(const float *x, const float *r, int64_t K) {
     return s;
 }
 
+/* This thread's share [*a, *b) of `rows`, split statically into contiguous ranges (called
+ * inside a parallel region; the whole range without OpenMP). */
+INL void thread_range(int64_t rows, int64_t *a, int64_t *b) {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+#else
+    const int64_t t = 0, T = 1;
+#endif
+    *a = rows * t / T;
+    *b = rows * (t + 1) / T;
+}
+
+/* y[n] = W[n] . x + bias[n] for rows n in [n0, n1) of one thread.  AVX2 even where the CPU
+ * has AVX-512: a 16-lane version of this loop measured 0.98 of the probe against 0.95 in the
+ * VM's ~80 GB/s phase but 0.90 against 0.97-0.98 in its ~50 GB/s phase (40 x 17 MB matrices,
+ * 2 threads, 150-200 interleaved rounds each); with an 8 KB L2 prefetch it was 0.96-0.97 in the
+ * slow phase (fast phase not measured).  So the AVX2 loop, the steadier of the two. */
+static void f32_rows(const float *x, const float *w, const float *bias, float *y, int64_t n0,
+                     int64_t n1, int64_t K) {
+    for (int64_t n = n0; n < n1; n++) y[n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
+}
+
 static void f32_gemv1(const float *x, const float *w, const float *bias, float *y, int64_t N,
                       int64_t K, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (int64_t n = 0; n < N; n++) y[n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int64_t a, b;
+        thread_range(N, &a, &b);
+        f32_rows(x, w, bias, y, a, b, K);
+    }
 }
 
 #if FVK_HAVE_512
@@ -842,7 +868,7 @@ int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const f
  * as another (f32_gemv1_cat, f32_gateup1): 5 regions per layer instead of 8.  Measured on the
  * 0.5B shape (one plan call at ~300 positions against a 512 MB torch.sum probe, interleaved,
  * 2 threads; ~50 / ~80 GB/s phases of the VM): dynamic-chunk GEMVs + scalar expf (before)
- * 0.91 / 0.80 of the probe, static GEMVs 0.94-0.95 / 0.85-0.86, plus the fused regions and the
+ * 0.91 / 0.80 of the probe, static GEMVs 0.92-0.95 / 0.85-0.86, plus the fused regions and the
  * vectorised SiLU / softmax 0.96-0.98 / 0.90-0.92. */
 typedef struct {
     int32_t kind; /* 0 fp32 (N, K); 1 int8 (N, K) + scales (N,); 2 int4 nibbles + scales, zb */
@@ -873,18 +899,6 @@ static int run_lin(const fvk_lin *L, const float *x, float *y, int64_t M, int nt
     return -1;
 }
 
-/* This thread's share [*a, *b) of `rows`, split statically into contiguous ranges (called
- * inside a parallel region; the whole range without OpenMP). */
-INL void thread_range(int64_t rows, int64_t *a, int64_t *b) {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-#else
-    const int64_t t = 0, T = 1;
-#endif
-    *a = rows * t / T;
-    *b = rows * (t + 1) / T;
-}
-
 /* One decode row (M = 1) through fp32 q, k and v in ONE parallel region: their rows split
  * statically as if the three matrices were concatenated, so each thread streams one contiguous
  * range (the k/v matrices of the 0.5B shape are 0.46 MB: alone, each is mostly fork/join and
@@ -899,17 +913,14 @@ static void f32_gemv1_cat(const float *x, const fvk_lin *const *L, float *const 
         thread_range(tot, &a, &b);
         for (int i = 0; i < nl; off += L[i]->n, i++) {
             const int64_t n0 = a > off ? a - off : 0, n1 = b - off < L[i]->n ? b - off : L[i]->n;
-            const float *w = (const float *)L[i]->w, *bias = L[i]->bias;
-            const int64_t K = L[i]->k;
-            for (int64_t n = n0; n < n1; n++)
-                y[i][n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
+            if (n0 < n1) f32_rows(x, (const float *)L[i]->w, L[i]->bias, y[i], n0, n1, L[i]->k);
         }
     }
 }
 
 /* One decode row through fp32 gate and up, then g = silu(g) * u, in ONE parallel region: each
- * thread takes a contiguous range of the intermediate rows in both matrices (two streams) and
- * applies SiLU to its own rows, so no second region and no separate SiLU pass. */
+ * thread takes the same contiguous range of intermediate rows in both matrices (gate's, then
+ * up's) and applies SiLU to its own rows, so no second region and no separate SiLU pass. */
 static void f32_gateup1(const float *x, const fvk_lin *G, const fvk_lin *U, float *g, float *u,
                         int nt) {
     const int64_t K = G->k;
@@ -918,10 +929,8 @@ static void f32_gateup1(const float *x, const fvk_lin *G, const fvk_lin *U, floa
     {
         int64_t a, b;
         thread_range(G->n, &a, &b);
-        for (int64_t n = a; n < b; n++) {
-            g[n] = f32_row(x, wg + n * K, K) + (G->bias ? G->bias[n] : 0.0f);
-            u[n] = f32_row(x, wu + n * K, K) + (U->bias ? U->bias[n] : 0.0f);
-        }
+        f32_rows(x, wg, G->bias, g, a, b, K);
+        f32_rows(x, wu, U->bias, u, a, b, K);
         silu_mul(g + a, u + a, b - a);
     }
 }
@@ -1047,9 +1056,13 @@ static void attend(const float *q, const float *K, const float *V, float *out, f
 }
 
 /* x (M, H): the residual stream of M decode rows (cache slots lo .. lo+M-1), updated in place
- * through all `nl` layers (the final norm and LM head stay with the caller).  pos[m]: where row
- * m's new K/V go; lim[m]: it attends cache positions 0..lim[m].  cs, sn (M, hd): RoPE tables.
- * scratch: at least fvk_decode_scratch(...) floats.  Returns 0, -1 (bad shape), -2 (OOM). */
+ * through all `nl` layers (the LM head stays with the caller).  pos[m]: where row m's new K/V
+ * go; lim[m]: it attends cache positions 0..lim[m].  cs, sn: RoPE cos / sin, (M, hd) rows per
+ * decode row, or with rope_table (max_len, hd) tables indexed by pos[m].  tok (nullable): fill
+ * x first with rows tok[m] of emb (vocab, H).  final_norm (nullable): apply the model's final
+ * RMSNorm to x at the end.  (Both save a torch op per step whose dispatch, with the caches cold
+ * after streaming the weights, cost 0.06 and 0.19 ms on the 0.5B shape.)  scratch: at least
+ * fvk_decode_scratch(...) floats.  Returns 0, -1 (bad shape or token id), -2 (OOM). */
 int64_t fvk_decode_scratch(int64_t M, int64_t H, int64_t heads, int64_t kvh, int64_t hd,
                            int64_t inter, int64_t max_len) {
     return M * (2 * H + 2 * heads * hd + 2 * kvh * hd + 2 * inter + heads * max_len) + 64;
@@ -1058,10 +1071,16 @@ int64_t fvk_decode_scratch(int64_t M, int64_t H, int64_t heads, int64_t kvh, int
 int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, int64_t heads,
                int64_t kvh, int64_t hd, int64_t inter, int64_t max_len, int64_t lo,
                const int64_t *pos, const int64_t *lim, const float *cs, const float *sn,
-               float eps, float *scratch, int nt) {
+               int rope_table, const int64_t *tok, const float *emb, int64_t vocab,
+               const float *final_norm, float eps, float *scratch, int nt) {
     if (heads % kvh || M < 1) return -1;
     for (int64_t m = 0; m < M; m++)
         if (pos[m] < 0 || pos[m] >= max_len || lim[m] < 0 || lim[m] >= max_len) return -1;
+    if (tok) { /* x = the tokens' embedding rows */
+        for (int64_t m = 0; m < M; m++)
+            if (tok[m] < 0 || tok[m] >= vocab) return -1;
+        for (int64_t m = 0; m < M; m++) memcpy(x + m * H, emb + tok[m] * H, H * sizeof(float));
+    }
     float *xn = scratch, *t = xn + M * H, *q = t + M * H, *att = q + M * heads * hd;
     float *kk = att + M * heads * hd, *vv = kk + M * kvh * hd, *gg = vv + M * kvh * hd;
     float *uu = gg + M * inter, *sc = uu + M * inter;
@@ -1081,8 +1100,9 @@ int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, 
             return rc;
         }
         for (int64_t m = 0; m < M; m++) {
-            rope(q + m * heads * hd, cs + m * hd, sn + m * hd, heads, hd);
-            rope(kk + m * kvh * hd, cs + m * hd, sn + m * hd, kvh, hd);
+            const int64_t r = (rope_table ? pos[m] : m) * hd; /* table row, or row m */
+            rope(q + m * heads * hd, cs + r, sn + r, heads, hd);
+            rope(kk + m * kvh * hd, cs + r, sn + r, kvh, hd);
             for (int64_t j = 0; j < kvh; j++) {
                 int64_t off = (lo + m) * slot + j * max_len * hd + pos[m] * hd;
                 memcpy(L->kc + off, kk + (m * kvh + j) * hd, hd * sizeof(float));
@@ -1112,10 +1132,14 @@ int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, 
         if ((rc = run_lin(&L->down, gg, t, M, nt))) return rc;
         for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
     }
+    if (final_norm) { /* the model's final RMSNorm, in place (row by row: xn is scratch) */
+        rmsnorm(x, final_norm, xn, M, H, eps);
+        memcpy(x, xn, M * H * sizeof(float));
+    }
     return 0;
 }
 
-int fvk_abi_version(void) { return 8; }
+int fvk_abi_version(void) { return 9; }
 
 #else /* FVK_I4Q_BODY: the act_q int4 tiles, included twice from above */
 /* G32: groups of 32 (two per chunk: scale vector [s_2c x4, s_2c+1 x4]); else G = 64 << gsh. */
