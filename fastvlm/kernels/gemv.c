@@ -148,26 +148,25 @@ INL int64_t row_chunk(int64_t rows, int nt) {
 /* AVX2: prefetch helps M >= 3 (+10-25% from DRAM), hurts M = 1. */
 F32_TILE_FN(f32_tile, INL, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum, 3)
 
-#define F32_CASE(MM, NB)                                                                      \
+/* Rows [n0, n1) of y (MM, N) = x @ W^T (+ bias) on the calling thread, NB weight rows a tile. */
+#define F32_RANGE(TILE, MM, NB)                                                               \
     case MM: {                                                                                \
-        int64_t nblk = N / NB;                                                                \
-        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, 16) if(nt > 1)")                          \
-        for (int64_t b = 0; b < nblk; b++) f32_tile(x, w, bias, y, b * NB, K, N, MM, NB);   \
-        for (int64_t n = nblk * NB; n < N; n++) f32_tile(x, w, bias, y, n, K, N, MM, 1);     \
+        int64_t n = n0;                                                                       \
+        for (; n + NB <= n1; n += NB) TILE(x, w, bias, y, n, K, N, MM, NB);                   \
+        for (; n < n1; n++) TILE(x, w, bias, y, n, K, N, MM, 1);                              \
         break;                                                                                \
     }
 
-static void f32_block(const float *x, const float *w, const float *bias, float *y, int64_t M,
-                      int64_t N, int64_t K, int nt) {
+static void f32_range2(const float *x, const float *w, const float *bias, float *y, int64_t M,
+                       int64_t N, int64_t K, int64_t n0, int64_t n1) {
     switch (M) {
-        F32_CASE(1, 4)
-        F32_CASE(2, 4)
-        F32_CASE(3, 2)
-        F32_CASE(4, 2)
-        F32_CASE(5, 1)
-        F32_CASE(6, 1)
-        F32_CASE(7, 1)
-        F32_CASE(8, 1)
+        F32_RANGE(f32_tile, 2, 4)
+        F32_RANGE(f32_tile, 3, 2)
+        F32_RANGE(f32_tile, 4, 2)
+        F32_RANGE(f32_tile, 5, 1)
+        F32_RANGE(f32_tile, 6, 1)
+        F32_RANGE(f32_tile, 7, 1)
+        F32_RANGE(f32_tile, 8, 1)
     }
 }
 
@@ -225,15 +224,6 @@ static void f32_rows(const float *x, const float *w, const float *bias, float *y
     for (int64_t n = n0; n < n1; n++) y[n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
 }
 
-static void f32_gemv1(const float *x, const float *w, const float *bias, float *y, int64_t N,
-                      int64_t K, int nt) {
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        int64_t a, b;
-        thread_range(N, &a, &b);
-        f32_rows(x, w, bias, y, a, b, K);
-    }
-}
 
 #if FVK_HAVE_512
 /* M = 2..8 with AVX-512: 16-lane tiles over one weight row (two for M = 7, 8: registers) and
@@ -243,48 +233,85 @@ static void f32_gemv1(const float *x, const float *w, const float *bias, float *
 F32_TILE_FN(f32_tile512, static inline __attribute__((always_inline, target("avx512f"))), __m512,
             16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, 1)
 
-#define F32_CASE512(MM, NB)                                                                   \
-    case MM: {                                                                                \
-        int64_t nblk = N / NB;                                                                \
-        const int64_t ch = row_chunk(nblk, nt);                                               \
-        _Pragma("omp parallel for num_threads(nt) schedule(dynamic, ch) if(nt > 1)")          \
-        for (int64_t b = 0; b < nblk; b++) f32_tile512(x, w, bias, y, b * NB, K, N, MM, NB); \
-        for (int64_t n = nblk * NB; n < N; n++) f32_tile512(x, w, bias, y, n, K, N, MM, 1);   \
-        break;                                                                                \
+/* MM rows of x against ONE weight row, two accumulators per x row (even / odd 16-float
+ * blocks): the one-accumulator tile's loop-carried FMA latency (4 cycles per 64 bytes of W per
+ * chain) had capped M = 2..6 at ~9 cycles per 64 bytes, i.e. ~50 GB/s on 2 cores: compute-bound
+ * below the memory speed of the VM's fast phase. */
+static inline __attribute__((always_inline, target("avx512f"))) void
+f32_tile512k2(const float *x, const float *w, const float *bias, float *y, int64_t n, int64_t K,
+              int64_t N, const int MM, const int NB) {
+    (void)NB; /* one weight row */
+    __m512 a0[MAXM], a1[MAXM];
+    _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    const float *wr = w + n * K;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512 w0 = _mm512_loadu_ps(wr + k), w1 = _mm512_loadu_ps(wr + k + 16);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {
+            a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), a0[m]);
+            a1[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), a1[m]);
+        }
     }
+    for (; k + 16 <= K; k += 16) {
+        const __m512 w0 = _mm512_loadu_ps(wr + k);
+        _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++)
+            a0[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), a0[m]);
+    }
+    _Pragma("GCC unroll 8") for (int m = 0; m < MM; m++) {
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[m], a1[m]));
+        for (int64_t t = k; t < K; t++) s += wr[t] * x[m * K + t];
+        y[m * N + n] = s + (bias ? bias[n] : 0.0f);
+    }
+}
 
-__attribute__((target("avx512f"))) static void f32_block512(const float *x, const float *w,
+__attribute__((target("avx512f"))) static void f32_range512(const float *x, const float *w,
                                                              const float *bias, float *y,
                                                              int64_t M, int64_t N, int64_t K,
-                                                             int nt) {
+                                                             int64_t n0, int64_t n1) {
     switch (M) {
-        F32_CASE512(2, 1)
-        F32_CASE512(3, 1)
-        F32_CASE512(4, 1)
-        F32_CASE512(5, 1)
-        F32_CASE512(6, 1)
-        F32_CASE512(7, 2)
-        F32_CASE512(8, 2)
+        F32_RANGE(f32_tile512k2, 2, 1)
+        F32_RANGE(f32_tile512k2, 3, 1)
+        F32_RANGE(f32_tile512k2, 4, 1)
+        F32_RANGE(f32_tile512k2, 5, 1)
+        F32_RANGE(f32_tile512k2, 6, 1)
+        F32_RANGE(f32_tile512, 7, 2)
+        F32_RANGE(f32_tile512, 8, 2)
     }
 }
 #endif
 
 /* y (M, N) = x (M, K) @ w (N, K)^T + bias; rows of x in blocks of 8. */
-void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
-                    int64_t N, int64_t K, int nt) {
+/* Rows [n0, n1) of y (M, N) = x (M, K) @ w (N, K)^T + bias, M = 1..8, on the calling thread. */
+static void f32_range(const float *x, const float *w, const float *bias, float *y, int64_t M,
+                      int64_t N, int64_t K, int64_t n0, int64_t n1) {
     if (M == 1) {
-        f32_gemv1(x, w, bias, y, N, K, nt);
+        f32_rows(x, w, bias, y, n0, n1, K);
         return;
     }
-    for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
-        int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
 #if FVK_HAVE_512
-        if (mm > 1 && use512()) {
-            f32_block512(x + m0 * K, w, bias, y + m0 * N, mm, N, K, nt);
-            continue;
-        }
+    if (use512()) {
+        f32_range512(x, w, bias, y, M, N, K, n0, n1);
+        return;
+    }
 #endif
-        f32_block(x + m0 * K, w, bias, y + m0 * N, mm, N, K, nt);
+    f32_range2(x, w, bias, y, M, N, K, n0, n1);
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T + bias; rows of x in blocks of 8, each block one parallel
+ * region whose threads take contiguous row ranges of w (as at M = 1: one stream per thread).
+ * At M = 4 on the 0.5B shape that made 4-stream decode ... (see fvk_decode). */
+void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
+                    int64_t N, int64_t K, int nt) {
+    for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
+        const int64_t mm = M - m0 < MAXM ? M - m0 : MAXM;
+        const float *xm = x + m0 * K;
+        float *ym = y + m0 * N;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            int64_t a, b;
+            thread_range(N, &a, &b);
+            f32_range(xm, w, bias, ym, mm, N, K, a, b);
+        }
     }
 }
 
@@ -864,8 +891,8 @@ int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const f
  * residual -> RMSNorm -> gate/up -> SiLU * up -> down -> residual.  The projections are the
  * GEMV kernels above (fp32 / int8 / int4, per linear).  What this saves is not bandwidth but
  * the ~40 framework ops per layer between the GEMVs (~10 ms per token on the 0.5B shape).
- * For one fp32 row (single-stream decode) q/k/v run as one parallel region and gate/up + SiLU
- * as another (f32_gemv1_cat, f32_gateup1): 5 regions per layer instead of 8.  Measured on the
+ * For up to 8 rows with fp32 projections q/k/v run as one parallel region and gate/up + SiLU as
+ * another (f32_cat, f32_gateup): 5 regions per layer instead of 8.  Measured on the
  * 0.5B shape (one plan call at ~300 positions against a 512 MB torch.sum probe, interleaved,
  * 2 threads; ~50 / ~80 GB/s phases of the VM): dynamic-chunk GEMVs + scalar expf (before)
  * 0.91 / 0.80 of the probe, static GEMVs 0.92-0.95 / 0.85-0.86, plus the fused regions and the
@@ -899,12 +926,12 @@ static int run_lin(const fvk_lin *L, const float *x, float *y, int64_t M, int nt
     return -1;
 }
 
-/* One decode row (M = 1) through fp32 q, k and v in ONE parallel region: their rows split
+/* M <= 8 decode rows (x: (M, K)) through fp32 q, k and v in ONE parallel region: their rows split
  * statically as if the three matrices were concatenated, so each thread streams one contiguous
  * range (the k/v matrices of the 0.5B shape are 0.46 MB: alone, each is mostly fork/join and
  * prefetcher ramp-up). */
-static void f32_gemv1_cat(const float *x, const fvk_lin *const *L, float *const *y, int nl,
-                          int nt) {
+static void f32_cat(const float *x, int64_t M, const fvk_lin *const *L, float *const *y, int nl,
+                    int nt) {
     int64_t tot = 0;
     for (int i = 0; i < nl; i++) tot += L[i]->n;
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -913,25 +940,26 @@ static void f32_gemv1_cat(const float *x, const fvk_lin *const *L, float *const 
         thread_range(tot, &a, &b);
         for (int i = 0; i < nl; off += L[i]->n, i++) {
             const int64_t n0 = a > off ? a - off : 0, n1 = b - off < L[i]->n ? b - off : L[i]->n;
-            if (n0 < n1) f32_rows(x, (const float *)L[i]->w, L[i]->bias, y[i], n0, n1, L[i]->k);
+            if (n0 < n1)
+                f32_range(x, (const float *)L[i]->w, L[i]->bias, y[i], M, L[i]->n, L[i]->k, n0, n1);
         }
     }
 }
 
-/* One decode row through fp32 gate and up, then g = silu(g) * u, in ONE parallel region: each
+/* M <= 8 decode rows through fp32 gate and up, then g = silu(g) * u, in ONE parallel region: each
  * thread takes the same contiguous range of intermediate rows in both matrices (gate's, then
  * up's) and applies SiLU to its own rows, so no second region and no separate SiLU pass. */
-static void f32_gateup1(const float *x, const fvk_lin *G, const fvk_lin *U, float *g, float *u,
-                        int nt) {
+static void f32_gateup(const float *x, int64_t M, const fvk_lin *G, const fvk_lin *U, float *g,
+                       float *u, int nt) {
     const int64_t K = G->k;
     const float *wg = (const float *)G->w, *wu = (const float *)U->w;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int64_t a, b;
         thread_range(G->n, &a, &b);
-        f32_rows(x, wg, G->bias, g, a, b, K);
-        f32_rows(x, wu, U->bias, u, a, b, K);
-        silu_mul(g + a, u + a, b - a);
+        f32_range(x, wg, G->bias, g, M, G->n, K, a, b);
+        f32_range(x, wu, U->bias, u, M, G->n, K, a, b);
+        for (int64_t m = 0; m < M; m++) silu_mul(g + m * G->n + a, u + m * G->n + a, b - a);
     }
 }
 
@@ -1090,11 +1118,11 @@ int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, 
     for (int l = 0; l < nl; l++) {
         const fvk_layer *L = layers + l;
         rmsnorm(x, L->ln1, xn, M, H, eps);
-        if (M == 1 && !L->q.kind && !L->k.kind && !L->v.kind && L->q.k == H && L->k.k == H &&
-            L->v.k == H) {
+        if (M <= MAXM && !L->q.kind && !L->k.kind && !L->v.kind && L->q.k == H &&
+            L->k.k == H && L->v.k == H) {
             const fvk_lin *qkv[3] = {&L->q, &L->k, &L->v};
             float *out[3] = {q, kk, vv};
-            f32_gemv1_cat(xn, qkv, out, 3, nt);
+            f32_cat(xn, M, qkv, out, 3, nt);
         } else if ((rc = run_lin(&L->q, xn, q, M, nt)) || (rc = run_lin(&L->k, xn, kk, M, nt)) ||
                    (rc = run_lin(&L->v, xn, vv, M, nt))) {
             return rc;
@@ -1121,9 +1149,9 @@ int fvk_decode(int nl, const fvk_layer *layers, float *x, int64_t M, int64_t H, 
         if ((rc = run_lin(&L->o, att, t, M, nt))) return rc;
         for (int64_t i = 0; i < M * H; i++) x[i] += t[i];
         rmsnorm(x, L->ln2, xn, M, H, eps);
-        if (M == 1 && !L->gate.kind && !L->up.kind && L->gate.n == inter && L->up.n == inter &&
-            L->gate.k == H && L->up.k == H) {
-            f32_gateup1(xn, &L->gate, &L->up, gg, uu, nt);
+        if (M <= MAXM && !L->gate.kind && !L->up.kind && L->gate.n == inter &&
+            L->up.n == inter && L->gate.k == H && L->up.k == H) {
+            f32_gateup(xn, M, &L->gate, &L->up, gg, uu, nt);
         } else {
             if ((rc = run_lin(&L->gate, xn, gg, M, nt)) || (rc = run_lin(&L->up, xn, uu, M, nt)))
                 return rc;
