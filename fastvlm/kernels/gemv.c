@@ -106,13 +106,6 @@ INL int use512(void) {
     return fvk_avx512 == 1;
 }
 
-/* Rows per dynamic OpenMP chunk for the one-row-at-a-time kernels: about 8 chunks per thread,
- * 16..256 rows, so each thread mostly streams one contiguous range of W. */
-INL int64_t row_chunk(int64_t rows, int nt) {
-    int64_t c = rows / ((int64_t)nt * 8);
-    return c < 16 ? 16 : c > 256 ? 256 : c;
-}
-
 /* ------------------------------------------------------------------ fp32 */
 /* One fp32 tile body for both ISAs: MM rows of x against NB consecutive weight rows starting at
  * row n, one vector of K per step.  Software prefetch FVK_PF bytes ahead from M >= PF_MIN_M. */
@@ -298,8 +291,8 @@ static void f32_range(const float *x, const float *w, const float *bias, float *
 }
 
 /* y (M, N) = x (M, K) @ w (N, K)^T + bias; rows of x in blocks of 8, each block one parallel
- * region whose threads take contiguous row ranges of w (as at M = 1: one stream per thread).
- * At M = 4 on the 0.5B shape that made 4-stream decode ... (see fvk_decode). */
+ * region whose threads take contiguous row ranges of w (as at M = 1: one stream per thread,
+ * which beat dynamic 256-row chunks by 5-8 % of the bandwidth in the VM's fast phase). */
 void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
                     int64_t N, int64_t K, int nt) {
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
@@ -462,14 +455,17 @@ INL void i8q_tile(const int16_t *xs, const float *dx, const int8_t *w, const flo
  * multiplied and summed into int32 in one instruction) — a third of the AVX2 tile's vector
  * instructions, which had made this path compute-bound at ~36 GB/s of int8 weights on 2 Zen 5
  * cores (above that, the weights stream at memory speed).  Same integer block sums as the AVX2
- * tile, so the same error bound; only the float accumulation order differs. */
+ * tile, so the same error bound; only the float accumulation order differs.  Rows split
+ * statically (one contiguous range per thread), as for fp32: the 0.5B shape's int8 layers
+ * (one fused decode step, interleaved with a torch.sum probe) went from 0.53 to 0.64 of the
+ * probe in the VM's fast phase and from 0.77 to 0.83 in its slow phase against dynamic
+ * 256-row chunks; the int4 ones (i4q_gemv1_512) from 0.62 to 0.73 (slow phase). */
 #if FVK_HAVE_512
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
 i8q_gemv1_512(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
               const float *bias, float *y, int64_t N, int64_t K, int nt) {
     const int64_t nb = K / 64;
-    const int64_t chunk = row_chunk(N, nt);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (nt > 1)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1) /* see f32_rows */
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wr = w + n * K;
         __m512 acc = _mm512_setzero_ps();
@@ -808,8 +804,7 @@ i4q_gemv1_512(const int8_t *xq, const float *dv, const float *sx, const uint8_t 
     const int64_t K2 = K / 2, ng = K / G, cpg = G / 64;
     const __m512i m4 = _mm512_set1_epi8(15);
     const __m512i sh = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
-    const int64_t chunk = row_chunk(N, nt);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (nt > 1)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1) /* see f32_rows */
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *wr = w + n * K2;
         __m512 acc = _mm512_setzero_ps();
