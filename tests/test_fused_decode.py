@@ -37,7 +37,14 @@ def tiny(quant: str | None, seed: int = 3):
     return m
 
 
-def one_step(lm, cache, x, lo, positions, limits, fused: bool):
+def noisy_caches(cache, g: torch.Generator):
+    """`cache` filled with seeded noise, and a deep copy of it for the reference path."""
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    return cache, copy.deepcopy(cache)
+
+
+def one_step(lm, cache, x, lo, positions, limits, fused: bool, threads: int | None = None):
     """Hidden states (after the final norm) of one decode step over slots lo.. of `cache`."""
     cfg = lm.config
     pos = torch.tensor(positions)
@@ -48,7 +55,13 @@ def one_step(lm, cache, x, lo, positions, limits, fused: bool):
             assert plan is not None
             cos, sin = rope_cos_sin(pos[:, None], cfg.head_dim, cfg.rope_theta, torch.float32)
             hd = cfg.head_dim
-            out = plan(x.clone(), lo, pos, lim, cos.reshape(-1, hd), sin.reshape(-1, hd))
+            before = torch.get_num_threads()
+            if threads:  # e.g. 3: static row ranges whose boundaries fall inside the matrices
+                torch.set_num_threads(threads)
+            try:
+                out = plan(x.clone(), lo, pos, lim, cos.reshape(-1, hd), sin.reshape(-1, hd))
+            finally:
+                torch.set_num_threads(before)
             return lm.norm(out)
         span = int(lim.max()) + 1
         mask = (torch.arange(span)[None] <= lim[:, None])[:, None, None]
@@ -68,18 +81,11 @@ def test_one_step_matches_torch_path(quant, act_quant):
     lm, cfg = model.language_model, model.config.text
     g = torch.Generator().manual_seed(0)
     cache = SlotKVCache.for_model(model, slots=4, max_len=40)
-    for t in (*cache.k, *cache.v):
-        t.copy_(torch.randn(t.shape, generator=g))
-    ref_cache = copy.deepcopy(cache)
+    cache, ref_cache = noisy_caches(cache, g)
     x = torch.randn(3, cfg.hidden_size, generator=g)
     # slots 1..3: rows at positions 7 and 30, and a hole (writes at 39, attends key 0 only)
     positions, limits = [7, 30, 39], [7, 30, 0]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # 3 static row ranges: boundaries fall inside the matrices
-    try:
-        got = one_step(lm, cache, x, 1, positions, limits, fused=True)
-    finally:
-        torch.set_num_threads(threads)
+    got = one_step(lm, cache, x, 1, positions, limits, fused=True, threads=3)
     want = one_step(lm, ref_cache, x, 1, positions, limits, fused=False)
     # With act_quant, x is rounded to int8 / int16 per call, so a 1e-7 difference upstream can
     # flip one rounding and move an output by ~d·|w| (~1e-3): a looser bound there.
@@ -103,9 +109,7 @@ def test_step_from_token_ids_matches_torch_path(quant):
     lm, cfg = model.language_model, model.config.text
     g = torch.Generator().manual_seed(2)
     cache = SlotKVCache.for_model(model, slots=4, max_len=40)
-    for t in (*cache.k, *cache.v):
-        t.copy_(torch.randn(t.shape, generator=g))
-    ref_cache = copy.deepcopy(cache)
+    cache, ref_cache = noisy_caches(cache, g)
     tokens = torch.tensor([5, 17, cfg.vocab_size - 1])
     positions, limits = [7, 30, 39], [7, 30, 0]
     with torch.inference_mode():
@@ -138,16 +142,9 @@ def test_single_row_step_matches_torch_path(head_dim, position):
     kernels.use_fast_linears(lm)
     g = torch.Generator().manual_seed(1)
     cache = SlotKVCache(cfg.num_hidden_layers, 2, 40, kvh, head_dim, torch.float32, "cpu")
-    for t in (*cache.k, *cache.v):
-        t.copy_(torch.randn(t.shape, generator=g))
-    ref_cache = copy.deepcopy(cache)
+    cache, ref_cache = noisy_caches(cache, g)
     x = torch.randn(1, cfg.hidden_size, generator=g)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)  # 3 static row ranges: boundaries fall inside q, k, gate and up
-    try:
-        got = one_step(lm, cache, x, 1, [position], [position], fused=True)
-    finally:
-        torch.set_num_threads(threads)
+    got = one_step(lm, cache, x, 1, [position], [position], fused=True, threads=3)
     want = one_step(lm, ref_cache, x, 1, [position], [position], fused=False)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert got.abs().mean() > 0.1
