@@ -296,3 +296,23 @@ def test_cpu_batched_vision_matches_one_image_at_a_time():
     assert batched.shape == alone.shape
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
     assert batched.abs().mean() > 0.01
+
+
+def test_cpu_batched_vision_when_every_stage_is_attention():
+    """Tail from network[0] (the first stage is already attention): the stem runs once per
+    image, then everything after it as one batch."""
+    import dataclasses
+
+    from conftest import randomize, tiny_config
+
+    from fastvlm.model.fastvithd import FastViTHD
+
+    cfg = dataclasses.replace(tiny_config().vision, token_mixers=("attention",) * 5, head_dim=8)
+    tower = randomize(FastViTHD(cfg), seed=1).eval()
+    assert tower._tail_start() == 0
+    px = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        batched = tower(px)
+        alone = torch.cat([tower(px[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    assert batched.abs().mean() > 0.01

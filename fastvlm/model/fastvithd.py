@@ -410,37 +410,34 @@ class FastViTHD(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         mb = self.cpu_microbatch
+        end = len(self.network)
         if pixel_values.is_cpu and not self.training and mb and pixel_values.shape[0] > mb:
             # each micro-batch converted to channels_last on its own (a cache-sized copy, not
             # one copy of the whole batch up front); the low-resolution tail batched
             split = self._tail_start()
-            x = torch.cat([self._forward(c, 0, split) for c in pixel_values.split(mb)])
-            return self._forward(x, split, len(self.network), tail=True)
-        return self._forward(pixel_values, 0, len(self.network), tail=True)
+            parts = [self._stages(self._stem(c), 0, split) for c in pixel_values.split(mb)]
+            return self.conv_exp(self._stages(torch.cat(parts), split, end))
+        return self.conv_exp(self._stages(self._stem(pixel_values), 0, end))  # (B, C, S/64, S/64)
 
     def _tail_start(self) -> int:
         """Index in `network` where the first attention stage's resolution begins (its
         PatchEmbed / RepCPE), or the end when every stage is a RepMixer."""
-        first = None
         for i, m in enumerate(self.network):
             if isinstance(m, nn.Sequential) and len(m) and isinstance(m[0], AttentionBlock):
-                first = i
-                break
-        if first is None:
-            return len(self.network)
-        while first > 0 and isinstance(self.network[first - 1], (PatchEmbed, RepCPE)):
-            first -= 1
-        return first
+                while i > 0 and isinstance(self.network[i - 1], (PatchEmbed, RepCPE)):
+                    i -= 1
+                return i
+        return len(self.network)
 
-    def _forward(self, x: torch.Tensor, start: int, stop: int, tail: bool = False) -> torch.Tensor:
-        """Stem (when start is 0), network[start:stop], conv_exp (with `tail`)."""
-        if start == 0:
-            if self.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = self.patch_embed(x)
+    def _stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and pixel_values.dim() == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.patch_embed(pixel_values)
+
+    def _stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         for stage in self.network[start:stop]:
             x = stage(x)
-        return self.conv_exp(x) if tail else x  # (B, C_out, S/64, S/64)
+        return x
 
     def reparameterize(self) -> None:
         """Fold every train-time branch into the fused inference form (exact up to fp rounding)."""
