@@ -119,6 +119,14 @@ class DecodePlan:
 
     def __init__(self, lm: nn.Module, cache, layers, keep: list, dims: tuple, eps: float) -> None:
         self.layers, self._keep, self.dims, self.eps = layers, keep, dims, eps
+        cfg, hd = lm.config, dims[3]
+        self._emb, self._fnorm = lm.embed_tokens.weight, lm.norm.weight  # for step()
+        # RoPE cos / sin of every cache position, from the model's own function (the same
+        # elementwise fp32 formula as per-step tables), looked up by position in C by step().
+        cos, sin = rope_cos_sin(
+            torch.arange(cache.max_len)[None], hd, cfg.rope_theta, torch.float32
+        )
+        self._rope = (cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous())
         self.n_layers, self.slots = len(layers), cache.k[0].shape[0]
         self._scratch = torch.empty(0)
         self._owner = (id(lm), id(cache))
@@ -203,16 +211,8 @@ class DecodePlan:
             return None
         if lm.norm.eps != cfg.rms_norm_eps:
             return None
-        keep.append((emb, fnorm))
         dims = (cfg.hidden_size, heads, kvh, hd, cfg.intermediate_size, cache.max_len)
-        plan = cls(lm, cache, layers, keep, dims, cfg.rms_norm_eps)
-        # RoPE cos / sin of every cache position, from the model's own function (the same
-        # elementwise fp32 formula as per-step tables), looked up by position in C.
-        positions = torch.arange(cache.max_len)[None]
-        cos, sin = rope_cos_sin(positions, hd, cfg.rope_theta, torch.float32)
-        plan._rope = (cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous())
-        plan._emb, plan._fnorm = emb, fnorm
-        return plan
+        return cls(lm, cache, layers, keep, dims, cfg.rms_norm_eps)
 
     @classmethod
     def current(cls, plan: DecodePlan | None, lm: nn.Module, cache) -> DecodePlan | None:
@@ -236,10 +236,10 @@ class DecodePlan:
     ) -> torch.Tensor:
         """The decoder layers over x (no final norm): the layer stack as the torch path runs it."""
         m, hd = x.shape[0], self.dims[3]
-        for t, dt in ((cos, torch.float32), (sin, torch.float32)):
-            if tuple(t.shape) != (m, hd) or t.dtype != dt or not t.is_contiguous():
-                raise ValueError(f"expected a contiguous {dt} tensor of shape {(m, hd)}")
-        return self._run(x, lo, positions, limits, cos, sin, 0, None, False)
+        for t in (cos, sin):
+            if tuple(t.shape) != (m, hd) or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"expected a contiguous torch.float32 tensor of shape {(m, hd)}")
+        return self._run(x, lo, positions, limits, cos, sin)
 
     def step(
         self, tokens: torch.Tensor, lo: int, positions: torch.Tensor, limits: torch.Tensor
@@ -253,9 +253,12 @@ class DecodePlan:
             raise ValueError(f"tokens must be a contiguous int64 tensor of shape ({m},)")
         x = torch.empty(m, self.dims[0], dtype=torch.float32)
         cos, sin = self._rope
-        return self._run(x, lo, positions, limits, cos, sin, 1, tokens, True)
+        return self._run(x, lo, positions, limits, cos, sin, tokens)
 
-    def _run(self, x, lo, positions, limits, cos, sin, table: int, tokens, final_norm: bool):
+    def _run(self, x, lo, positions, limits, cos, sin, tokens=None):
+        """The C call. With `tokens` (step): x is filled from the embedding, cos / sin are the
+        per-position tables and the final norm is applied; without, x and per-row cos / sin are
+        given and the layers alone run."""
         if torch.is_grad_enabled():
             raise RuntimeError("DecodePlan is inference-only: call it under torch.no_grad()")
         lib = _lib_or_raise()
@@ -272,13 +275,13 @@ class DecodePlan:
         need = lib.fvk_decode_scratch(m, h, heads, kvh, hd, inter, max_len)
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.float32)
-        emb = self._emb
+        emb, step = self._emb, tokens is not None
         rc = lib.fvk_decode(
             self.n_layers, ctypes.addressof(self.layers), x.data_ptr(), m, h, heads, kvh, hd,
             inter, max_len, lo, positions.data_ptr(), limits.data_ptr(), cos.data_ptr(),
-            sin.data_ptr(), table, None if tokens is None else tokens.data_ptr(),
-            emb.data_ptr(), emb.shape[0], self._fnorm.data_ptr() if final_norm else None,
-            self.eps, self._scratch.data_ptr(), torch.get_num_threads(),
+            sin.data_ptr(), int(step), tokens.data_ptr() if step else None, emb.data_ptr(),
+            emb.shape[0], self._fnorm.data_ptr() if step else None, self.eps,
+            self._scratch.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         _check_rc(rc, "fvk_decode")
         return x
