@@ -34,4 +34,11 @@ class TokenizerError(FastVLMError, RuntimeError):
 
 
 class VideoError(ImageError):
-    """A video could not be read (missing, corrupt, no video stream, too large, PyAV missing)."""
+    """A video could not be read (missing, corrupt, no video stream, too large, PyAV missing).
+
+    `kind` lets the server answer without repeating FFmpeg's words: "container" (not an accepted
+    container), "pixels" (frames over the pixel limit), "invalid" (anything else)."""
+
+    def __init__(self, message: str = "", kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -13,6 +13,12 @@ Design decisions:
   A video part `{"type": "video", "video": path}` becomes its sampled frames, each introduced by
   its timestamp ("Frame 1 (0.0 s): <image>"), so the model sees time order (fastvlm/video.py).
   `max_images` (frames included) bounds one request's vision work with a clear error.
+* Preprocessing is bounded by what it allocates, not by the image's pixel count: a 1 x 25 M
+  image is small, but padding it to a square makes a 25 M x 25 M canvas. `check_image_shape`
+  refuses a longest/shortest side ratio over `MAX_ASPECT_RATIO` and a padded square (or, for
+  resize + crop, a resized intermediate) over `MAX_PREPROCESS_PIXELS`, from the header, before
+  anything is decoded or allocated. Nothing is resized before padding: bicubic resampling of the
+  padded square is not the same as padding a resized image, and the reference pixels matter.
 """
 
 from __future__ import annotations
@@ -34,6 +40,12 @@ from .model.fastvlm import check_tokens_per_image
 
 IMAGE_MARKER = "<image>"
 DEFAULT_MAX_IMAGES = 64  # per request, video frames included
+# Beyond 1:20 the short side keeps under 1/20 of the model's input (51 of 1024 pixels) after
+# padding: the model sees a sliver, while the padded square costs ratio x the image's pixels.
+MAX_ASPECT_RATIO = 20.0
+# Largest buffer (pixels) preprocessing may allocate: PIL's own decompression-bomb threshold
+# (Image.MAX_IMAGE_PIXELS' default), so a padded square is held to what PIL allows a decoded image.
+MAX_PREPROCESS_PIXELS = 89_478_485
 ImageInput = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray | torch.Tensor
 
 
@@ -68,11 +80,57 @@ def load_image(src: ImageInput) -> Image.Image:
     return to_rgb(img)
 
 
+def preprocess_pixels(w: int, h: int, size: int | None = None, mode: str = "pad") -> int:
+    """Pixels of the largest buffer `preprocess_image` allocates for a w x h image: the padded
+    square ("pad"), or the shortest-edge resize and PIL's horizontal-pass intermediate (crop)."""
+    if mode == "pad" or size is None:
+        side = max(w, h)
+        return side * max(side, size or 0)
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return max(nw * nh, nw * h)
+
+
+def check_image_shape(
+    w: int,
+    h: int,
+    size: int | None = None,
+    mode: str = "pad",
+    *,
+    max_ratio: float = MAX_ASPECT_RATIO,
+    max_pixels: int | None = MAX_PREPROCESS_PIXELS,
+    what: str = "image",
+) -> None:
+    """Raise ImageError when preprocessing a w x h image would be absurd or too costly; cheap
+    (sizes only), so callers run it on the header before decoding. `max_pixels` None checks
+    only the shape (the cost depends on the model's mode and size)."""
+    if w < 1 or h < 1:
+        raise ImageError(f"{what}: {w}x{h} has no pixels")
+    ratio = max(w, h) / min(w, h)
+    if ratio > max_ratio:
+        raise ImageError(
+            f"{what}: {w}x{h} has an aspect ratio of 1:{ratio:.2f}; the limit is 1:{max_ratio:g} "
+            "(it is padded to a square, so it would cost the square's pixels and leave the model "
+            "a sliver): crop or split it into parts"
+        )
+    need = preprocess_pixels(w, h, size, mode)
+    if max_pixels is not None and need > max_pixels:
+        side = max(w, h)
+        what_buf = f"a {side}x{side} padded square" if mode == "pad" else "a resized copy"
+        raise ImageError(
+            f"{what}: {w}x{h} needs {what_buf} of {need} pixels to preprocess, more than "
+            f"the limit of {max_pixels}: downscale it first"
+        )
+
+
 def _open(fp: io.BytesIO, name: str) -> Image.Image:
     try:
         img = Image.open(fp)
+        # shape from the header, before decoding; the mode-specific cost: preprocess_image
+        check_image_shape(*img.size, max_pixels=None, what=name)
         img.load()  # decode now so truncation errors surface here
         return img
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused, too many pixels (decompression bomb guard): {e}") from e
     except UnidentifiedImageError as e:  # its message names a BytesIO object: not useful
@@ -153,6 +211,7 @@ def preprocess_image(
     std: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> torch.Tensor:
     """RGB PIL image → float32 (3, size, size)."""
+    check_image_shape(*img.size, size, mode)  # before the padded square / resize is allocated
     if mode == "pad":
         img = expand2square(img, tuple(int(m * 255) for m in mean))
         img = img.resize((size, size), Image.BICUBIC)

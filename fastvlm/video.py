@@ -13,11 +13,17 @@ Design decisions:
 * `watch` is the live-captioning loop: a reader thread cuts the stream into windows of `every`
   seconds; for a camera, a window that arrives while the model is still busy replaces the waiting
   one (captions stay current), while a file is captioned window by window, nothing dropped.
+* **Only allowlisted containers are demuxed**, and the demuxer is forced, never probed: FFmpeg's
+  probe would also pick concat / HLS / image-sequence "formats", which open other files or URLs
+  named inside the bytes (a local-file read when the bytes come from a client). The container
+  is sniffed from its magic bytes, opened with that demuxer only, with FFmpeg's protocols
+  restricted to the file itself (none at all for bytes), and checked again after opening.
 * PyAV is an optional extra (`pip install 'fastvlm[video]'`), imported only here.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import threading
@@ -36,6 +42,23 @@ VIDEO_EXTENSIONS = {
 MAX_VIDEO_BYTES = 2 << 30  # 2 GiB
 MAX_FRAME_PIXELS = 7680 * 4320  # 8K UHD
 MAX_DURATION_S = 4 * 3600.0
+# FFmpeg demuxers a video may be read with (anything else is refused before FFmpeg sees it).
+CONTAINERS = {
+    "mov": "mp4/mov/m4v/3gp",
+    "matroska": "mkv/webm",
+    "avi": "avi",
+    "gif": "gif",
+    "mpegts": "mpeg-ts",
+    "mpeg": "mpeg-ps",
+    "flv": "flv",
+    "asf": "wmv/asf",
+}
+CONTAINER_NAMES = ", ".join(CONTAINERS.values())
+# mov can follow "data references" to other files: off (the default), and said so explicitly.
+_DEMUXER_OPTIONS = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}}
+_ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+_ASF_GUID = bytes.fromhex("3026b2758e66cf11a6d900aa0062ce6c")
+_SNIFF_BYTES = 512
 
 
 @dataclass(slots=True)
@@ -63,34 +86,91 @@ def _av():
     return av
 
 
-def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):
-    """(container, video stream) for a path, a capture device or a file-like object."""
-    av = _av()
-    kw: dict[str, Any] = {}
-    name = str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__
+def sniff_container(head: bytes) -> str | None:
+    """The allowlisted demuxer (a `CONTAINERS` key) for a file starting with `head`, else None."""
+    if len(head) >= 8 and head[4:8] in _ISO_BOXES:
+        return "mov"
+    if head[:4] == b"\x1aE\xdf\xa3":
+        return "matroska"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:3] == b"FLV":
+        return "flv"
+    if head[:16] == _ASF_GUID:
+        return "asf"
+    if head[:4] == b"\x00\x00\x01\xba":
+        return "mpeg"
+    if len(head) > 376 and head[0] == head[188] == head[376] == 0x47:  # 188-byte TS packets
+        return "mpegts"
+    return None
+
+
+def _source(src: Any, max_bytes: int) -> tuple[Any, str]:
+    """A video source as (bytes | Path | "/dev/videoN" str, name for messages).
+    File-like objects are read (capped) into bytes, so every open starts from their start."""
     if isinstance(src, str) and src.isdigit():  # "0" → first camera
-        src = name = f"/dev/video{src}"
-    if isinstance(src, (str, os.PathLike)):
+        src = f"/dev/video{src}"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif hasattr(src, "read"):
+        data = src.read(max_bytes + 1)
+        if not isinstance(data, bytes):
+            raise VideoError(f"{type(src).__name__}: a file-like video must be opened in binary mode")
+    elif isinstance(src, (str, os.PathLike)):
         s = str(src)
         if s.startswith(("http://", "https://")):
             raise VideoError(f"{s[:80]}: URLs are not fetched by the library; download it first")
         if s.startswith("/dev/video"):
-            kw["format"] = "v4l2"
+            return s, s
         p = Path(s).expanduser()
         if not p.exists():
             raise VideoError(f"video not found: {p}")
-        if p.is_dir():
-            raise VideoError(f"{p} is a folder, not a video")
-        if p.is_file() and p.stat().st_size > max_bytes:
+        if not p.is_file():
+            raise VideoError(f"{p} is a folder or a device, not a video file")
+        if p.stat().st_size > max_bytes:
             raise VideoError(
                 f"{p}: {p.stat().st_size / 2**20:.0f} MiB is over the {max_bytes / 2**20:.0f} MiB "
                 "video limit; cut or re-encode it (e.g. ffmpeg -t 60) or raise max_bytes"
             )
-        src = str(p)
+        return p.resolve(), str(p)
+    else:
+        raise VideoError(f"unsupported video input of type {type(src).__name__}")
+    if len(data) > max_bytes:
+        raise VideoError(f"video bytes are over the {max_bytes} byte video limit")
+    return data, "video bytes"
+
+
+def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):
+    """(container, video stream, name) for a path, bytes or a capture device (see `_source`)."""
+    av = _av()
+    src, name = _source(src, max_bytes)
+    if isinstance(src, str):  # a capture device: the operator's own hardware, not client data
+        target, kw = src, {"format": "v4l2"}
+    else:
+        if isinstance(src, Path):
+            with open(src, "rb") as f:
+                head = f.read(_SNIFF_BYTES)
+            # "file:" makes FFmpeg read the name literally (no other protocol, no pattern)
+            target, protocols = f"file:{src}", "file"
+        else:
+            head, target, protocols = src[:_SNIFF_BYTES], io.BytesIO(src), "none"
+        demuxer = sniff_container(head)
+        if demuxer is None:
+            raise VideoError(
+                f"{name}: not an accepted video container (accepted: {CONTAINER_NAMES})",
+                kind="container",
+            )
+        opts = {"protocol_whitelist": protocols, **_DEMUXER_OPTIONS.get(demuxer, {})}
+        kw = {"format": demuxer, "container_options": opts}
     try:
-        container = av.open(src, **kw)
+        container = av.open(target, **kw)
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{name}: not a readable video ({e})") from e
+    if "format" in kw and not CONTAINERS.keys() & set(container.format.name.split(",")):
+        container.close()  # defence in depth: whatever was opened must be allowlisted
+        raise VideoError(f"{name}: opened as {container.format.name!r}", kind="container")
     if not container.streams.video:
         container.close()
         raise VideoError(f"{name}: has no video stream")
@@ -150,6 +230,8 @@ def read_frames(
 ) -> list[Frame]:
     """Decode the sampled frames of a video file, in time order (see `sample_indices`)."""
     av = _av()
+    if hasattr(src, "read"):  # read once: the file is opened twice below
+        src = _source(src, max_bytes)[0]
     times = frame_times(src, max_bytes)
     want = sample_indices(times, fps, max_frames)
     container, stream, name = _open(src, max_bytes)
@@ -163,7 +245,8 @@ def read_frames(
                 if frame.width * frame.height > max_pixels:
                     raise VideoError(
                         f"{name}: {frame.width}x{frame.height} frames are over the "
-                        f"{max_pixels} pixel limit"
+                        f"{max_pixels} pixel limit",
+                        kind="pixels",
                     )
                 t = (frame.pts - first) * tb if frame.pts is not None else times[i]
                 out.append(Frame(i, round(t, 3), frame.to_image()))

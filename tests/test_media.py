@@ -26,7 +26,7 @@ import pytest
 from conftest import guard_network
 from PIL import Image
 
-from fastvlm.server import media
+from fastvlm.server import fetch, media
 from fastvlm.server.media import MediaError, MediaPolicy
 
 
@@ -140,7 +140,7 @@ def _fake_dns(monkeypatch, table: dict[str, list[str]], calls: list[str] | None 
             for ip in table[host]
         ]
 
-    monkeypatch.setattr(media.socket, "getaddrinfo", gai)
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", gai)
 
 
 class _Connected(Exception):
@@ -152,7 +152,7 @@ def _fake_connect(monkeypatch, seen: list):
         seen.append((str(ip), port))
         raise _Connected(str(ip))
 
-    monkeypatch.setattr(media, "_connect", fake)
+    monkeypatch.setattr(fetch, "_connect", fake)
 
 
 @pytest.mark.parametrize(

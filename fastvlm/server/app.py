@@ -214,6 +214,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
         svc = state["service"]
         if svc is not None:  # uvicorn already waited for in-flight responses; stop the rest
             svc.cancel_all()
+            svc.media_pool.shutdown()
 
     app = FastAPI(
         title="fastvlm",
@@ -360,7 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-video-bytes", type=int, default=None, help="the same cap in bytes (overrides)"
     )
     p.add_argument(
-        "--fetch-timeout", type=float, default=10.0, help="image/video URL fetch timeout (s)"
+        "--fetch-timeout",
+        type=float,
+        default=10.0,
+        help="total seconds per image/video URL fetch (DNS, connect, headers, body, redirects)",
+    )
+    p.add_argument(
+        "--media-workers", type=int, default=8, help="threads that fetch and decode media"
     )
     p.add_argument(
         "--no-remote-media", action="store_true", help="refuse http(s) media URLs altogether"
@@ -410,6 +417,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
                 else int(a.max_video_mb * 1024 * 1024)
             ),
             fetch_timeout_s=a.fetch_timeout,
+            media_workers=a.media_workers,
             allowed_local_media_path=a.allowed_local_media_path,
             allowed_media_domains=list(a.allowed_media_domains),
             allow_remote=not a.no_remote_media,

@@ -42,6 +42,7 @@ from .media import (
     load_media_image,
     load_media_video,
 )
+from .mediapool import MediaPool
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -178,6 +179,7 @@ class ChatService:
         self.model_name = model_name
         self.limits = limits or ServeLimits()
         self.media = media or MediaPolicy()
+        self.media_pool = MediaPool(self.media)
         self.metrics = metrics or Metrics()
         if serialize is None:  # a FastVLM with a shared engine batches concurrent threads
             has_engine = hasattr(type(vlm), "engine") or "engine" in vars(vlm)
@@ -236,15 +238,19 @@ class ChatService:
             except MediaError as e:
                 raise _error_from(e) from e
 
+        # one deadline for all of this request's media, started now: queueing for a worker counts
+        deadline = time.monotonic() + self.media.fetch_timeout_s
+
         def load(part: dict, url: str):
             if part["type"] == "video":
-                return load_media_video(url, self.media, req.fps, max_frames)
-            return load_media_image(url, self.media)
+                return load_media_video(url, self.media, req.fps, max_frames, deadline)
+            return load_media_image(url, self.media, deadline)
 
-        loaded = await asyncio.gather(
-            *(asyncio.to_thread(load, p, u) for p, u in zip(parts, urls, strict=True)),
-            return_exceptions=True,
-        )
+        try:  # on the media pool: text-only requests never queue behind downloads
+            loaded = await self.media_pool.map(load, list(zip(parts, urls, strict=True)))
+        except MediaError as e:
+            retry = {"Retry-After": str(self.limits.retry_after_s)} if e.status == 429 else None
+            raise APIError(e.status, str(e), param="messages", code=e.code, headers=retry) from e
         for item in loaded:
             if isinstance(item, BaseException):
                 raise _error_from(item)
