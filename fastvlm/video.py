@@ -117,7 +117,9 @@ def _source(src: Any, max_bytes: int) -> tuple[Any, str]:
     elif hasattr(src, "read"):
         data = src.read(max_bytes + 1)
         if not isinstance(data, bytes):
-            raise VideoError(f"{type(src).__name__}: a file-like video must be opened in binary mode")
+            raise VideoError(
+                f"{type(src).__name__}: a file-like video must be opened in binary mode"
+            )
     elif isinstance(src, (str, os.PathLike)):
         s = str(src)
         if s.startswith(("http://", "https://")):

@@ -26,7 +26,7 @@ import socket
 import ssl
 import threading
 import time
-from urllib.parse import urlsplit, urljoin
+from urllib.parse import urljoin, urlsplit
 
 from .mediapolicy import MediaError, MediaPolicy, byte_limit, too_big
 
@@ -173,7 +173,6 @@ def resolve_checked(
                 code="media_url_refused",
             )
     return addrs
-
 
 
 # ---------------------------------------------------------------------- fetching

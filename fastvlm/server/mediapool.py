@@ -56,7 +56,7 @@ class MediaPool:
             except RuntimeError:  # shutting down: the unsubmitted jobs leave the count
                 with self._lock:
                     self.pending -= len(jobs) - i
-                raise MediaError("server is shutting down", status=503, code="shutting_down")
+                raise MediaError("server is shutting down", 503, "shutting_down") from None
             cf.add_done_callback(self._release)  # also when a cancelled client's job ends
             futures.append(asyncio.wrap_future(cf))
         return await asyncio.gather(*futures, return_exceptions=True)
