@@ -373,3 +373,49 @@ def test_pad_then_resize_is_not_resize_then_pad():
     small = img.resize((13, 64), Image.BICUBIC)
     alt = np.asarray(expand2square(small, (0, 0, 0)).resize((64, 64), Image.BICUBIC), np.int16)
     assert np.abs(ref - alt).max() > 8
+
+
+# ---------------------------------------------------------------------- over HTTP
+@pytest.fixture(scope="module")
+def client():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    import fastvlm
+    from fastvlm.server.app import ServerConfig, create_app
+
+    with TestClient(create_app(ServerConfig(), vlm=fastvlm.load(None))) as c:
+        yield c
+
+
+def _chat(client, part: dict):
+    body = {
+        "model": "fastvlm-tiny",
+        "max_tokens": 2,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}],
+    }
+    return client.post("/v1/chat/completions", json=body)
+
+
+@needs_av
+def test_http_hostile_videos_are_400_and_real_ones_200(client, secret_dir):
+    for name, data in hostile_videos(secret_dir).items():
+        r = _chat(client, {"type": "video_url", "video_url": {"url": data_url(data, "video/mp4")}})
+        assert r.status_code == 400, (name, r.status_code, r.text[:200])
+        assert r.json()["error"]["code"] == "invalid_video" and "secret" not in r.text, name
+    clip = write_clip(secret_dir / "ok.mkv", fmt="matroska")
+    r = _chat(client, {"type": "video_url", "video_url": {"url": data_url(clip, "video/x-mkv")}})
+    assert r.status_code == 200, r.text[:300]
+
+
+def test_http_thin_and_padded_images_are_400_not_500(client):
+    """The issue's 500: a real 1 x 25 M greyscale PNG is within the pixel cap."""
+    for png in (real_png((1, 25_000_000), "L"), header_png(10_000, 2_000, "RGB")):
+        r = _chat(client, {"type": "image_url", "image_url": {"url": data_url(png, "image/png")}})
+        assert r.status_code == 400, r.text[:300]
+        err = r.json()["error"]
+        assert err["code"] == "invalid_image" and (
+            "aspect ratio" in err["message"] or "padded" in err["message"]
+        )
