@@ -122,9 +122,11 @@ def chunked_trickle(srv, conn, path):
 
 
 def redirect_chain(srv, conn, path):
-    """Each hop takes ~0.6 s (under any per-read timeout) and redirects to the next one."""
+    """Each hop takes ~1.4 s, under the timeout (no single read or hop is slow enough to be
+    cut off), and redirects to the next one: only a deadline over all hops ends it."""
     n = int(path.strip("/") or 0)
-    srv.trickle(conn, f"HTTP/1.1 302 Found\r\nLocation: /{n + 1}\r\n".encode(), 0.6 / 30)
+    line = f"HTTP/1.1 302 Found\r\nLocation: /{n + 1}\r\n".encode()
+    srv.trickle(conn, line, 1.4 / len(line))
     conn.sendall(b"Content-Length: 0\r\n\r\n")
 
 
@@ -287,7 +289,7 @@ def test_text_requests_do_not_wait_behind_slow_fetches(tiny_vlm):
     httpx = pytest.importorskip("httpx")
     n = min(32, (os.cpu_count() or 1) + 4) + 2
     trick = Trickler(slow_body)
-    srv = _live(tiny_vlm, policy(fetch_timeout_s=6.0, media_workers=n, max_queued_media=4 * n))
+    srv = _live(tiny_vlm, policy(fetch_timeout_s=6.0))  # default media pool: 8 threads, 64 jobs
     results: list = []
     try:
         httpx.post(srv.url + "/v1/chat/completions", json=_text_body(), timeout=60)  # warm
