@@ -240,6 +240,11 @@ def read_frames(
     tb, first, out = float(stream.time_base), None, []
     wanted = set(want)
     try:
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w * h > max_pixels:  # the header's size: refused before a frame buffer exists
+            raise VideoError(
+                f"{name}: {w}x{h} frames are over the {max_pixels} pixel limit", kind="pixels"
+            )
         for i, frame in enumerate(container.decode(stream)):
             if first is None:
                 first = frame.pts or 0

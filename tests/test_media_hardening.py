@@ -46,16 +46,17 @@ def data_url(data: bytes, mime: str) -> str:
 
 
 # ---------------------------------------------------------------------- 1. containers
-def write_clip(path, fmt=None, codec="mpeg4", level=None, n=6, size=32) -> bytes:
+def write_clip(path, fmt=None, codec="mpeg4", level=None, n=6, size=32, wh=None) -> bytes:
     import av
 
+    w, h = wh or (size, size)
     with av.open(str(path), "w", format=fmt) as c:
         s = c.add_stream(codec, rate=10)
-        s.width = s.height = size
+        s.width, s.height = w, h
         s.pix_fmt = "yuv420p"
         for i in range(n):
             v = level if level is not None else 30 + 10 * i
-            a = np.full((size, size, 3), v, np.uint8)
+            a = np.full((h, w, 3), v, np.uint8)
             for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
                 c.mux(p)
         for p in s.encode():
@@ -225,6 +226,28 @@ def test_real_videos_still_decode(tmp_path, fmt, codec, suffix):
     assert len(got) == 3 and all(f.image.size == (32, 32) for f in got)
     assert len(read_frames(data, max_frames=2)) == 2
     assert len(read_frames(path, max_frames=2)) == 2
+
+
+@needs_av
+@pytest.mark.parametrize("wh", [(16, 480), (480, 16), (2, 64)])
+def test_thin_video_frames_are_refused_like_images(tmp_path, wh):
+    data = write_clip(tmp_path / "thin.mkv", fmt="matroska", wh=wh)
+    with pytest.raises(MediaError) as e:
+        media.load_media_video(data_url(data, "video/x-mkv"), MediaPolicy())
+    assert e.value.status == 400 and e.value.code == "invalid_video"
+    assert "aspect ratio" in str(e.value)
+
+
+@needs_av
+def test_frame_size_is_checked_from_the_header_before_decoding(tmp_path):
+    from fastvlm.errors import VideoError
+    from fastvlm.video import read_frames
+
+    data = write_clip(tmp_path / "big.mkv", fmt="matroska", wh=(64, 48))
+    with pytest.raises(VideoError, match="pixel limit") as e:
+        read_frames(data, max_pixels=64 * 48 - 1)
+    assert e.value.kind == "pixels"
+    assert len(read_frames(data, max_pixels=64 * 48, max_frames=2)) == 2
 
 
 # ---------------------------------------------------------------------- 2. image shapes
