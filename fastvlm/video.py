@@ -148,6 +148,7 @@ def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):
     """(container, video stream, name) for a path, bytes or a capture device (see `_source`)."""
     av = _av()
     src, name = _source(src, max_bytes)
+    demuxer = None
     if isinstance(src, str):  # a capture device: the operator's own hardware, not client data
         target, kw = src, {"format": "v4l2"}
     else:
@@ -170,7 +171,7 @@ def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):
         container = av.open(target, **kw)
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{name}: not a readable video ({e})") from e
-    if "format" in kw and not CONTAINERS.keys() & set(container.format.name.split(",")):
+    if demuxer and not CONTAINERS.keys() & set(container.format.name.split(",")):
         container.close()  # defence in depth: whatever was opened must be allowlisted
         raise VideoError(f"{name}: opened as {container.format.name!r}", kind="container")
     if not container.streams.video:

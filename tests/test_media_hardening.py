@@ -442,3 +442,28 @@ def test_http_thin_and_padded_images_are_400_not_500(client):
         assert err["code"] == "invalid_image" and (
             "aspect ratio" in err["message"] or "padded" in err["message"]
         )
+
+
+@needs_av
+def test_capture_devices_still_open_with_v4l2(monkeypatch):
+    """The allowlist is for files and bytes; a camera index opens the v4l2 device as before."""
+    import types
+
+    import av
+
+    from fastvlm import video
+
+    seen = []
+    fake = types.SimpleNamespace(
+        format=types.SimpleNamespace(name="video4linux2,v4l2"),
+        streams=types.SimpleNamespace(video=["stream"]),
+        close=lambda: None,
+    )
+
+    def fake_open(target, **kw):
+        seen.append((target, kw))
+        return fake
+
+    monkeypatch.setattr(av, "open", fake_open)
+    assert video._open("0")[1] == "stream"
+    assert seen == [("/dev/video0", {"format": "v4l2"})]
