@@ -180,6 +180,15 @@ def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):
     return container, container.streams.video[0], name
 
 
+def _check_frame_size(stream, max_pixels: int, name: str) -> None:
+    """The stream header's frame size: refused before the decoder allocates a frame buffer."""
+    w, h = stream.codec_context.width, stream.codec_context.height
+    if w * h > max_pixels:
+        raise VideoError(
+            f"{name}: {w}x{h} frames are over the {max_pixels} pixel limit", kind="pixels"
+        )
+
+
 def frame_times(src: Any, max_bytes: int = MAX_VIDEO_BYTES) -> list[float]:
     """Presentation times (s, from the first frame) of every frame, from a demux-only pass."""
     av = _av()
@@ -241,11 +250,7 @@ def read_frames(
     tb, first, out = float(stream.time_base), None, []
     wanted = set(want)
     try:
-        w, h = stream.codec_context.width, stream.codec_context.height
-        if w * h > max_pixels:  # the header's size: refused before a frame buffer exists
-            raise VideoError(
-                f"{name}: {w}x{h} frames are over the {max_pixels} pixel limit", kind="pixels"
-            )
+        _check_frame_size(stream, max_pixels, name)
         for i, frame in enumerate(container.decode(stream)):
             if first is None:
                 first = frame.pts or 0
@@ -276,6 +281,7 @@ def iter_frames(src: Any, fps: float | None = None) -> Iterator[Frame]:
     tb = float(stream.time_base) if stream.time_base else 0.0
     first, next_t = None, 0.0
     try:
+        _check_frame_size(stream, MAX_FRAME_PIXELS, name)
         for i, frame in enumerate(container.decode(stream)):
             if frame.pts is None or not tb:
                 t = i / float(stream.average_rate or 30)
