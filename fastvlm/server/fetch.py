@@ -39,7 +39,12 @@ _DNS_SLOTS = threading.BoundedSemaphore(16)
 
 
 def timed_out(what: str) -> MediaError:
-    return MediaError(f"{what} download timed out", status=400, code="media_timeout")
+    return MediaError(
+        f"{what} download timed out: the whole fetch (DNS, connect, headers, body, redirects) "
+        "must finish within the server's --fetch-timeout",
+        status=400,
+        code="media_timeout",
+    )
 
 
 def time_left(deadline: float | None, what: str = "image") -> float | None:
