@@ -165,6 +165,29 @@ def test_every_phase_of_a_fetch_shares_one_deadline(name, what):
     assert e.value.status == 400 and e.value.code == "media_timeout", (e.value.code, str(e.value))
 
 
+def tls_trickle(srv, conn, path):
+    """A TLS handshake record header announcing 16 KiB, whose bytes then come one at a time."""
+    conn.sendall(b"\x16\x03\x03\x40\x00")
+    srv.trickle(conn, b"\0" * 16384, 0.1)
+
+
+@pytest.mark.parametrize("script", [silent, tls_trickle])
+def test_tls_handshake_is_bounded(script):
+    """https:// to a server that never completes a TLS handshake (silence, or one byte at a
+    time): the handshake gets only the time left."""
+    srv = Trickler(script)
+    srv._handle = lambda conn: script(srv, conn, "/")  # no HTTP request ever arrives
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(MediaError) as e:
+            media.load_media_image(f"https://127.0.0.1:{srv.port}/x.png", policy())
+        took = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert took < TIMEOUT + SLACK, took
+    assert e.value.status == 400
+
+
 def test_slow_connect_is_bounded():
     """A listener whose accept queue is full: the kernel drops our SYN, connect() hangs."""
     srv = socket.socket()
