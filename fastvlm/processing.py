@@ -109,8 +109,8 @@ def check_image_shape(
     if ratio > max_ratio:
         raise ImageError(
             f"{what}: {w}x{h} has an aspect ratio of 1:{ratio:.2f}; the limit is 1:{max_ratio:g} "
-            "(it is padded to a square, so it would cost the square's pixels and leave the model "
-            "a sliver): crop or split it into parts"
+            "(preprocessing pads it to a square or crops a square out of it: the cost follows "
+            "the longest side and the model would see a sliver or a fragment): crop or split it"
         )
     need = preprocess_pixels(w, h, size, mode)
     if max_pixels is not None and need > max_pixels:
