@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import FastVLMError
 
 FREEZE_PARTS = ("vision", "projector", "llm")
+DEFAULT_WARMUP = 50
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
 # flag attribute -> (lowest allowed, lowest is exclusive?, highest allowed or None, what it is)
@@ -67,7 +68,7 @@ def check_train_args(a: argparse.Namespace) -> None:
             rng = f"{'>' if lo_open else '>='} {lo:g}"
             rng += f" and < {hi:g}" if hi is not None else ""
             raise FastVLMError(f"{_flag(attr)} must be {rng} ({what}), got {v:g}")
-    if a.max_steps and a.warmup > a.max_steps:
+    if a.max_steps and a.warmup is not None and a.warmup > a.max_steps:
         raise FastVLMError(
             f"--warmup {a.warmup} is longer than the run (--max-steps {a.max_steps}): "
             "the learning rate would never reach --lr"
@@ -122,7 +123,10 @@ def check_model_config(cfg, model_arg: str | None) -> None:
 
 
 def check_schedule(a: argparse.Namespace, total: int) -> None:
-    """Checks that need the number of steps (known once the data is loaded)."""
+    """Checks that need the number of steps (known once the data is loaded); an unset --warmup
+    becomes DEFAULT_WARMUP steps, or a tenth of a shorter run (the lr must reach --lr)."""
+    if a.warmup is None:
+        a.warmup = min(DEFAULT_WARMUP, total // 10)
     if a.warmup > total:
         raise FastVLMError(
             f"--warmup {a.warmup} is longer than the run ({total} steps): lower --warmup or "

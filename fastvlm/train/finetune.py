@@ -582,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--grad-accum", type=int, default=1)
     o.add_argument("--lr", type=float, default=2e-5)
-    o.add_argument("--warmup", type=int, default=50)
+    o.add_argument("--warmup", type=int, default=None,
+                   help="linear warm-up steps (default 50, or a tenth of a shorter run)")
     o.add_argument("--weight-decay", type=float, default=0.0)
     o.add_argument(
         "--vision-lr-mult",
