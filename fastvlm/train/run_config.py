@@ -50,15 +50,29 @@ def _hash_files(paths: list[Path], h=None) -> str:
     return h.hexdigest()[:16]
 
 
+def _sampled(path: Path, h, blocks: int = 64, size: int = 1 << 16) -> None:
+    """Feed `h` the file's size and `blocks` evenly spaced chunks (all of a small file): any
+    retrained weights change them, and a multi-GB checkpoint is not read in full at start-up."""
+    n = path.stat().st_size
+    h.update(f"{path.name}:{n};".encode())
+    with open(path, "rb") as f:
+        if n <= blocks * size:
+            h.update(f.read())
+            return
+        for i in range(blocks):
+            f.seek((n - size) * i // (blocks - 1))
+            h.update(f.read(size))
+
+
 def model_fingerprint(a: argparse.Namespace, src: Path | None) -> str:
-    """config.json + names and sizes of the weight files (cheap for multi-GB models), or the
-    --init-config / --tokenizer / --init-vision file contents for a fresh model."""
+    """config.json + sampled weight files, or the --init-config / --tokenizer / --init-vision
+    file contents for a fresh model."""
     if src is None:
         files = [Path(p) for p in (a.init_config, a.tokenizer, a.init_vision) if p]
         return _hash_files(files)
     h = hashlib.sha256()
     for f in sorted(Path(src).glob("*.safetensors")) + sorted(Path(src).glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size};".encode())
+        _sampled(f, h)
     cfg = Path(src) / "config.json"
     return _hash_files([cfg] if cfg.exists() else [], h)
 
