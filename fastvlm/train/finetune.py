@@ -19,7 +19,9 @@ Design decisions:
   form of the vision tower when it was built so; never fused mid-run) or, with LoRA, only the
   adapter; plus the AdamW state of the trainable parameters (safetensors) and `trainer_state.json`.
   Dropout is re-seeded from (seed, step, rank) every step, so a resumed run repeats the
-  uninterrupted one.
+  uninterrupted one. Weights are saved in `--save-dtype` (auto = the source's, see
+  checkpoint.py); each checkpoint records the run's settings, and `--resume` refuses one made by
+  a different run (run_config.py). Flags are checked before anything is loaded (args.py).
 * `--vision-lr-mult` puts the vision tower + projector in AdamW groups of their own whose lr is
   the schedule's times the factor (a from-scratch image side learns slower than the LLM);
   `--shapes-max-count` restricts generated shapes scenes to at most k shapes (curriculum stages,
@@ -52,9 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FastVLMError
-from .data import IGNORE, VLMDataset, collate, load_records, shuffled
-from ..dtypes import SAVE_DTYPE_CHOICES, SAVE_DTYPE_HELP, resolve_save_dtype, size_summary
-from .args import FREEZE_PARTS, Parser, check_model_config, check_schedule, check_train_args
+from .data import IGNORE, VLMDataset, load_records
+from .loader import micro_batches
+from ..dtypes import resolve_save_dtype, size_summary
+from .args import build_parser, check_model_config, check_schedule, check_train_args
 from .card import write_train_card
 from .checkpoint import (
     OPTIMIZER_FILE,
@@ -65,7 +68,6 @@ from .checkpoint import (
     save_model,
 )
 from .lora import (
-    DEFAULT_TARGETS,
     LoRAConfig,
     apply_lora,
     merge_lora,
@@ -75,7 +77,7 @@ from .lora import (
 )
 from .run_config import check_resume, describe_run, prepare_output
 
-__all__ = ["OPTIMIZER_FILE", "save_model", "save_checkpoint", "main", "train"]
+__all__ = ["OPTIMIZER_FILE", "build_parser", "save_model", "save_checkpoint", "main", "train"]
 
 
 # ---------------------------------------------------------------------- model setup
@@ -283,77 +285,6 @@ def write_output(
         )
 
 
-# ---------------------------------------------------------------------- data order
-class _StepSampler(torch.utils.data.Sampler):
-    """Index lists of the micro-batches of steps `first..stop-1`, in training order: the epoch's
-    seeded permutation, sharded by rank, cut into `--grad-accum` micro-batches per step."""
-
-    def __init__(self, n, first, stop, steps_per_epoch, batch, accum, seed, rank, world):
-        self.args = (n, first, stop, steps_per_epoch, batch, accum, seed, rank, world)
-
-    def __iter__(self):
-        n, first, stop, spe, batch, accum, seed, rank, world = self.args
-        cached: tuple[int, list[int]] | None = None
-        for step in range(first, stop):
-            epoch, offset = divmod(step, spe)
-            if cached is None or cached[0] != epoch:
-                cached = (epoch, shuffled(n, seed, epoch)[rank::world])
-            for micro in range(accum):
-                start = (offset * accum + micro) * batch
-                yield cached[1][start : start + batch]
-
-    def __len__(self) -> int:
-        n, first, stop, spe, batch, accum, *_ = self.args
-        return max(0, stop - first) * accum
-
-
-class _Reported(torch.utils.data.Dataset):
-    """`VLMDataset` items plus why a row was skipped (a worker's `skipped` dict is its own)."""
-
-    def __init__(self, ds: VLMDataset) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        item = self.ds[i]  # None when skipped; the reason is then in ds.skipped[line]
-        if item is None:
-            line = self.ds.records[i].line
-            return None, {line: self.ds.skipped[line]}
-        return item, {}
-
-
-class _Collate:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items):
-        bad: dict[int, str] = {}
-        for _, b in items:
-            bad.update(b)
-        return collate([x for x, _ in items], self.pad_id), bad
-
-
-def micro_batches(ds, first, stop, steps_per_epoch, a, rank, world, pad_id):
-    """(batch, skipped rows) for every micro-batch from step `first` to `stop`, in order.
-
-    With `--workers` > 0 a DataLoader decodes / draws the images in that many processes ahead
-    of the training step (same batches, same order as without: only where the work runs changes).
-    """
-    sampler = _StepSampler(
-        len(ds), first, stop, steps_per_epoch, a.batch_size, a.grad_accum, a.seed, rank, world
-    )
-    return torch.utils.data.DataLoader(
-        _Reported(ds),
-        batch_sampler=sampler,
-        collate_fn=_Collate(pad_id),
-        num_workers=a.workers,
-        prefetch_factor=4 if a.workers else None,
-        persistent_workers=False,
-    )
-
-
 # ---------------------------------------------------------------------- main loop
 def train(a: argparse.Namespace) -> Path:
     from tqdm import tqdm
@@ -534,100 +465,6 @@ def _all_reduce_cpu(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     on = t.to(device)
     dist.all_reduce(on)
     return on.cpu()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="fastvlm train", description=__doc__.split("\n")[0])
-    src = p.add_argument_group("model")
-    src.add_argument("--model", "-m", default=None, help="checkpoint to fine-tune (id or folder)")
-    src.add_argument("--init-config", default=None, help="train from scratch: our config.json")
-    src.add_argument("--tokenizer", default=None, help="tokenizer.json for --init-config")
-    src.add_argument(
-        "--init-vision",
-        default=None,
-        help="with --init-config: start the vision tower from these weights (.safetensors, "
-        "e.g. from python -m fastvlm.train.vision_pretrain)",
-    )
-    src.add_argument("--trust-pickle", action="store_true")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, help="LLaVA .json/.jsonl or image,question,answer .csv")
-    d.add_argument("--image-dir", default=None, help="image paths are relative to this folder")
-    d.add_argument("--shapes", type=int, default=0, help="train on N generated shapes scenes")
-    d.add_argument("--data-seed", type=int, default=0, help="seed of the generated shapes data")
-    d.add_argument(
-        "--shapes-max-count",
-        type=int,
-        default=4,
-        help="only scenes with at most this many shapes (a curriculum stage; default 4 = all)",
-    )
-    d.add_argument(
-        "--shapes-layout",
-        choices=("mixed", "qa-first", "separate"),
-        default="mixed",
-        help="generated scenes' conversations: mixed = caption + 1-3 questions (caption first in "
-        "60%%); qa-first = up to 5 questions, then the caption; separate = the caption alone "
-        "(1/3) or 1-4 questions without it, so answers come from the image",
-    )
-    d.add_argument("--max-length", type=int, default=2048)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--output", "-o", required=True)
-    o.add_argument("--epochs", type=int, default=1)
-    o.add_argument("--max-steps", type=int, default=0)
-    o.add_argument(
-        "--stop-after",
-        type=int,
-        default=0,
-        help="stop after this step, leaving a checkpoint to --resume (staged schedules)",
-    )
-    o.add_argument("--batch-size", type=int, default=8)
-    o.add_argument("--grad-accum", type=int, default=1)
-    o.add_argument("--lr", type=float, default=2e-5)
-    o.add_argument("--warmup", type=int, default=None,
-                   help="linear warm-up steps (default 50, or a tenth of a shorter run)")
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument(
-        "--vision-lr-mult",
-        type=float,
-        default=1.0,
-        help="learning rate of the vision tower and projector = --lr times this (default 1)",
-    )
-    o.add_argument("--clip", type=float, default=1.0)
-    o.add_argument("--freeze", nargs="*", default=[], choices=FREEZE_PARTS,
-                   help="any of: vision projector llm")  # fmt: skip
-    o.add_argument("--gradient-checkpointing", action="store_true")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--device", default="auto")
-    o.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="data-loading processes (decode / draw images ahead of the step; default 0 = inline)",
-    )
-    o.add_argument("--save-every", type=int, default=0)
-    o.add_argument("--keep", type=int, default=2, help="checkpoints to keep (>= 1)")
-    o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    o.add_argument("--force", action="store_true",
-                   help="with --resume: continue even if the checkpoint's run settings differ")
-    o.add_argument("--overwrite", action="store_true",
-                   help="start over in a non-empty --output (removes its old checkpoints)")
-    o.add_argument("--save-dtype", choices=SAVE_DTYPE_CHOICES, default="auto",
-                   help=SAVE_DTYPE_HELP)  # fmt: skip
-    o.add_argument("--log-every", type=int, default=0)
-    o.add_argument("--quiet", action="store_true")
-    lo = p.add_argument_group("LoRA (freezes the model, trains low-rank adapters)")
-    lo.add_argument("--lora", action="store_true", help="train a LoRA adapter")
-    lo.add_argument("--lora-r", type=int, default=8, help="adapter rank")
-    lo.add_argument("--lora-alpha", type=float, default=16.0, help="scale = alpha / r")
-    lo.add_argument("--lora-dropout", type=float, default=0.0)
-    lo.add_argument(
-        "--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME",
-        help="language-model Linear names to adapt (space or comma separated)",
-    )  # fmt: skip
-    lo.add_argument("--lora-projector", action="store_true", help="also adapt the projector")
-    lo.add_argument("--lora-vision", action="store_true", help="also adapt vision attention")
-    lo.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit base (CUDA)")
-    lo.add_argument("--merge", action="store_true", help="also write the merged model to OUT")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
