@@ -230,6 +230,9 @@ def test_bad_rows_are_reported_with_their_line_and_the_rest_is_used(tmp_path, ti
         assert "line 2: bad JSON" in err and "line 3: image not found" in err
         assert "line 6: not UTF-8" in err
     assert json.loads(out.strip().splitlines()[-1])["examples"] == 2
+    rc, _, err = run_cli(capsys, "eval", "--model", str(tiny_dir), "--data", str(path),
+                         "-o", str(tmp_path / "no" / "such" / "dir.jsonl"))  # fmt: skip
+    assert rc == 1 and "its folder does not exist" in err
     bad_csv = tmp_path / "c.csv"
     bad_csv.write_text("image,question,answer\nred.png,What color, red or blue?,red\n"
                        "blue.png,What?,blue\nred.png,,\n")  # fmt: skip

@@ -98,6 +98,11 @@ def test_missing_files_and_quantized_models_are_refused(tmp_path, tiny_dir, caps
     assert "is a folder" in one_error(rc, err)
     rc, err = run(capsys, "--model", str(tmp_path / "no_model"), "--data", str(d), *base)
     one_error(rc, err)
+    rc, err = run(capsys, "--model", str(tiny_dir), "--data", str(d), "-o", str(tiny_dir),
+                  "--overwrite", "--device", "cpu")  # fmt: skip
+    assert "not the --model folder" in one_error(rc, err) and (tiny_dir / "config.json").exists()
+    rc, err = run(capsys, "--model", str(tiny_dir), "--data", str(d), "-o", str(d / "sub"))
+    assert "is a file, not a folder" in one_error(rc, err)
     for scheme in ("int8", "int4"):
         q = tmp_path / f"q_{scheme}"
         assert cli_main(["quantize", str(tiny_dir), str(q), "-q", f"llm={scheme}", "--quiet"]) == 0

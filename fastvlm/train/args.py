@@ -95,6 +95,12 @@ def check_train_args(a: argparse.Namespace) -> None:
                 f"--data {data}: unsupported file type {data.suffix!r} "
                 f"(use {', '.join(DATA_SUFFIXES)})"
             )
+    out = Path(a.output)
+    if a.model and Path(a.model).exists() and Path(a.model).resolve() == out.resolve():
+        raise FastVLMError("--output must be a new folder, not the --model folder itself")
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise FastVLMError(f"--output {out}: {parent} is a file, not a folder")
     if a.image_dir and not Path(a.image_dir).is_dir():
         raise FastVLMError(f"--image-dir {a.image_dir} is not a folder")
     for attr in ("init_config", "tokenizer", "init_vision"):

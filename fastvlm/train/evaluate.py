@@ -206,6 +206,8 @@ def check_eval_args(a: argparse.Namespace) -> None:
     if a.data and not Path(a.data).is_file():
         what = "is a folder, not a file" if Path(a.data).is_dir() else "not found"
         raise FastVLMError(f"--data {a.data}: {what}")
+    if a.output and not Path(a.output).resolve().parent.is_dir():
+        raise FastVLMError(f"--output {a.output}: its folder does not exist")
     if a.image_dir and not Path(a.image_dir).is_dir():
         raise FastVLMError(f"--image-dir {a.image_dir} is not a folder")
     for flag, v, lo in (("--shapes", a.shapes, 0), ("--shapes-size", a.shapes_size, 16),
