@@ -132,8 +132,8 @@ def test_multi_turn_rows_are_scored_per_answer_with_reference_history(tmp_path):
     turns = ["<image>\nHow many?", "two", "Which colour is left?", "red", "And right?", "blue"]
     row = {"image": "red.png", "conversations": [
         {"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(turns)]}
-    sys_row = {"conversations": [{"from": "system", "value": "Be short."},
-                                 {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hi."}]}
+    sys_row = {"conversations": [{"from": "System", "value": "Be short."},  # any case
+                                 {"from": "Human", "value": "Hi?"}, {"from": "GPT", "value": "Hi."}]}
     path = tmp_path / "m.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps(sys_row) + "\n")
     records, report = load_records(path)
@@ -184,6 +184,9 @@ def bad_file(folder: Path, kind: str) -> tuple[Path, str]:
         (p := folder / "d.jsonl").write_text('{"image": "gone.png", "question": "Q", '
                                              '"answer": "A"}\n{broken\n')  # fmt: skip
         return p, "no "
+    if kind == "csv-header-only":
+        (p := folder / "d.csv").write_text("image,question,answer\r\n")
+        return p, "no "
     if kind == "unknown-suffix":
         (p := folder / "d.txt").write_text("image,question,answer\n")
         return p, "unsupported"
@@ -192,7 +195,7 @@ def bad_file(folder: Path, kind: str) -> tuple[Path, str]:
 
 BAD_FILES = ["empty-jsonl", "empty-json", "bom-only-csv", "json-object", "jsonl-named-json",
              "csv-latin1", "csv-missing-column", "json-broken", "all-rows-bad",
-             "unknown-suffix"]  # fmt: skip
+             "csv-header-only", "unknown-suffix"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", BAD_FILES)

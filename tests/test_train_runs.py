@@ -329,3 +329,12 @@ def test_lora_merge_keeps_the_source_dtype(tmp_path, capsys):
     assert abs(dst.stat().st_size - src.stat().st_size) < 0.01 * src.stat().st_size
     assert "meets the project's targets" not in (merged / "README.md").read_text()
     assert "weights on disk:" in capsys.readouterr().err
+
+
+def test_convert_keeps_the_source_dtype(tmp_path, capsys):
+    for fmt in ("hf", "apple"):
+        assert cli_main(["convert", str(DEMO), str(tmp_path / fmt), "--to", fmt]) == 0
+        dst = tmp_path / fmt / "model.safetensors"
+        assert set(st_dtypes(dst).values()) == {"F16"}
+        src = DEMO / "model.safetensors"
+        assert abs(dst.stat().st_size - src.stat().st_size) < 0.01 * src.stat().st_size

@@ -101,7 +101,7 @@ def _row_to_record(
             if not isinstance(turn, dict):
                 raise ValueError(f"a turn must be an object, got {turn!r:.40}")
             speaker = turn.get("from", turn.get("role"))
-            role = ROLES.get(speaker) if isinstance(speaker, str) else None
+            role = ROLES.get(speaker.strip().lower()) if isinstance(speaker, str) else None
             if role is None:
                 raise ValueError(f"unknown speaker {speaker!r}")
             text = turn.get("value", turn.get("content", ""))

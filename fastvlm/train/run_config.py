@@ -2,7 +2,8 @@
 
 Design decisions:
 * Every checkpoint's `trainer_state.json` records `run_config`: the settings that change the
-  result (model and data *fingerprints*, schedule, batch, optimiser, freezing, LoRA). Paths are
+  result (model and data *fingerprints*, schedule, batch, optimiser, freezing, LoRA); others
+  (paths, save dtype) are recorded for messages and the card only. Paths are
   kept for messages only, so moving a folder does not block a resume, but editing the data does.
 * `--resume` refuses a checkpoint whose recorded settings differ and lists each difference;
   `--resume --force` continues anyway (with a warning listing them). Settings that only change
@@ -29,7 +30,7 @@ COMPARED = (
     "shapes_max_count", "max_length", "epochs", "max_steps", "batch_size", "grad_accum",
     "world_size", "lr", "warmup", "weight_decay", "vision_lr_mult", "clip", "freeze", "seed",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_projector",
-    "lora_vision", "qlora", "save_dtype",
+    "lora_vision", "qlora",
 )  # fmt: skip
 DATA_FIELDS = ("data_fingerprint", "shapes", "data_seed", "shapes_layout", "shapes_max_count")
 # Files and folders a training run writes into --output (what --overwrite may remove).
