@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(model.state_dict(), model.config, dst, "fastvlm", dtype=dtype)
     copy_source_files(src, dst)
     write_card(dst, f"{dst.name} (quantized)", {
-        "base model": a.src, "quantization": str(model.config.quantization),
+        "base model": a.src, "quantization": ", ".join(
+            f"{k}={v}" for k, v in model.config.quantization.items() if k != "version"
+        ),
         "float parts saved as": dtype_name(dtype),
     })  # fmt: skip
     print(summary)
