@@ -338,3 +338,29 @@ def test_convert_keeps_the_source_dtype(tmp_path, capsys):
         assert set(st_dtypes(dst).values()) == {"F16"}
         src = DEMO / "model.safetensors"
         assert abs(dst.stat().st_size - src.stat().st_size) < 0.01 * src.stat().st_size
+
+
+def test_explicit_fp16_checkpoints_of_a_train_form_model_resume_exactly(tmp_path, tokenizer,
+                                                                         capsys):  # fmt: skip
+    """fp32 model trained whole (vision tower with live BatchNorm statistics), saved as fp16:
+    every tensor the rounding changes (weights and BN buffers) is restored from its fp32 copy."""
+    from conftest import tiny_config
+
+    cfg = tiny_config(vocab_size=tokenizer.get_vocab_size())
+    cfg.vision.inference_mode = False
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    tokenizer.save(str(tmp_path / "tok.json"))
+    d = data(tmp_path / "data")
+    common = ["--init-config", str(tmp_path / "cfg.json"), "--tokenizer", str(tmp_path / "tok.json"),
+              "--data", str(d), "--device", "cpu", "--quiet", "--batch-size", "2", "--warmup", "0",
+              "--lr", "1e-3", "--max-steps", "3", "--save-dtype", "fp16"]  # fmt: skip
+    assert run(capsys, *common, "-o", str(tmp_path / "whole"))[0] == 0
+    assert run(capsys, *common, "-o", str(tmp_path / "staged"), "--stop-after", "1")[0] == 0
+    opt = load_file(str(tmp_path / "staged" / "checkpoint-1" / finetune.OPTIMIZER_FILE))
+    assert any(k.endswith("running_var") for k in opt)  # BN statistics changed by training
+    assert run(capsys, *common, "-o", str(tmp_path / "staged"), "--resume")[0] == 0
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "staged" / "model.safetensors"))
+    assert {t.dtype for t in a.values() if t.is_floating_point()} == {torch.float16}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -124,7 +124,8 @@ def check_model_config(cfg, model_arg: str | None) -> None:
     """Refuse checkpoints that training cannot update (weight-only quantized Linears)."""
     q = getattr(cfg, "quantization", None)
     if q:
-        scheme = ", ".join(f"{k}={v}" for k, v in q.items()) if isinstance(q, dict) else str(q)
+        items = q.items() if isinstance(q, dict) else []
+        scheme = ", ".join(f"{k}={v}" for k, v in items if k != "version") or str(q)
         raise FastVLMError(
             f"cannot train a quantized model ({model_arg}: {scheme}): use the fp16/fp32 source "
             "it was quantized from (or --qlora, which quantizes the float model itself)"

@@ -4,8 +4,9 @@ Design decisions:
 * Model weights (final output and each checkpoint's `model.safetensors`) are written in the save
   dtype (`--save-dtype`, auto = the source checkpoint's), so a fine-tune of an fp16 model is the
   size of its source. Training itself runs in fp32: a checkpoint whose weights were rounded to
-  fp16 also stores the fp32 values of the *trainable* parameters ("master." tensors in the
-  optimizer file, which stays fp32), so `--resume` continues from the exact training state.
+  fp16 also stores the fp32 values of every tensor the rounding changed (trained weights, BatchNorm
+  statistics: "master." tensors in the optimizer file, which stays fp32), so `--resume`
+  continues from the exact training state.
 * `trainer_state.json` records the step, the AdamW param groups and the run configuration
   (`run_config.py`) that `--resume` checks before continuing.
 """
@@ -35,7 +36,7 @@ from .lora import (
 
 # In a subfolder: every *.safetensors next to config.json is read as model weights.
 OPTIMIZER_FILE = "optimizer/optimizer.safetensors"
-MASTER = "master."  # optimizer-file prefix of the fp32 copies of trainable weights
+MASTER = "master."  # optimizer-file prefix of the fp32 copies of tensors saved rounded
 
 
 def save_model(
@@ -83,11 +84,13 @@ def save_checkpoint(
         save_weights(model.state_dict(), model.config, tmp, "fastvlm", dtype=dtype)
         if tok is not None:
             tok.save(str(tmp / "tokenizer.json"))
-        masters = {
-            MASTER + name: p.detach().contiguous().cpu()
-            for name, p in model.named_parameters()
-            if p.requires_grad and p.dtype != dtype
-        }
+        seen: set[int] = set()  # a tied weight is stored once
+        for name, t in model.state_dict().items():  # weights and BatchNorm statistics
+            if not t.is_floating_point() or t.dtype == dtype or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            if not torch.equal(t, t.to(dtype).to(t.dtype)):  # the cast would change it
+                masters[MASTER + name] = t.detach().contiguous().cpu().clone()
     opt = optimizer.state_dict()
     tensors = {
         f"{i}.{k}": v.contiguous().cpu()
@@ -128,11 +131,12 @@ def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.devi
                 return load_model(Path(tmp), device=device, dtype=torch.float32)
         model = load_model(ck, device=device, dtype=torch.float32)
         opt_file = _optimizer_path(ck)
-        if opt_file.exists():  # the fp32 training values of weights saved rounded
+        if opt_file.exists():  # the fp32 training values of tensors saved rounded
+            state = model.state_dict()
             with torch.no_grad():
                 for k, v in load_file(str(opt_file)).items():
                     if k.startswith(MASTER):
-                        model.get_parameter(k[len(MASTER) :]).copy_(v)
+                        state[k[len(MASTER) :]].copy_(v)
         return model
     if not has_adapter:
         raise FastVLMError(
