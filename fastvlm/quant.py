@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 quantization: Linear swaps, per-component presets, save format, CLI.
+"""Weight-only int8 / int4 quantization: Linear swaps, per-component presets, save format (the
+`fastvlm quantize` command is in quant_cli.py).
 
 Quantization is a *module swap* (DESIGN.md "Swaps, not flags"): `quantize_model` replaces chosen
 `nn.Linear`s by `Int8Linear` (per-output-channel symmetric int8) or `Int4Linear` (group-wise int4,
