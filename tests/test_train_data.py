@@ -232,7 +232,8 @@ def test_bad_rows_are_reported_with_their_line_and_the_rest_is_used(tmp_path, ti
         assert "2/5 rows usable, 3 skipped" in err, err
         assert "line 2: bad JSON" in err and "line 3: image not found" in err
         assert "line 6: not UTF-8" in err
-    assert json.loads(out.strip().splitlines()[-1])["examples"] == 2
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["examples"] == 2 and summary["skipped_rows"] == 3
     rc, _, err = run_cli(capsys, "eval", "--model", str(tiny_dir), "--data", str(path),
                          "-o", str(tmp_path / "no" / "such" / "dir.jsonl"))  # fmt: skip
     assert rc == 1 and "its folder does not exist" in err

@@ -77,7 +77,8 @@ def examples_from_records(records: list[Record], report: LoadReport) -> list[dic
     return out
 
 
-def load_rows(a: argparse.Namespace) -> list[dict]:
+def load_rows(a: argparse.Namespace) -> tuple[list[dict], int]:
+    """(examples to score, data-file rows skipped as unusable)."""
     if a.shapes:
         from .shapes import make_example
 
@@ -86,13 +87,13 @@ def load_rows(a: argparse.Namespace) -> list[dict]:
             img, _, evs = make_example(a.data_seed, i, a.shapes_size)
             for ev in evs:
                 rows.append({**ev, "image": img, "image_key": f"shapes:{a.data_seed}:{i}"})
-        return rows
+        return rows, 0
     records, report = load_records(a.data, a.image_dir)
     rows = examples_from_records(records, report)
     print(f"data: {report.summary()}", file=sys.stderr)
     if not rows:
         raise FastVLMError(f"{a.data}: no rows to score (see the data report above)")
-    return rows
+    return rows, len(report.bad)
 
 
 @torch.inference_mode()
@@ -240,16 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     check_eval_args(a)
-    rows = load_rows(a)  # before loading the model: a bad file fails fast
+    rows, skipped = load_rows(a)  # before loading the model: a bad file fails fast
     from ..api import load
 
     vlm = load(a.model, device=a.device, image_size=a.image_size)
     s = evaluate(vlm, rows, a.max_tokens, a.output, not a.quiet, a.tokens_per_image)
+    s["skipped_rows"] = skipped
     for t, v in s["per_type"].items():
         extra = f"  token-F1 {v['token_f1']:.3f}" if "token_f1" in v else ""
         print(
             f"{t:<10} n={v['n']:<6} exact {v['exact']:.3f}  normalised {v['accuracy']:.3f}{extra}"
         )
-    print(f"QA exact {s['qa_exact']}, caption exact {s['caption_exact']}, errors {s['errors']}")
+    print(
+        f"QA exact {s['qa_exact']}, caption exact {s['caption_exact']}, errors {s['errors']}, "
+        f"skipped rows {skipped}"
+    )
     print(json.dumps(s))
     return 0
