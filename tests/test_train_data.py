@@ -223,17 +223,21 @@ def test_bad_rows_are_reported_with_their_line_and_the_rest_is_used(tmp_path, ti
     ]
     path = tmp_path / "d.jsonl"
     path.write_bytes("\n".join(lines).encode() + b"\n" + b'{"question": "caf\xe9?"}\n')  # 6
+    late = {"image": "blue.png", "conversations": [  # image shown only in the second question
+        {"from": "human", "value": "Ready?"}, {"from": "gpt", "value": "yes"},
+        {"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "blue"}]}
+    path.write_bytes(path.read_bytes() + json.dumps(late).encode() + b"\n")  # 7
     for tool in ("train", "eval"):
         extra = ["-o", str(tmp_path / "out"), "--max-steps", "1", "--warmup", "0",
                  "--batch-size", "2"] if tool == "train" else ["--max-tokens", "2"]  # fmt: skip
         rc, out, err = run_cli(capsys, tool, "--model", str(tiny_dir), "--data", str(path),
                                "--device", "cpu", "--quiet", *extra)  # fmt: skip
         assert rc == 0, err
-        assert "2/5 rows usable, 3 skipped" in err, err
+        assert "3/6 rows usable, 3 skipped" in err, err
         assert "line 2: bad JSON" in err and "line 3: image not found" in err
         assert "line 6: not UTF-8" in err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["examples"] == 2 and summary["skipped_rows"] == 3
+    assert summary["examples"] == 4 and summary["skipped_rows"] == 3 and summary["errors"] == 0
     rc, _, err = run_cli(capsys, "eval", "--model", str(tiny_dir), "--data", str(path),
                          "-o", str(tmp_path / "no" / "such" / "dir.jsonl"))  # fmt: skip
     assert rc == 1 and "its folder does not exist" in err

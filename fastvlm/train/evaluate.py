@@ -143,7 +143,8 @@ def evaluate(
                     ]
                     msgs = [{"role": "user", "content": content}]
                 prompt, _ = render_chat(msgs, cfg.chat_template, cfg.system_prompt)
-                n_images = 0 if key is None else 1
+                # 0 when the row's image comes in a later turn than this question
+                n_images = prompt.count(IMAGE_MARKER)
                 ids = vlm.processor.tokenize(prompt, n_images, tokens_per_image)
                 pred, _ = generate(
                     vlm.model,
@@ -151,7 +152,7 @@ def evaluate(
                     ids,
                     None,
                     params,
-                    image_embeds=embeds,
+                    image_embeds=embeds if n_images else None,
                     eos_ids=vlm.eos_ids,
                     vocab_limit=vlm.vocab_limit,
                 )
