@@ -241,6 +241,13 @@ def test_bad_rows_are_reported_with_their_line_and_the_rest_is_used(tmp_path, ti
     rc, _, err = run_cli(capsys, "eval", "--model", str(tiny_dir), "--data", str(path),
                          "-o", str(tmp_path / "no" / "such" / "dir.jsonl"))  # fmt: skip
     assert rc == 1 and "its folder does not exist" in err
+    # a row longer than the model's context is one error row of the results, not a crash
+    long = {"question": "How many? " * 400, "answer": "3", "image": "red.png"}
+    path.write_text(json.dumps(conv_row(*ROWS[0])) + "\n" + json.dumps(long) + "\n")
+    rc, out, err = run_cli(capsys, "eval", "--model", str(tiny_dir), "--data", str(path),
+                           "--device", "cpu", "--quiet", "--max-tokens", "2")  # fmt: skip
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert rc == 0 and summary["examples"] == 2 and summary["errors"] == 1, err
     bad_csv = tmp_path / "c.csv"
     bad_csv.write_text("image,question,answer\nred.png,What color, red or blue?,red\n"
                        "blue.png,What?,blue\nred.png,,\n")  # fmt: skip

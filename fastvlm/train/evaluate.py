@@ -107,12 +107,9 @@ def evaluate(
 ) -> dict:
     from tqdm import tqdm
 
-    from ..engine.generate import generate
     from ..engine.sampling import SamplingParams
-    from ..processing import render_chat
 
     params = SamplingParams(max_tokens=max_tokens)
-    cfg = vlm.config
     by_image: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_image[r["image_key"]].append(r)
@@ -134,35 +131,17 @@ def evaluate(
             if err is not None:
                 rec.update(prediction=None, error=err, exact=False, correct=False)
             else:
-                if "messages" in r:  # a data-file row: the conversation up to this question
-                    msgs = r["messages"]
+                try:  # one example that cannot run (too long, ...) is an error row, not a crash
+                    pred = _predict(vlm, r, embeds, params, tokens_per_image)
+                except (FastVLMError, ValueError) as e:
+                    rec.update(prediction=None, error=str(e), exact=False, correct=False)
                 else:
-                    content = [
-                        {"type": "image", "image": None},
-                        {"type": "text", "text": r["question"]},
-                    ]
-                    msgs = [{"role": "user", "content": content}]
-                prompt, _ = render_chat(msgs, cfg.chat_template, cfg.system_prompt)
-                # 0 when the row's image comes in a later turn than this question
-                n_images = prompt.count(IMAGE_MARKER)
-                ids = vlm.processor.tokenize(prompt, n_images, tokens_per_image)
-                pred, _ = generate(
-                    vlm.model,
-                    vlm.tokenizer,
-                    ids,
-                    None,
-                    params,
-                    image_embeds=embeds if n_images else None,
-                    eos_ids=vlm.eos_ids,
-                    vocab_limit=vlm.vocab_limit,
-                )
-                pred = pred.strip()
-                rec.update(
-                    prediction=pred,
-                    exact=pred == str(r["answer"]).strip(),
-                    correct=normalize(pred) == normalize(str(r["answer"])),
-                    f1=round(token_f1(pred, str(r["answer"])), 4),
-                )
+                    rec.update(
+                        prediction=pred,
+                        exact=pred == str(r["answer"]).strip(),
+                        correct=normalize(pred) == normalize(str(r["answer"])),
+                        f1=round(token_f1(pred, str(r["answer"])), 4),
+                    )
             results.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")
@@ -171,6 +150,33 @@ def evaluate(
     if out:
         out.close()
     return summarize(results)
+
+
+def _predict(vlm, r: dict, embeds, params, tokens_per_image: int | None) -> str:
+    from ..engine.generate import generate
+    from ..processing import render_chat
+
+    cfg = vlm.config
+    if "messages" in r:  # a data-file row: the conversation up to this question
+        msgs = r["messages"]
+    else:
+        content = [{"type": "image", "image": None}, {"type": "text", "text": r["question"]}]
+        msgs = [{"role": "user", "content": content}]
+    prompt, _ = render_chat(msgs, cfg.chat_template, cfg.system_prompt)
+    n_images = prompt.count(IMAGE_MARKER)  # 0 when the image comes after this question
+    ids = vlm.processor.tokenize(prompt, n_images, tokens_per_image)
+    limit = cfg.text.max_position_embeddings
+    if len(ids) + params.max_tokens > limit:
+        raise FastVLMError(
+            f"prompt of {len(ids)} tokens + --max-tokens {params.max_tokens} exceeds the "
+            f"model's context of {limit}"
+        )
+    pred, _ = generate(
+        vlm.model, vlm.tokenizer, ids, None, params,
+        image_embeds=embeds if n_images else None, eos_ids=vlm.eos_ids,
+        vocab_limit=vlm.vocab_limit,
+    )  # fmt: skip
+    return pred.strip()
 
 
 def summarize(results: list[dict]) -> dict:
