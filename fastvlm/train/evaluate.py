@@ -165,12 +165,6 @@ def _predict(vlm, r: dict, embeds, params, tokens_per_image: int | None) -> str:
     prompt, _ = render_chat(msgs, cfg.chat_template, cfg.system_prompt)
     n_images = prompt.count(IMAGE_MARKER)  # 0 when the image comes after this question
     ids = vlm.processor.tokenize(prompt, n_images, tokens_per_image)
-    limit = cfg.text.max_position_embeddings
-    if len(ids) + params.max_tokens > limit:
-        raise FastVLMError(
-            f"prompt of {len(ids)} tokens + --max-tokens {params.max_tokens} exceeds the "
-            f"model's context of {limit}"
-        )
     pred, _ = generate(
         vlm.model, vlm.tokenizer, ids, None, params,
         image_embeds=embeds if n_images else None, eos_ids=vlm.eos_ids,
