@@ -103,6 +103,21 @@ def test_missing_files_and_quantized_models_are_refused(tmp_path, tiny_dir, caps
     assert "not the --model folder" in one_error(rc, err) and (tiny_dir / "config.json").exists()
     rc, err = run(capsys, "--model", str(tiny_dir), "--data", str(d), "-o", str(d / "sub"))
     assert "is a file, not a folder" in one_error(rc, err)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text("{not json")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00garbage")
+    fresh = ["--data", str(d), *base]
+    assert "--init-config" in one_error(*run(capsys, "--init-config", str(cfg), "--tokenizer",
+                                              str(tiny_dir / "tokenizer.json"), *fresh))
+    from conftest import tiny_config
+
+    cfg.write_text(json.dumps(tiny_config().to_dict()))
+    assert "--tokenizer" in one_error(*run(capsys, "--init-config", str(cfg), "--tokenizer",
+                                           str(junk), *fresh))  # fmt: skip
+    assert "--init-vision" in one_error(*run(capsys, "--init-config", str(cfg), "--tokenizer",
+                                             str(tiny_dir / "tokenizer.json"), "--init-vision",
+                                             str(junk), *fresh))  # fmt: skip
     for scheme in ("int8", "int4"):
         q = tmp_path / f"q_{scheme}"
         assert cli_main(["quantize", str(tiny_dir), str(q), "-q", f"llm={scheme}", "--quiet"]) == 0

@@ -100,20 +100,27 @@ def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype 
             cfg.validate()
         except (ValueError, TypeError, KeyError) as e:
             raise FastVLMError(f"--init-config {a.init_config}: not a usable config ({e})") from e
+        try:  # the tokenizers library raises its own exception type for a bad file
+            tok = Tokenizer.from_file(a.tokenizer)
+        except Exception as e:  # noqa: BLE001
+            raise FastVLMError(f"--tokenizer {a.tokenizer}: not a tokenizer.json ({e})") from e
         torch.manual_seed(a.seed)
         model = FastVLMModel(cfg).to(device=device, dtype=dtype)
         model.init_weights()
         if a.init_vision:  # a pre-trained tower (train.vision_pretrain)
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            sd = load_file(a.init_vision)
+            try:
+                sd = load_file(a.init_vision)
+            except (SafetensorError, OSError) as e:
+                raise FastVLMError(f"--init-vision {a.init_vision}: not safetensors ({e})") from e
             missing, unexpected = model.vision_tower.load_state_dict(sd, strict=False)
             if missing or unexpected:
                 raise FastVLMError(
                     f"--init-vision {a.init_vision} does not fit this config's vision tower "
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
-        tok = Tokenizer.from_file(a.tokenizer)
         src = None
     else:
         src = resolve(a.model)
