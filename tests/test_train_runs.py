@@ -216,6 +216,15 @@ def test_stop_after_stage_may_change_the_data_not_the_hyper_parameters(tmp_path,
     assert "next stage from checkpoint-2" in err and "at step 2" in err
 
 
+@pytest.mark.parametrize("damage", ["trainer_state.json", "optimizer/optimizer.safetensors",
+                                    "model.safetensors"])  # fmt: skip
+def test_a_damaged_checkpoint_is_one_error_line(tmp_path, tiny_dir, capsys, damage):
+    train(capsys, tmp_path, "o", "--max-steps", "4", "--stop-after", "2")
+    (tmp_path / "o" / "checkpoint-2" / damage).write_bytes(b"\x00\x01 truncated")
+    msg = train(capsys, tmp_path, "o", "--max-steps", "4", "--resume", ok=False)
+    assert "checkpoint-2" in msg and ("corrupt" in msg or "cannot read" in msg), msg
+
+
 def test_same_settings_resume_without_a_word(tmp_path, tiny_dir, capsys):
     train(capsys, tmp_path, "o", "--max-steps", "4", "--stop-after", "2")
     err = train(capsys, tmp_path, "o", "--max-steps", "4", "--resume", "--workers", "0")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FastVLMError
+from ..errors import CheckpointError, FastVLMError
 from ..model_card import copy_source_files
 from .lora import (
     ADAPTER_CONFIG,
@@ -113,10 +113,25 @@ def _optimizer_path(folder: Path) -> Path:
     return path
 
 
-def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.device):
-    """The model to continue training from checkpoint `ck` (full weights or adapter)."""
+def _damaged(folder: Path, e: Exception) -> FastVLMError:
+    return FastVLMError(
+        f"{folder} is incomplete or corrupt ({e}); delete it to resume from the checkpoint "
+        "before it, or start over with --overwrite"
+    )
+
+
+def _read_optimizer_file(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(_optimizer_path(folder)))
+    except (OSError, SafetensorError) as e:
+        raise _damaged(folder, e) from e
+
+
+def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.device):
+    """The model to continue training from checkpoint `ck` (full weights or adapter)."""
     from ..weights import load_model
 
     has_adapter = (ck / ADAPTER_CONFIG).exists()
@@ -129,12 +144,14 @@ def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.devi
                     if f.name != "optimizer.safetensors":
                         os.symlink(f.resolve(), Path(tmp) / f.name)
                 return load_model(Path(tmp), device=device, dtype=torch.float32)
-        model = load_model(ck, device=device, dtype=torch.float32)
-        opt_file = _optimizer_path(ck)
-        if opt_file.exists():  # the fp32 training values of tensors saved rounded
+        try:
+            model = load_model(ck, device=device, dtype=torch.float32)
+        except CheckpointError as e:
+            raise _damaged(ck, e) from e
+        if _optimizer_path(ck).exists():  # the fp32 training values of tensors saved rounded
             state = model.state_dict()
             with torch.no_grad():
-                for k, v in load_file(str(opt_file)).items():
+                for k, v in _read_optimizer_file(ck).items():
                     if k.startswith(MASTER):
                         state[k[len(MASTER) :]].copy_(v)
         return model
@@ -158,10 +175,12 @@ def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.devi
 
 
 def load_optimizer(folder: Path, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / "trainer_state.json").read_text())
-    tensors = load_file(str(_optimizer_path(folder)))
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        state["step"], state["param_groups"]  # noqa: B018 - both must be there
+    except (OSError, ValueError, KeyError) as e:
+        raise _damaged(folder, e) from e
+    tensors = _read_optimizer_file(folder)
     opt_state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith(MASTER):
