@@ -187,6 +187,10 @@ def bad_file(folder: Path, kind: str) -> tuple[Path, str]:
     if kind == "csv-header-only":
         (p := folder / "d.csv").write_text("image,question,answer\r\n")
         return p, "no "
+    if kind == "csv-huge-field":
+        (p := folder / "d.csv").write_text('image,question,answer\nred.png,"' + "x" * 200_000
+                                           + '",red\n')  # fmt: skip
+        return p, "line 2: unreadable table"
     if kind == "unknown-suffix":
         (p := folder / "d.txt").write_text("image,question,answer\n")
         return p, "unsupported"
@@ -195,7 +199,7 @@ def bad_file(folder: Path, kind: str) -> tuple[Path, str]:
 
 BAD_FILES = ["empty-jsonl", "empty-json", "bom-only-csv", "json-object", "jsonl-named-json",
              "csv-latin1", "csv-missing-column", "json-broken", "all-rows-bad",
-             "csv-header-only", "unknown-suffix"]  # fmt: skip
+             "csv-header-only", "csv-huge-field", "unknown-suffix"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", BAD_FILES)

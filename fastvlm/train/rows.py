@@ -124,6 +124,13 @@ def _table(path: Path, tsv: bool) -> Iterator[tuple[int, Any]]:
     first = text.split("\n", 1)[0]
     delim = "\t" if tsv else max(",;\t", key=first.count)  # Excel in some locales writes ';'
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    try:
+        yield from _table_rows(path, reader, delim, tsv)
+    except csv.Error as e:  # e.g. a field over csv's size limit: the reader cannot go on
+        raise FastVLMError(f"{path} line {reader.line_num}: unreadable table ({e})") from None
+
+
+def _table_rows(path: Path, reader, delim: str, tsv: bool) -> Iterator[tuple[int, Any]]:
     header = next(reader, None)
     cols = [ALIASES.get(h.strip().lower(), h.strip().lower()) for h in header or []]
     missing = {"question", "answer"} - set(cols)
