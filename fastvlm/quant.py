@@ -1,4 +1,5 @@
-"""Weight-only int8 / int4 quantization: Linear swaps, per-component presets, save format, CLI.
+"""Weight-only int8 / int4 quantization: Linear swaps, per-component presets, save format (the
+`fastvlm quantize` command is in quant_cli.py).
 
 Quantization is a *module swap* (DESIGN.md "Swaps, not flags"): `quantize_model` replaces chosen
 `nn.Linear`s by `Int8Linear` (per-output-channel symmetric int8) or `Int4Linear` (group-wise int4,
@@ -52,11 +53,8 @@ modules on the meta device, so the strict key check holds) and `finalize` after 
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -723,49 +721,11 @@ def finalize(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="fastvlm quantize",
-        description="Weight-only int8/int4 quantization of a FastVLM checkpoint (our format out).",
-    )
-    p.add_argument("src", help="float checkpoint: local folder or Hugging Face repo id")
-    p.add_argument("dst", help="new output folder")
-    p.add_argument(
-        "--quant", "-q", default="int4",
-        help=f"preset ({', '.join(PRESETS)}) or component=scheme pairs, e.g. "
-        "llm=int4-g64,projector=int8,vision=none (schemes: none, int8, int4[-gN][-sym])",
-    )  # fmt: skip
-    p.add_argument("--group-size", type=int, default=None, choices=GROUP_SIZES,
-                   help="group size for a bare `int4` (default 128)")  # fmt: skip
-    p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    from .hub import resolve
-    from .weights import TOKENIZER_FILES, load_model, save_checkpoint
+    """`fastvlm quantize` (in quant_cli.py, which imports this module)."""
+    from .quant_cli import main as cli_main
 
-    a = build_parser().parse_args(argv)
-    schemes = parse_spec(a.quant, a.group_size)  # fail before loading anything
-    if not any(s.bits for s in schemes.values()):
-        raise ConfigError(f"--quant {a.quant!r} quantizes nothing")
-    dst = Path(a.dst)
-    if dst.exists() and any(dst.iterdir()):
-        print(f"error: {dst} exists and is not empty; choose a new folder", file=sys.stderr)
-        return 1
-    src = Path(resolve(a.src))
-    model = load_model(src, trust_pickle=a.trust_pickle)
-    summary = quantize_model(
-        model, spec_to_config(schemes), finalize_now=False, progress=not a.quiet
-    )
-    save_checkpoint(model.state_dict(), model.config, dst, "fastvlm")
-    for name in TOKENIZER_FILES:
-        if (src / name).exists() and not (dst / name).exists():
-            shutil.copy2(src / name, dst / name)
-    print(summary)
-    print(f"wrote quantized checkpoint to {dst}")
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -460,11 +460,14 @@ def test_flag_mistakes_are_clear_errors(tmp_path, tiny_dir):
         finetune.main([*base, "--lora", "--freeze", "vision"])
     with pytest.raises(FastVLMError, match="no Linear layer matches"):
         finetune.main([*base, "--lora", "--lora-targets", "qkv_proj", "--quiet"])
-    full = train(tmp_path, "full", "--model", str(tiny_dir), **{"max-steps": 2, "save-every": 1})
+    full = train(tmp_path, "full", "--model", str(tiny_dir), **{"max-steps": 2, "stop-after": 1})
     assert (full / "checkpoint-1" / finetune.OPTIMIZER_FILE).exists()
-    with pytest.raises(FastVLMError, match="holds a full model"):
+    with pytest.raises(FastVLMError, match=r"different settings: --lora False → True"):
         train(tmp_path, "full", "--model", str(tiny_dir), "--lora", "--resume",
-              **{"max-steps": 2, "save-every": 1})  # fmt: skip
+              **{"max-steps": 2})  # fmt: skip
+    with pytest.raises(FastVLMError, match="holds a full model"):  # --force: still not loadable
+        train(tmp_path, "full", "--model", str(tiny_dir), "--lora", "--resume", "--force",
+              **{"max-steps": 2})  # fmt: skip
 
 
 # ---------------------------------------------------------------------- torchrun

@@ -15,11 +15,7 @@ Design decisions:
 
 from __future__ import annotations
 
-import csv
-import json
 import random
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ import torch
 
 from ..errors import FastVLMError
 from ..processing import IMAGE_MARKER, Processor, render_segments
+from .rows import iter_rows
 
 IGNORE = -100
 ROLES = {
@@ -42,6 +39,7 @@ class Record:
     images: list[Any]  # paths (str) or PIL images
     messages: list[dict]
     line: int = 0
+    meta: dict = field(default_factory=dict)  # e.g. the row's "type" (eval groups scores by it)
 
 
 @dataclass(slots=True)
@@ -102,14 +100,18 @@ def _row_to_record(
         for turn in turns:
             if not isinstance(turn, dict):
                 raise ValueError(f"a turn must be an object, got {turn!r:.40}")
-            role = ROLES.get(turn.get("from", turn.get("role")))
+            speaker = turn.get("from", turn.get("role"))
+            role = ROLES.get(speaker.strip().lower()) if isinstance(speaker, str) else None
             if role is None:
-                raise ValueError(f"unknown speaker {turn.get('from', turn.get('role'))!r}")
-            msgs.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
-    elif "question" in row:
-        q, ans = row["question"], row.get("answer")
+                raise ValueError(f"unknown speaker {speaker!r}")
+            text = turn.get("value", turn.get("content", ""))
+            if isinstance(text, (dict, list)) or text is None:
+                raise ValueError(f"a turn's value must be text, got {type(text).__name__}")
+            msgs.append({"role": role, "content": str(text)})
+    elif "question" in row or "answer" in row:
+        q, ans = row.get("question"), row.get("answer")
         if q is None or ans is None or not str(ans).strip():
-            raise ValueError("empty question or answer")
+            raise ValueError("empty answer" if q is not None else "no question")
         q = str(q)
         if paths and IMAGE_MARKER not in q:
             q = f"{IMAGE_MARKER}\n" + q
@@ -123,79 +125,8 @@ def _row_to_record(
         raise ValueError("<image> markers are only allowed in user turns")
     if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
         raise ValueError("no assistant turn to learn from")
-    return Record(paths, msgs, line)
-
-
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _json_list(path: Path) -> Iterator[tuple[int, Any]]:
-    """Elements of a JSON list with the line each starts on (one pass, raw_decode per row)."""
-    text = path.read_text(encoding="utf-8-sig")
-    dec = json.JSONDecoder()
-    i = _WS.match(text).end()
-    if text[i : i + 1] != "[":
-        raise FastVLMError(
-            f"{path}: a .json dataset must be a list of rows ([{{...}}, ...]); "
-            "for one row per line use .jsonl"
-        )
-    i = _WS.match(text, i + 1).end()
-    line, pos = 1, 0
-    if text[i : i + 1] == "]":
-        return
-    while True:
-        line += text.count("\n", pos, i)
-        pos = i
-        try:
-            row, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise FastVLMError(
-                f"{path} line {e.lineno} column {e.colno}: invalid JSON ({e.msg}); one broken row "
-                "spoils a .json list: fix it, or use .jsonl where bad lines are skipped"
-            ) from e
-        yield line, row
-        i = _WS.match(text, i).end()
-        ch = text[i : i + 1]
-        if ch == ",":
-            i = _WS.match(text, i + 1).end()
-        elif ch == "]":
-            break
-        else:
-            n = line + text.count("\n", pos, i)
-            raise FastVLMError(f"{path} line {n}: expected ',' or ']' after a row (invalid JSON)")
-
-
-def iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, row dict or exception) for .json / .jsonl / .csv files."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except ValueError as e:
-                        yield n, ValueError(f"bad JSON: {e}")
-    elif suffix == ".json":
-        yield from _json_list(path)
-    elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                return
-            missing = {"question", "answer"} - set(reader.fieldnames)
-            if missing:
-                raise FastVLMError(
-                    f"{path}: a .csv dataset needs the columns image,question,answer (image may "
-                    f"be empty for text-only rows); missing {sorted(missing)}, found "
-                    f"{reader.fieldnames}"
-                )
-            end = reader.line_num
-            for row in reader:  # a quoted field may span lines: report where the row starts
-                yield end + 1, row
-                end = reader.line_num
-    else:
-        raise FastVLMError(f"{path}: unsupported dataset type (use .json, .jsonl or .csv)")
+    meta = {k: row[k] for k in ("type", "id") if row.get(k) not in (None, "")}
+    return Record(paths, msgs, line, meta)
 
 
 def load_records(

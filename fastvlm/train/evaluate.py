@@ -1,7 +1,11 @@
 """`fastvlm eval`: run a model over (image, question, answer) rows and score it.
 
-Inputs: a JSONL (`{"image", "question", "answer", "type"?}`) or CSV (`image,question,answer`), or
-`--shapes N --data-seed S` to generate held-out shapes scenes on the fly. Scores: exact match,
+Inputs: any file `fastvlm train` reads, through the same reader (`data.load_records`): LLaVA
+`.json` / `.jsonl` rows (`conversations`) or `{"image", "question", "answer", "type"?}` rows,
+`.csv` / `.tsv` with an `image,question,answer[,type]` header; bad rows are reported with their
+line and skipped. Each assistant turn that answers a user turn is one example (see
+`examples_from_records` for multi-turn rows). Or `--shapes N --data-seed S` generates held-out
+shapes scenes on the fly. Scores: exact match,
 VQA-style normalised accuracy (lower-case, punctuation and articles stripped, number words →
 digits) per question type, and for caption rows a token-F1 caption metric next to exact match.
 Each image is encoded once and its embedding reused for all of its questions. Per-example
@@ -11,7 +15,6 @@ results go to `--output` (JSONL); the summary is printed and its JSON is the las
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import sys
@@ -21,6 +24,9 @@ from pathlib import Path
 import torch
 
 from ..errors import FastVLMError
+from ..processing import IMAGE_MARKER
+from .args import Parser
+from .data import LoadReport, Record, load_records
 
 ARTICLES = {"a", "an", "the"}
 NUMBERS = {
@@ -44,7 +50,35 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def load_rows(a: argparse.Namespace) -> list[dict]:
+def examples_from_records(records: list[Record], report: LoadReport) -> list[dict]:
+    """Training-format rows → scored examples, one per assistant turn that answers a user turn.
+
+    A multi-turn row gives one example per answer: the prompt is the conversation up to that
+    user turn with the *reference* answers as history (teacher forcing), so turn 3 is scored on
+    its own and an early mistake does not spoil later turns. A row with more than one image is
+    reported and skipped (eval encodes one image per row)."""
+    out = []
+    for rec in records:
+        if len(rec.images) > 1:
+            report.bad.append((rec.line, f"{len(rec.images)} images; eval scores one per row"))
+            continue
+        img = rec.images[0] if rec.images else None
+        msgs, n = rec.messages, 0
+        for i in range(1, len(msgs)):
+            prev, cur = msgs[i - 1], msgs[i]
+            if prev["role"] == "user" and cur["role"] == "assistant" and cur["content"].strip():
+                n += 1
+                question = prev["content"].replace(IMAGE_MARKER, "").strip()
+                out.append({
+                    **rec.meta, "line": rec.line, "turn": n, "question": question,
+                    "answer": cur["content"].strip(), "image": img, "image_key": img,
+                    "messages": msgs[:i],
+                })  # fmt: skip
+    return out
+
+
+def load_rows(a: argparse.Namespace) -> tuple[list[dict], int]:
+    """(examples to score, data-file rows skipped as unusable)."""
     if a.shapes:
         from .shapes import make_example
 
@@ -53,26 +87,13 @@ def load_rows(a: argparse.Namespace) -> list[dict]:
             img, _, evs = make_example(a.data_seed, i, a.shapes_size)
             for ev in evs:
                 rows.append({**ev, "image": img, "image_key": f"shapes:{a.data_seed}:{i}"})
-        return rows
-    path = Path(a.data)
-    if not path.exists():
-        raise FastVLMError(f"eval data not found: {path}")
-    base = Path(a.image_dir) if a.image_dir else path.parent
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            raw = list(csv.DictReader(f))
-    else:
-        raw = [
-            json.loads(line)
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
-    rows = []
-    for r in raw:
-        img = Path(r["image"])
-        img = img if img.is_absolute() else base / img
-        rows.append({**r, "image": str(img), "image_key": str(img)})
-    return rows
+        return rows, 0
+    records, report = load_records(a.data, a.image_dir)
+    rows = examples_from_records(records, report)
+    print(f"data: {report.summary()}", file=sys.stderr)
+    if not rows:
+        raise FastVLMError(f"{a.data}: no rows to score (see the data report above)")
+    return rows, len(report.bad)
 
 
 @torch.inference_mode()
@@ -86,56 +107,41 @@ def evaluate(
 ) -> dict:
     from tqdm import tqdm
 
-    from ..engine.generate import generate
     from ..engine.sampling import SamplingParams
-    from ..processing import render_chat
 
     params = SamplingParams(max_tokens=max_tokens)
-    cfg = vlm.config
     by_image: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_image[r["image_key"]].append(r)
     results = []
     out = open(out_path, "w", encoding="utf-8") if out_path else None
     bar = tqdm(total=len(rows), desc="eval", disable=not progress, dynamic_ncols=True)
-    for _key, group in by_image.items():
+    for key, group in by_image.items():
+        embeds, err = None, None
         try:
-            pixels = vlm.preprocess(group[0]["image"]).to(vlm.device)
-            # once per image, reused for every question; pooled with --tokens-per-image
-            embeds = vlm.model.embed_images(pixels, tokens_per_image)
+            if key is not None:  # None: text-only rows
+                pixels = vlm.preprocess(group[0]["image"]).to(vlm.device)
+                # once per image, reused for every question; pooled with --tokens-per-image
+                embeds = vlm.model.embed_images(pixels, tokens_per_image)
         except FastVLMError as e:
-            embeds, err = None, str(e)
+            err = str(e)
         for r in group:
-            rec = {k: v for k, v in r.items() if k not in ("image", "image_key")}
+            rec = {k: v for k, v in r.items() if k not in ("image", "image_key", "messages")}
             rec["image"] = r["image"] if isinstance(r["image"], str) else r["image_key"]
-            if embeds is None:
+            if err is not None:
                 rec.update(prediction=None, error=err, exact=False, correct=False)
             else:
-                content = [
-                    {"type": "image", "image": None},
-                    {"type": "text", "text": r["question"]},
-                ]
-                prompt, _ = render_chat(
-                    [{"role": "user", "content": content}], cfg.chat_template, cfg.system_prompt
-                )
-                ids = vlm.processor.tokenize(prompt, 1, tokens_per_image)
-                pred, _ = generate(
-                    vlm.model,
-                    vlm.tokenizer,
-                    ids,
-                    None,
-                    params,
-                    image_embeds=embeds,
-                    eos_ids=vlm.eos_ids,
-                    vocab_limit=vlm.vocab_limit,
-                )
-                pred = pred.strip()
-                rec.update(
-                    prediction=pred,
-                    exact=pred == str(r["answer"]).strip(),
-                    correct=normalize(pred) == normalize(str(r["answer"])),
-                    f1=round(token_f1(pred, str(r["answer"])), 4),
-                )
+                try:  # one example that cannot run (too long, ...) is an error row, not a crash
+                    pred = _predict(vlm, r, embeds, params, tokens_per_image)
+                except (FastVLMError, ValueError) as e:
+                    rec.update(prediction=None, error=str(e), exact=False, correct=False)
+                else:
+                    rec.update(
+                        prediction=pred,
+                        exact=pred == str(r["answer"]).strip(),
+                        correct=normalize(pred) == normalize(str(r["answer"])),
+                        f1=round(token_f1(pred, str(r["answer"])), 4),
+                    )
             results.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")
@@ -146,10 +152,31 @@ def evaluate(
     return summarize(results)
 
 
+def _predict(vlm, r: dict, embeds, params, tokens_per_image: int | None) -> str:
+    from ..engine.generate import generate
+    from ..processing import render_chat
+
+    cfg = vlm.config
+    if "messages" in r:  # a data-file row: the conversation up to this question
+        msgs = r["messages"]
+    else:
+        content = [{"type": "image", "image": None}, {"type": "text", "text": r["question"]}]
+        msgs = [{"role": "user", "content": content}]
+    prompt, _ = render_chat(msgs, cfg.chat_template, cfg.system_prompt)
+    n_images = prompt.count(IMAGE_MARKER)  # 0 when the image comes after this question
+    ids = vlm.processor.tokenize(prompt, n_images, tokens_per_image)
+    pred, _ = generate(
+        vlm.model, vlm.tokenizer, ids, None, params,
+        image_embeds=embeds if n_images else None, eos_ids=vlm.eos_ids,
+        vocab_limit=vlm.vocab_limit,
+    )  # fmt: skip
+    return pred.strip()
+
+
 def summarize(results: list[dict]) -> dict:
     types: dict[str, list[dict]] = defaultdict(list)
     for r in results:
-        types[r.get("type") or "qa"].append(r)
+        types[str(r.get("type") or "qa")].append(r)
     per_type = {
         t: {
             "n": len(rs),
@@ -161,7 +188,7 @@ def summarize(results: list[dict]) -> dict:
     for t, rs in types.items():
         if t == "caption":
             per_type[t]["token_f1"] = round(sum(r.get("f1", 0.0) for r in rs) / len(rs), 4)
-    qa = [r for r in results if (r.get("type") or "qa") != "caption"]
+    qa = [r for r in results if str(r.get("type") or "qa") != "caption"]
     summary = {
         "examples": len(results),
         "errors": sum(1 for r in results if r.get("error")),
@@ -173,12 +200,32 @@ def summarize(results: list[dict]) -> dict:
     return summary
 
 
+def check_eval_args(a: argparse.Namespace) -> None:
+    if not (a.data or a.shapes):
+        raise FastVLMError("give --data FILE or --shapes N")
+    if a.data and a.shapes:
+        raise FastVLMError("give --data FILE or --shapes N, not both")
+    if a.data and not Path(a.data).is_file():
+        what = "is a folder, not a file" if Path(a.data).is_dir() else "not found"
+        raise FastVLMError(f"--data {a.data}: {what}")
+    if a.output and not Path(a.output).resolve().parent.is_dir():
+        raise FastVLMError(f"--output {a.output}: its folder does not exist")
+    if a.image_dir and not Path(a.image_dir).is_dir():
+        raise FastVLMError(f"--image-dir {a.image_dir} is not a folder")
+    for flag, v, lo in (("--shapes", a.shapes, 0), ("--shapes-size", a.shapes_size, 16),
+                        ("--max-tokens", a.max_tokens, 1)):  # fmt: skip
+        if v < lo:
+            raise FastVLMError(f"{flag} must be >= {lo}, got {v}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="fastvlm eval", description="Score a model on image QA / captions."
     )
     p.add_argument("--model", "-m", default=None, help="model id or folder (default: embedded)")
-    p.add_argument("--data", default=None, help="JSONL {image, question, answer, type} or CSV")
+    p.add_argument(
+        "--data", default=None, help="the files train reads: LLaVA .json/.jsonl, .csv/.tsv"
+    )
     p.add_argument("--image-dir", default=None)
     p.add_argument(
         "--shapes", type=int, default=0, help="generate N held-out shapes images instead"
@@ -194,19 +241,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    if not (a.data or a.shapes):
-        print("error: give --data FILE or --shapes N", file=sys.stderr)
-        return 2
+    check_eval_args(a)
+    rows, skipped = load_rows(a)  # before loading the model: a bad file fails fast
     from ..api import load
 
     vlm = load(a.model, device=a.device, image_size=a.image_size)
-    rows = load_rows(a)
     s = evaluate(vlm, rows, a.max_tokens, a.output, not a.quiet, a.tokens_per_image)
+    s["skipped_rows"] = skipped
     for t, v in s["per_type"].items():
         extra = f"  token-F1 {v['token_f1']:.3f}" if "token_f1" in v else ""
         print(
             f"{t:<10} n={v['n']:<6} exact {v['exact']:.3f}  normalised {v['accuracy']:.3f}{extra}"
         )
-    print(f"QA exact {s['qa_exact']}, caption exact {s['caption_exact']}, errors {s['errors']}")
+    print(
+        f"QA exact {s['qa_exact']}, caption exact {s['caption_exact']}, errors {s['errors']}, "
+        f"skipped rows {skipped}"
+    )
     print(json.dumps(s))
     return 0

@@ -19,7 +19,9 @@ Design decisions:
   form of the vision tower when it was built so; never fused mid-run) or, with LoRA, only the
   adapter; plus the AdamW state of the trainable parameters (safetensors) and `trainer_state.json`.
   Dropout is re-seeded from (seed, step, rank) every step, so a resumed run repeats the
-  uninterrupted one.
+  uninterrupted one. Weights are saved in `--save-dtype` (auto = the source's, see
+  checkpoint.py); each checkpoint records the run's settings, and `--resume` refuses one made by
+  a different run (run_config.py). Flags are checked before anything is loaded (args.py).
 * `--vision-lr-mult` puts the vision tower + projector in AdamW groups of their own whose lr is
   the schedule's times the factor (a from-scratch image side learns slower than the LLM);
   `--shapes-max-count` restricts generated shapes scenes to at most k shapes (curriculum stages,
@@ -52,23 +54,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FastVLMError
-from .data import IGNORE, VLMDataset, collate, load_records, shuffled
+from .data import IGNORE, VLMDataset, load_records
+from .loader import micro_batches
+from ..dtypes import resolve_save_dtype, size_summary
+from .args import build_parser, check_model_config, check_schedule, check_train_args
+from .card import write_train_card
+from .checkpoint import (
+    OPTIMIZER_FILE,
+    checkpoints,
+    load_optimizer,
+    restore_weights,
+    save_checkpoint,
+    save_model,
+)
 from .lora import (
-    ADAPTER_CONFIG,
-    DEFAULT_TARGETS,
     LoRAConfig,
     apply_lora,
-    load_adapter,
-    lora_layers,
     merge_lora,
     merge_to_folder,
-    read_adapter_config,
     require_qlora,
     save_adapter,
 )
+from .run_config import check_resume, describe_run, prepare_output
 
-# In a subfolder: every *.safetensors next to config.json is read as model weights.
-OPTIMIZER_FILE = "optimizer/optimizer.safetensors"
+__all__ = ["OPTIMIZER_FILE", "build_parser", "save_model", "save_checkpoint", "main", "train"]
 
 
 # ---------------------------------------------------------------------- model setup
@@ -79,31 +88,43 @@ def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype 
     from ..model.fastvlm import FastVLMModel
     from ..processing import Processor
     from ..tokenization import load_tokenizer
-    from ..weights import load_model
+    from ..weights import load_config, load_model
 
     if a.init_config:
         if not a.tokenizer:
             raise FastVLMError("--init-config needs --tokenizer tokenizer.json")
         from tokenizers import Tokenizer
 
-        cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
+        try:
+            cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
+            cfg.validate()
+        except (ValueError, TypeError, KeyError) as e:
+            raise FastVLMError(f"--init-config {a.init_config}: not a usable config ({e})") from e
+        try:  # the tokenizers library raises its own exception type for a bad file
+            tok = Tokenizer.from_file(a.tokenizer)
+        except Exception as e:  # noqa: BLE001
+            raise FastVLMError(f"--tokenizer {a.tokenizer}: not a tokenizer.json ({e})") from e
         torch.manual_seed(a.seed)
         model = FastVLMModel(cfg).to(device=device, dtype=dtype)
         model.init_weights()
         if a.init_vision:  # a pre-trained tower (train.vision_pretrain)
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            sd = load_file(a.init_vision)
+            try:
+                sd = load_file(a.init_vision)
+            except (SafetensorError, OSError) as e:
+                raise FastVLMError(f"--init-vision {a.init_vision}: not safetensors ({e})") from e
             missing, unexpected = model.vision_tower.load_state_dict(sd, strict=False)
             if missing or unexpected:
                 raise FastVLMError(
                     f"--init-vision {a.init_vision} does not fit this config's vision tower "
                     f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
                 )
-        tok = Tokenizer.from_file(a.tokenizer)
         src = None
     else:
         src = resolve(a.model)
+        check_model_config(load_config(src), a.model)  # before reading any weights
         model = load_model(src, device=device, dtype=dtype, trust_pickle=a.trust_pickle)
         tok = load_tokenizer(src)
     return model, Processor(model.config, tok), tok, src
@@ -239,135 +260,24 @@ def all_reduce_grads(params: list[nn.Parameter], bucket_numel: int = 1 << 24) ->
 
 
 # ---------------------------------------------------------------------- saving
-def save_model(folder: Path, model, tok, src: Path | None) -> Path:
-    """A loadable model folder: weights (fused vision form), config, tokenizer files."""
-    import copy
-
-    from ..weights import TOKENIZER_FILES
-    from ..weights import save_checkpoint as save_weights
-
-    assert not lora_layers(model), "merge_lora() before saving a full model"
-    folder = Path(folder)
-    net = model.module if hasattr(model, "module") else model
-    if not net.config.vision.inference_mode:  # save the fused form that inference loads
-        net = copy.deepcopy(net)
-        net.vision_tower.reparameterize()
-    save_weights(net.state_dict(), net.config, folder, "fastvlm")
-    if tok is not None:
-        tok.save(str(folder / "tokenizer.json"))
-    if src is not None:
-        for name in TOKENIZER_FILES:
-            if (src / name).exists() and not (folder / name).exists():
-                shutil.copy2(src / name, folder / name)
-    return folder
-
-
-def save_checkpoint(
-    folder: Path, model, tok, optimizer, state: dict, lora: LoRAConfig | None
-) -> None:
-    """Training state (weights as trained, or the adapter) + optimizer + trainer state; atomic."""
-    from safetensors.torch import save_file
-
-    from ..weights import save_checkpoint as save_weights
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora is not None:
-        save_adapter(tmp, model, lora)
-    else:
-        save_weights(model.state_dict(), model.config, tmp, "fastvlm")
-        if tok is not None:
-            tok.save(str(tmp / "tokenizer.json"))
-    opt = optimizer.state_dict()
-    tensors = {
-        f"{i}.{k}": v.contiguous().cpu()
-        for i, st in opt["state"].items()
-        for k, v in st.items()
-        if torch.is_tensor(v)
-    }
-    (tmp / "optimizer").mkdir()
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    state = {**state, "param_groups": opt["param_groups"]}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.device):
-    """The model to continue training from checkpoint `ck` (full weights or adapter)."""
-    from ..weights import load_model
-
-    has_adapter = (ck / ADAPTER_CONFIG).exists()
-    if lora is None:
-        if has_adapter:
-            raise FastVLMError(f"{ck} holds a LoRA adapter: resume it with the same --lora flags")
-        if (ck / "optimizer.safetensors").exists():  # 0.1.0 layout: hide it from the loader
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                for f in ck.iterdir():
-                    if f.name != "optimizer.safetensors":
-                        os.symlink(f.resolve(), Path(tmp) / f.name)
-                return load_model(Path(tmp), device=device, dtype=torch.float32)
-        return load_model(ck, device=device, dtype=torch.float32)
-    if not has_adapter:
-        raise FastVLMError(
-            f"{ck} holds a full model but this is a --lora run; resume without --lora, "
-            "or choose a new --output"
-        )
-    saved = read_adapter_config(ck)
-    mine = (lora.r, lora.alpha, tuple(lora.targets), lora.include_projector, lora.include_vision)
-    theirs = (saved.r, saved.alpha, tuple(saved.targets), saved.include_projector,
-              saved.include_vision)  # fmt: skip
-    if mine != theirs:
-        raise FastVLMError(
-            f"{ck} was trained with LoRA r={saved.r} alpha={saved.alpha} targets="
-            f"{list(saved.targets)} projector={saved.include_projector} "
-            f"vision={saved.include_vision}; resume with the same --lora-* flags"
-        )
-    load_adapter(model, ck)
-    return model
-
-
-def load_optimizer(folder: Path, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / "trainer_state.json").read_text())
-    path = folder / OPTIMIZER_FILE
-    if not path.exists() and (folder / "optimizer.safetensors").exists():
-        path = folder / "optimizer.safetensors"  # checkpoints of fastvlm 0.1.0
-    tensors = load_file(str(path))
-    opt_state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        i, name = key.split(".", 1)
-        opt_state.setdefault(int(i), {})[name] = v
-    try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    except ValueError as e:
-        raise FastVLMError(
-            f"the optimizer state in {folder} does not fit this run's trainable parameters ({e}); "
-            "resume with the same --freeze / --lora flags"
-        ) from e
-    return state
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    cks = sorted(out.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-    return cks[-1] if cks else None
-
-
 def write_output(
-    out: Path, model, tok, src: Path | None, lora: LoRAConfig | None, a: argparse.Namespace
+    out: Path,
+    model,
+    tok,
+    src: Path | None,
+    lora: LoRAConfig | None,
+    a: argparse.Namespace,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """The final output layout described in the module docstring."""
+    """The final output layout described in the module docstring (weights in `dtype`)."""
     if lora is None:
-        save_model(out, model, tok, src)
+        save_model(out, model, tok, src, dtype)
         return
     adapter = save_adapter(out / "adapter", model, lora)
     if a.merge and a.qlora:  # merge into the full-precision base, never into NF4 weights
-        merge_to_folder(src, adapter, out, trust_pickle=a.trust_pickle)
+        merge_to_folder(src, adapter, out, trust_pickle=a.trust_pickle, dtype=dtype)
     elif a.merge:
-        save_model(out, merge_lora(model), tok, src)
+        save_model(out, merge_lora(model), tok, src, dtype)
     elif src is None:
         print(
             f"adapter → {adapter}; its base is a fresh --init-config model that no folder holds, "
@@ -380,77 +290,6 @@ def write_output(
             "MERGED_FOLDER (or train with --merge)",
             file=sys.stderr,
         )
-
-
-# ---------------------------------------------------------------------- data order
-class _StepSampler(torch.utils.data.Sampler):
-    """Index lists of the micro-batches of steps `first..stop-1`, in training order: the epoch's
-    seeded permutation, sharded by rank, cut into `--grad-accum` micro-batches per step."""
-
-    def __init__(self, n, first, stop, steps_per_epoch, batch, accum, seed, rank, world):
-        self.args = (n, first, stop, steps_per_epoch, batch, accum, seed, rank, world)
-
-    def __iter__(self):
-        n, first, stop, spe, batch, accum, seed, rank, world = self.args
-        cached: tuple[int, list[int]] | None = None
-        for step in range(first, stop):
-            epoch, offset = divmod(step, spe)
-            if cached is None or cached[0] != epoch:
-                cached = (epoch, shuffled(n, seed, epoch)[rank::world])
-            for micro in range(accum):
-                start = (offset * accum + micro) * batch
-                yield cached[1][start : start + batch]
-
-    def __len__(self) -> int:
-        n, first, stop, spe, batch, accum, *_ = self.args
-        return max(0, stop - first) * accum
-
-
-class _Reported(torch.utils.data.Dataset):
-    """`VLMDataset` items plus why a row was skipped (a worker's `skipped` dict is its own)."""
-
-    def __init__(self, ds: VLMDataset) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        item = self.ds[i]  # None when skipped; the reason is then in ds.skipped[line]
-        if item is None:
-            line = self.ds.records[i].line
-            return None, {line: self.ds.skipped[line]}
-        return item, {}
-
-
-class _Collate:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
-
-    def __call__(self, items):
-        bad: dict[int, str] = {}
-        for _, b in items:
-            bad.update(b)
-        return collate([x for x, _ in items], self.pad_id), bad
-
-
-def micro_batches(ds, first, stop, steps_per_epoch, a, rank, world, pad_id):
-    """(batch, skipped rows) for every micro-batch from step `first` to `stop`, in order.
-
-    With `--workers` > 0 a DataLoader decodes / draws the images in that many processes ahead
-    of the training step (same batches, same order as without: only where the work runs changes).
-    """
-    sampler = _StepSampler(
-        len(ds), first, stop, steps_per_epoch, a.batch_size, a.grad_accum, a.seed, rank, world
-    )
-    return torch.utils.data.DataLoader(
-        _Reported(ds),
-        batch_sampler=sampler,
-        collate_fn=_Collate(pad_id),
-        num_workers=a.workers,
-        prefetch_factor=4 if a.workers else None,
-        persistent_workers=False,
-    )
 
 
 # ---------------------------------------------------------------------- main loop
@@ -472,10 +311,19 @@ def train(a: argparse.Namespace) -> Path:
     if a.qlora:
         require_qlora()
     out = Path(a.output)
+    ck = prepare_output(out, a.resume, a.overwrite) if rank == 0 else None
+    if world > 1:  # every rank resumes from what rank 0 found
+        box = [str(ck) if ck else None]
+        dist.broadcast_object_list(box, 0)
+        ck = Path(box[0]) if box[0] else None
     out.mkdir(parents=True, exist_ok=True)
     model, processor, tok, src = build_model(
         a, device, torch.bfloat16 if a.qlora else torch.float32
     )
+    save_dtype = resolve_save_dtype(a.save_dtype, model)
+    run_config = describe_run(a, src, world)
+    if ck is not None:
+        check_resume(ck, run_config, a.force)
     lora = lora_config(a, src)
     if lora is not None:
         torch.manual_seed(a.seed)  # the lora_A init
@@ -483,7 +331,6 @@ def train(a: argparse.Namespace) -> Path:
             model, lora.r, lora.alpha, lora.dropout, lora.targets,
             lora.include_projector, lora.include_vision, quantize=a.qlora,
         )  # fmt: skip
-    ck = latest_checkpoint(out) if a.resume else None
     if ck is not None:
         if lora is None:
             model = None  # free the base first: a full checkpoint holds every weight
@@ -514,6 +361,7 @@ def train(a: argparse.Namespace) -> Path:
     per_step = a.batch_size * a.grad_accum * world
     steps_per_epoch = max(1, len(ds) // per_step)
     total = a.max_steps or steps_per_epoch * a.epochs
+    check_schedule(a, total)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise FastVLMError("nothing to train: --freeze froze every parameter")
@@ -534,7 +382,8 @@ def train(a: argparse.Namespace) -> Path:
     bar = tqdm(
         total=total, initial=step, disable=rank != 0 or a.quiet, desc="train", dynamic_ncols=True
     )
-    t_start, tokens_seen = time.perf_counter(), 0
+    t_start, tokens_seen, losses = time.perf_counter(), 0, []
+    state = {"run_config": run_config}
     stop = min(total, a.stop_after) if a.stop_after else total
     loader = iter(micro_batches(ds, step, stop, steps_per_epoch, a, rank, world, pad_id))
     while step < stop:
@@ -570,6 +419,7 @@ def train(a: argparse.Namespace) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         mean_loss = loss_sum / max(1.0, n_total)
+        losses = [*losses[-9:], mean_loss] if n_total > 0 else losses
         tps = tokens_seen / (time.perf_counter() - t_start)
         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
         bar.update(1)
@@ -577,23 +427,28 @@ def train(a: argparse.Namespace) -> Path:
             log = {"step": step, "loss": round(mean_loss, 5), "lr": lr}
             print(json.dumps(log), file=sys.stderr, flush=True)
         if rank == 0 and a.save_every and step % a.save_every == 0 and step < total:
-            save_checkpoint(out / f"checkpoint-{step}", model, tok, optimizer, {"step": step}, lora)
-            for old in sorted(
-                out.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1])
-            )[: -a.keep]:
+            save_checkpoint(
+                out / f"checkpoint-{step}", model, tok, optimizer, {**state, "step": step}, lora,
+                save_dtype,
+            )
+            for old in checkpoints(out)[: -a.keep]:
                 shutil.rmtree(old, ignore_errors=True)
     bar.close()
-    if step < total:  # --stop-after: leave a resumable checkpoint, as an interrupted run would
-        if rank == 0 and not (out / f"checkpoint-{step}").exists():
-            save_checkpoint(out / f"checkpoint-{step}", model, tok, optimizer, {"step": step}, lora)
+    if step < total:  # --stop-after: leave a resumable checkpoint that ends this stage
+        if rank == 0:
+            stage = {**state, "step": step, "stage_end": True}
+            save_checkpoint(out / f"checkpoint-{step}", model, tok, optimizer, stage, lora,
+                            save_dtype)  # fmt: skip
         if world > 1:
             dist.barrier()
             dist.destroy_process_group()
         return out
     if rank == 0:
         model.eval()
-        write_output(out, model, tok, src, lora, a)
-        (out / "trainer_state.json").write_text(json.dumps({"step": step}, indent=2) + "\n")
+        write_output(out, model, tok, src, lora, a, save_dtype)
+        final = {"step": step, "loss": round(sum(losses) / len(losses), 5) if losses else None}
+        (out / "trainer_state.json").write_text(json.dumps({**final, **state}, indent=2) + "\n")
+        write_train_card(out, a, run_config, final, len(records), lora, save_dtype)
         if ds.skipped:
             line, why = next(iter(ds.skipped.items()))
             print(
@@ -602,6 +457,8 @@ def train(a: argparse.Namespace) -> Path:
             )
         elapsed = time.perf_counter() - t_start
         print(f"trained {step} steps in {elapsed:.0f}s → {out}", file=sys.stderr)
+        if lora is None or a.merge:
+            print(size_summary(src, out), file=sys.stderr)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -617,99 +474,11 @@ def _all_reduce_cpu(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return on.cpu()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastvlm train", description=__doc__.split("\n")[0])
-    src = p.add_argument_group("model")
-    src.add_argument("--model", "-m", default=None, help="checkpoint to fine-tune (id or folder)")
-    src.add_argument("--init-config", default=None, help="train from scratch: our config.json")
-    src.add_argument("--tokenizer", default=None, help="tokenizer.json for --init-config")
-    src.add_argument(
-        "--init-vision",
-        default=None,
-        help="with --init-config: start the vision tower from these weights (.safetensors, "
-        "e.g. from python -m fastvlm.train.vision_pretrain)",
-    )
-    src.add_argument("--trust-pickle", action="store_true")
-    d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, help="LLaVA .json/.jsonl or image,question,answer .csv")
-    d.add_argument("--image-dir", default=None, help="image paths are relative to this folder")
-    d.add_argument("--shapes", type=int, default=0, help="train on N generated shapes scenes")
-    d.add_argument("--data-seed", type=int, default=0, help="seed of the generated shapes data")
-    d.add_argument(
-        "--shapes-max-count",
-        type=int,
-        default=4,
-        help="only scenes with at most this many shapes (a curriculum stage; default 4 = all)",
-    )
-    d.add_argument(
-        "--shapes-layout",
-        choices=("mixed", "qa-first", "separate"),
-        default="mixed",
-        help="generated scenes' conversations: mixed = caption + 1-3 questions (caption first in "
-        "60%%); qa-first = up to 5 questions, then the caption; separate = the caption alone "
-        "(1/3) or 1-4 questions without it, so answers come from the image",
-    )
-    d.add_argument("--max-length", type=int, default=2048)
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--output", "-o", required=True)
-    o.add_argument("--epochs", type=int, default=1)
-    o.add_argument("--max-steps", type=int, default=0)
-    o.add_argument(
-        "--stop-after",
-        type=int,
-        default=0,
-        help="stop after this step, leaving a checkpoint to --resume (staged schedules)",
-    )
-    o.add_argument("--batch-size", type=int, default=8)
-    o.add_argument("--grad-accum", type=int, default=1)
-    o.add_argument("--lr", type=float, default=2e-5)
-    o.add_argument("--warmup", type=int, default=50)
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument(
-        "--vision-lr-mult",
-        type=float,
-        default=1.0,
-        help="learning rate of the vision tower and projector = --lr times this (default 1)",
-    )
-    o.add_argument("--clip", type=float, default=1.0)
-    o.add_argument("--freeze", nargs="*", default=[], help="any of: vision projector llm")
-    o.add_argument("--gradient-checkpointing", action="store_true")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--device", default="auto")
-    o.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="data-loading processes (decode / draw images ahead of the step; default 0 = inline)",
-    )
-    o.add_argument("--save-every", type=int, default=0)
-    o.add_argument("--keep", type=int, default=2, help="checkpoints to keep (>= 1)")
-    o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    o.add_argument("--log-every", type=int, default=0)
-    o.add_argument("--quiet", action="store_true")
-    lo = p.add_argument_group("LoRA (freezes the model, trains low-rank adapters)")
-    lo.add_argument("--lora", action="store_true", help="train a LoRA adapter")
-    lo.add_argument("--lora-r", type=int, default=8, help="adapter rank")
-    lo.add_argument("--lora-alpha", type=float, default=16.0, help="scale = alpha / r")
-    lo.add_argument("--lora-dropout", type=float, default=0.0)
-    lo.add_argument(
-        "--lora-targets", nargs="+", default=list(DEFAULT_TARGETS), metavar="NAME",
-        help="language-model Linear names to adapt (space or comma separated)",
-    )  # fmt: skip
-    lo.add_argument("--lora-projector", action="store_true", help="also adapt the projector")
-    lo.add_argument("--lora-vision", action="store_true", help="also adapt vision attention")
-    lo.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit base (CUDA)")
-    lo.add_argument("--merge", action="store_true", help="also write the merged model to OUT")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if not (a.data or a.shapes):
-        print("error: give --data FILE (or --shapes N)", file=sys.stderr)
-        return 2
-    if a.keep < 1:
-        raise FastVLMError("--keep must be at least 1")
+        raise FastVLMError("give --data FILE (or --shapes N)")
+    check_train_args(a)
     if a.merge and not (a.lora or a.qlora):
         raise FastVLMError("--merge folds a LoRA adapter into the model: use it with --lora")
     if (a.lora or a.qlora) and a.freeze:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import SAVE_DTYPE_CHOICES, SAVE_DTYPE_HELP, resolve_save_dtype, size_summary
 from ..errors import CheckpointError, FastVLMError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -291,19 +292,30 @@ def _to_4bit(linear: nn.Linear) -> nn.Module:
 
 # ---------------------------------------------------------------------- fastvlm lora merge
 def merge_to_folder(
-    base: str | Path | None, adapter: str | Path, out: str | Path, *, trust_pickle: bool = False
+    base: str | Path | None,
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    trust_pickle: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Load BASE (fp32, CPU), apply + merge ADAPTER, write a normal model folder to OUT."""
+    """Load BASE (fp32, CPU), apply + merge ADAPTER, write a normal model folder to OUT with
+    its weights in `dtype` (default: BASE's own dtype on disk)."""
     from ..hub import resolve
+    from ..model_card import write_card
     from ..tokenization import load_tokenizer
     from ..weights import load_model
-    from .finetune import save_model
+    from .checkpoint import save_model
 
     src = resolve(base)
     model = load_model(src, device="cpu", dtype=torch.float32, trust_pickle=trust_pickle)
-    load_adapter(model, adapter)
+    cfg = load_adapter(model, adapter)
     merge_lora(model)
-    return save_model(Path(out), model, load_tokenizer(src), src)
+    out = save_model(Path(out), model, load_tokenizer(src), src, dtype)
+    write_card(out, f"{out.name} (LoRA merged)", {
+        "base model": base, "adapter": adapter, "LoRA": f"r={cfg.r} alpha={cfg.alpha}",
+    })  # fmt: skip
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("out", help="new output folder")
     m.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt base weights")
+    m.add_argument("--save-dtype", choices=SAVE_DTYPE_CHOICES, default="auto",
+                   help=SAVE_DTYPE_HELP)  # fmt: skip
     return p
 
 
@@ -325,11 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.command != "merge":
         parser.print_help()
         return 2
+    from ..hub import resolve
+
     out = Path(a.out)
     if out.exists() and any(out.iterdir()):
         raise FastVLMError(f"{out} exists and is not empty; choose a new folder")
-    merge_to_folder(a.base, a.adapter, out, trust_pickle=a.trust_pickle)
+    dtype = None if a.save_dtype == "auto" else resolve_save_dtype(a.save_dtype)
+    merge_to_folder(a.base, a.adapter, out, trust_pickle=a.trust_pickle, dtype=dtype)
     print(f"merged {a.adapter} into {a.base} → {out}", file=sys.stderr)
+    print(size_summary(resolve(a.base), out), file=sys.stderr)
     return 0
 
 
