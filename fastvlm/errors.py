@@ -35,3 +35,7 @@ class TokenizerError(FastVLMError, RuntimeError):
 
 class VideoError(ImageError):
     """A video could not be read (missing, corrupt, no video stream, too large, PyAV missing)."""
+
+
+class PromptError(FastVLMError, ValueError):
+    """Message text cannot be encoded (invalid Unicode, an image token typed as text)."""
