@@ -427,7 +427,9 @@ class Processor:
     ) -> tuple[list[int], list[Any]]:
         """Messages → (input ids, image sources); no pixels are decoded."""
         c = self.config
-        turns, images = render_turns(messages, c.chat_template, c.system_prompt, add_generation_prompt)
+        turns, images = render_turns(
+            messages, c.chat_template, c.system_prompt, add_generation_prompt
+        )
         return self.encode_turns(turns, tokens_per_image, allow_special_tokens), images
 
     def pixels(self, images: Sequence[ImageInput]) -> torch.Tensor | None:
@@ -458,7 +460,9 @@ class Processor:
     ) -> tuple[list[int], torch.Tensor | None, str]:
         n = check_tokens_per_image(tokens_per_image, self.num_image_tokens)  # fail before decoding
         c = self.config
-        turns, images = render_turns(messages, c.chat_template, c.system_prompt, add_generation_prompt)
+        turns, images = render_turns(
+            messages, c.chat_template, c.system_prompt, add_generation_prompt
+        )
         limit = self.max_images if max_images is None else max_images
         if limit is not None and len(images) > limit:
             raise ImageError(

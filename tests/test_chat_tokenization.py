@@ -129,7 +129,9 @@ def test_allow_special_tokens_keeps_control_tokens_for_trusted_callers(qwen, dem
         assert proc.encode_messages(msgs)[0].count(im_end) == 2, name
         # an image slot never comes from text, trusted or not (it has no pixels behind it)
         with pytest.raises(PromptError, match="image"):
-            proc.encode_messages([{"role": "user", "content": "<image>"}], allow_special_tokens=True)
+            proc.encode_messages(
+                [{"role": "user", "content": "<image>"}], allow_special_tokens=True
+            )
 
 
 @pytest.mark.parametrize("text", ["\ud800", "ok \udfff ok", "\udc00\ud800", "é\ud83d"])
