@@ -389,8 +389,8 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.param = param
+        self.message = _printable(message)  # messages echo client input, which may be invalid
+        self.param = None if param is None else _printable(param)
         self.code = code
         self.headers = headers or {}
 
@@ -399,3 +399,8 @@ class APIError(Exception):
         return ErrorResponse(
             error=ErrorBody(message=self.message, type=kind, param=self.param, code=self.code)
         ).model_dump()
+
+
+def _printable(s: str) -> str:
+    """`s` with lone surrogates written as escapes, so the error itself can always be sent."""
+    return s if _bad_string(s) is None else s.encode("utf-8", "backslashreplace").decode()
