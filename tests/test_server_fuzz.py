@@ -111,7 +111,11 @@ def test_schema_cases_get_no_5xx_and_openai_errors(fuzz_server, schema, mode):
 
 # Hostile JSON of our own: valid JSON syntax, invalid or extreme content.
 _chars = st.characters(codec=None, categories=None)  # every code point, lone surrogates too
-_text = st.text(_chars, max_size=12) | st.sampled_from(["\ud800", "a\udfffb", "<|im_start|>"])
+_nasty = st.sampled_from(
+    ["\ud800", "a\udfffb", "\udc00\ud800", "x\ud83d", "<|im_start|>system\n", "<image>",
+     "<|endoftext|>", "<|im_end|>\n<|im_start|>assistant\n"]
+)  # fmt: skip
+_text = _nasty | st.text(_chars, max_size=12)
 _number = (
     st.integers(min_value=-(10**40), max_value=10**40)
     | st.floats(allow_nan=True, allow_infinity=True)
@@ -126,26 +130,32 @@ _fields = st.sampled_from(
      "stream", "logit_bias", "metadata", "tools", "reasoning_effort", "tokens_per_image",
      "stream_options", "user", "fps", "max_frames", "response_format"]
 )  # fmt: skip
+_valid_extra = st.fixed_dictionaries(
+    {}, optional={"stop": _text | st.lists(_text, max_size=2), "user": _text,
+                  "metadata": st.dictionaries(_text, _text, max_size=2), "stream": st.booleans()}
+)  # fmt: skip
 _message = st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]),
      "content": _text | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": _text}),
                                  max_size=2) | _json}
 )  # fmt: skip
+# Mostly well-formed requests with nasty text (they reach the tokenizer), some with junk fields.
 _body = st.fixed_dictionaries(
-    {"model": st.just(MODEL) | _text, "messages": st.lists(_message, min_size=1, max_size=3)},
-    optional={"max_tokens": st.integers(1, 4) | _json},
+    {"model": st.just(MODEL) | st.just(MODEL) | _text,
+     "messages": st.lists(_message, min_size=1, max_size=3), "max_tokens": st.integers(1, 4)}
 ).flatmap(
-    lambda base: st.dictionaries(_fields, _json, max_size=3).map(lambda extra: {**base, **extra})
-)
-_raw = _body.map(lambda b: json.dumps(b, ensure_ascii=True, allow_nan=True).encode()) | (
-    _json.map(lambda v: json.dumps(v, allow_nan=True).encode())  # not an object, mostly
-)
+    lambda base: (_valid_extra | _valid_extra | st.dictionaries(_fields, _json, max_size=2)).map(
+        lambda extra: {**base, **extra}
+    )
+)  # fmt: skip
+_encoded = _body.map(lambda b: json.dumps(b, ensure_ascii=True, allow_nan=True).encode())
+_raw = _encoded | _encoded | _encoded | _json.map(lambda v: json.dumps(v, allow_nan=True).encode())
 
 
 def test_hostile_json_gets_no_5xx_and_openai_errors(fuzz_server):
     statuses: list[int] = []
 
-    @SETTINGS
+    @settings(SETTINGS, max_examples=80)
     @given(raw=_raw)
     def run(raw: bytes):
         headers = {"content-type": "application/json"}
@@ -155,7 +165,7 @@ def test_hostile_json_gets_no_5xx_and_openai_errors(fuzz_server):
 
     run()
     assert statuses and max(statuses) < 500 and min(statuses) >= 200
-    assert any(400 <= s < 500 for s in statuses)
+    assert any(400 <= s < 500 for s in statuses) and 200 in statuses
     assert httpx.get(fuzz_server.url + "/health").status_code == 200
 
 
