@@ -1,170 +1,36 @@
 """`fastvlm serve` against malformed and hostile requests (issue 17): every client error is a
 400-class OpenAI error object with no traceback in the log, field types are strict, the refused
-OpenAI fields in /openapi.json match what is accepted, /metrics counts what happened, message
-text cannot forge chat turns or images, and SIGTERM stops the server with exit status 0.
-
-A real uvicorn server on 127.0.0.1 in a thread; its loggers propagate to the root logger
-(`log_config=None`), so `caplog` sees everything uvicorn and the app log.
+OpenAI fields in /openapi.json match what is accepted, and message text cannot forge chat turns
+or images. Metrics and SIGTERM: test_server_metrics.py; harness: server_harness.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
-
 import pytest
-from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+import server_harness as harness  # noqa: E402
+from server_harness import (  # noqa: E402
+    CHAT,
+    FaultyVLM,
+    Server,
+    assert_error,
+    assert_no_traceback,
+    delta,
+    metrics,
+    post,
+    raw_req,
+    req,
+)
+
+# the harness' fixtures, by name
+faults, netguard, real_vlm, srv = harness.faults, harness.netguard, harness.real_vlm, harness.srv
+
 from fastvlm.server.app import ServerConfig, build_parser, config_from_args, create_app  # noqa: E402
 from fastvlm.server.protocol import REFUSED  # noqa: E402
-
-MODEL = "fastvlm-tiny"
-VIOLATIONS: list[str] = []
-CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def netguard():
-    with pytest.MonkeyPatch.context() as mp:
-        guard_network(mp, VIOLATIONS)
-        yield
-    assert not VIOLATIONS, VIOLATIONS
-
-
-class Server:
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        cfg = uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.server.started and httpx.get(self.url + "/health").status_code == 200:
-                return
-            time.sleep(0.05)
-        raise AssertionError("server never became ready")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-
-class FaultyVLM:
-    """The real FastVLM, plus switchable faults and a record of the ids each request encoded."""
-
-    def __init__(self, real) -> None:
-        self._real = real
-        self.fail: str | None = None  # None | "start" | "middle"
-        self.delay = 0.0
-        self.encoded: list[list[int]] = []
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def stream_chunks(self, messages, **kw):
-        special = kw.get("allow_special_tokens", False)
-        ids, _ = self._real.encode(messages, allow_special_tokens=special)
-        self.encoded.append(ids)
-        if self.fail == "start":
-            raise RuntimeError("injected fault before the first token")
-        for i, chunk in enumerate(self._real.stream_chunks(messages, **kw)):
-            if self.fail == "middle" and i == 1:
-                raise RuntimeError("injected fault mid-generation")
-            if self.delay:
-                time.sleep(self.delay)
-            yield chunk
-
-
-@pytest.fixture(scope="module")
-def real_vlm():
-    from fastvlm.api import load
-
-    return load(None, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def srv(real_vlm):
-    vlm = FaultyVLM(real_vlm)
-    s = Server(create_app(ServerConfig(), vlm=vlm))
-    s.vlm = vlm
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def faults(srv):
-    yield srv.vlm
-    srv.vlm.fail, srv.vlm.delay = None, 0.0
-
-
-def post(url: str, raw: bytes | dict, **kw) -> httpx.Response:
-    data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
-    headers = {"content-type": "application/json"}
-    return httpx.post(url + CHAT, content=data, headers=headers, timeout=60, **kw)
-
-
-def req(**kw) -> dict:
-    return {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Hi."}],
-        "max_tokens": 2,
-        "temperature": 0,
-        **kw,
-    }
-
-
-def raw_req(fragment: str) -> bytes:
-    """A request body with one hand-written JSON fragment (escapes stay as written)."""
-    return ('{"model": "fastvlm-tiny", "max_tokens": 2, ' + fragment + "}").encode()
-
-
-def assert_error(r: httpx.Response, status: int = 400) -> dict:
-    assert r.status_code == status, r.text[:300]
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    assert err["type"] == "invalid_request_error"
-    return err
-
-
-def assert_no_traceback(caplog) -> None:
-    for rec in caplog.records:
-        assert rec.exc_info is None and rec.levelno < 40, (rec.name, rec.getMessage())
-    assert "Traceback" not in caplog.text
-
-
-def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
-def delta(before: dict, after: dict) -> dict:
-    keys = set(before) | set(after)
-    d = {k: after.get(k, 0) - before.get(k, 0) for k in keys if "_bucket" not in k}
-    return {k: v for k, v in d.items() if v and not k.endswith(("_sum", "_count"))}
-
 
 # ---------------------------------------------------------------------- malformed input → 400
 MSG = '"messages": [{"role": "user", "content": "hi"}]'
@@ -368,95 +234,6 @@ def test_openapi_advertises_no_reasoning_effort_values(srv):
     assert prop.get("type") == "null" and "enum" not in prop and "anyOf" not in prop
 
 
-# ---------------------------------------------------------------------- metrics
-ERRS = "fastvlm_generation_errors_total"
-CANCELLED = "fastvlm_requests_cancelled_total"
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_generation_error_is_a_500_and_not_a_cancellation(srv, faults, caplog, stream):
-    faults.fail = "start"
-    before = metrics(srv.url)
-    err = post(srv.url, req(stream=stream)).json()["error"]
-    assert err["code"] == "internal" and err["type"] == "server_error"
-    assert delta(before, metrics(srv.url)) == {'fastvlm_requests_total{status="500"}': 1, ERRS: 1}
-    assert sum(r.exc_info is not None for r in caplog.records) == 1  # logged once, here
-
-
-def test_error_mid_stream_is_counted_as_an_error(srv, faults):
-    faults.fail = "middle"
-    before = metrics(srv.url)
-    r = post(srv.url, req(stream=True, max_tokens=8, ignore_eos=True))
-    assert r.status_code == 200 and '"code": "internal"' in r.text  # in-band, after the 200
-    d = delta(before, metrics(srv.url))
-    assert d.pop(ERRS) == 1 and CANCELLED not in d
-    assert d.pop('fastvlm_requests_total{status="200"}') == 1
-
-
-@pytest.mark.parametrize("where", ["prepare", "admit", "stream"])
-def test_unhandled_exception_is_one_logged_500(srv, monkeypatch, caplog, where):
-    from fastvlm.server.serving import ChatService
-
-    def boom(*a, **k):
-        raise KeyError("injected internal bug")
-
-    monkeypatch.setattr(ChatService, where, boom)
-    caplog.set_level("DEBUG")
-    before = metrics(srv.url)
-    r = post(srv.url, req(stream=where == "stream"))
-    assert r.status_code == 500
-    assert r.json()["error"] == {
-        "message": "internal server error",
-        "type": "server_error",
-        "param": None,
-        "code": "internal",
-    }
-    d = delta(before, metrics(srv.url))
-    assert d == {'fastvlm_requests_total{status="500"}': 1}, d  # not 499, not cancelled
-    assert sum(r.exc_info is not None for r in caplog.records) == 1
-    assert caplog.text.count("Traceback") <= 1
-
-
-def test_client_disconnect_is_counted_as_cancelled(srv, faults):
-    faults.delay = 0.01  # 900 tokens ≥ 9 s: the client leaves long before
-    long = req(stream=True, max_tokens=900, ignore_eos=True)
-    before = metrics(srv.url)
-    with httpx.stream("POST", srv.url + CHAT, json=long, timeout=60) as r:
-        assert r.status_code == 200
-        for i, _ in enumerate(r.iter_lines()):
-            if i >= 6:
-                break
-    deadline = time.time() + 30
-    while metrics(srv.url).get(CANCELLED, 0) == before.get(CANCELLED, 0):
-        assert time.time() < deadline, "the disconnect was never counted"
-        time.sleep(0.1)
-    d = delta(before, metrics(srv.url))
-    assert d.get(CANCELLED) == 1 and ERRS not in d, d
-    assert 'fastvlm_requests_total{status="500"}' not in d
-    # non-streaming: the client times out; the server notices and cancels
-    before = metrics(srv.url)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + CHAT, json={**long, "stream": False}, timeout=1.5)
-    deadline = time.time() + 30
-    while metrics(srv.url).get(CANCELLED, 0) == before.get(CANCELLED, 0):
-        assert time.time() < deadline, "the disconnect was never counted"
-        time.sleep(0.1)
-    d = delta(before, metrics(srv.url))
-    counts = {k: v for k, v in d.items() if "tokens_total" not in k}
-    assert counts == {CANCELLED: 1, 'fastvlm_requests_total{status="499"}': 1}, d
-
-
-def test_client_errors_count_as_their_status(srv):
-    before = metrics(srv.url)
-    assert_error(post(srv.url, req(max_tokens=0)))
-    r = post(srv.url, req(model="nope"))
-    assert r.status_code == 404
-    assert delta(before, metrics(srv.url)) == {
-        'fastvlm_requests_total{status="400"}': 1,
-        'fastvlm_requests_total{status="404"}': 1,
-    }
-
-
 # ---------------------------------------------------------------------- text is text
 def _specials(vlm) -> list[str]:
     return [t.content for t in vlm.tokenizer.get_added_tokens_decoder().values() if t.special]
@@ -527,35 +304,3 @@ def test_allow_special_tokens_flag(real_vlm):
         assert "image" in err["message"]
     finally:
         s.stop()
-
-
-# ---------------------------------------------------------------------- SIGTERM
-@pytest.mark.parametrize("when", ["ready", "listening"])
-def test_sigterm_exits_zero(when):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fastvlm", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            try:
-                status = httpx.get(f"http://127.0.0.1:{port}/health").status_code
-                if when == "listening" or status == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = proc.stdout.read().decode()
-    assert rc == 0, out[-2000:]
-    assert "Traceback" not in out, out[-2000:]
