@@ -109,6 +109,30 @@ def test_client_disconnect_is_counted_as_cancelled(srv, faults):
     assert counts == {CANCELLED: 1, 'fastvlm_requests_total{status="499"}': 1}, d
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_server_side_cancel_is_counted_as_cancelled(srv, faults, stream):
+    """Shutdown cancels in-flight runs: they end early, which is neither success nor error."""
+    import threading
+
+    faults.delay = 0.01
+    service = srv.app.state.fastvlm["service"]
+    before = metrics(srv.url)
+    done: list[httpx.Response] = []
+    body = req(stream=stream, max_tokens=900, ignore_eos=True)
+    t = threading.Thread(target=lambda: done.append(post(srv.url, body)))
+    t.start()
+    deadline = time.time() + 30
+    while metrics(srv.url).get("fastvlm_requests_running", 0) < 1:
+        assert time.time() < deadline, "the request never started generating"
+        time.sleep(0.02)
+    service.cancel_all()
+    t.join(30)
+    assert done and done[0].status_code == 200
+    d = delta(before, metrics(srv.url))
+    assert d.get(CANCELLED) == 1 and ERRS not in d, d
+    assert d.get("fastvlm_generation_tokens_total", 0) < 900, d
+
+
 def test_client_errors_count_as_their_status(srv):
     before = metrics(srv.url)
     assert_error(post(srv.url, req(max_tokens=0)))

@@ -407,8 +407,7 @@ class ChatService:
                     continue
                 kind, item = getter.result()
                 getter = None
-                if kind == "done":
-                    outcome = "completed"
+                if kind == "done":  # completed only if the last chunk said why it stopped
                     break
                 if kind == "error":
                     outcome = "failed"
@@ -485,8 +484,6 @@ class ChatService:
                 if item.finish_reason:
                     yield self._frame(job, choice({}, item.finish_reason))
                 kind, item = await run.get()
-            else:
-                outcome = "completed"
             if last is not None and job.include_usage:
                 yield self._frame(job, [], usage=self._usage(last.stats))
             yield "data: [DONE]\n\n"
