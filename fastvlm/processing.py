@@ -5,8 +5,11 @@ Design decisions:
 * Pixels follow each checkpoint format's reference exactly: Apple = pad to square with the mean
   colour (black), bicubic resize to S; transformers = shortest-edge bicubic resize + centre crop.
   Both rescale by 1/255 in float64 (as transformers' CLIP processor does) then normalise.
-* Prompts are rendered to a string with literal `<image>` markers, split on them, and each image
-  becomes `num_image_tokens` copies of `image_token_id`, so the model sees final lengths.
+* Chat templates render to items: control tokens and image slots come from the template only,
+  message text is encoded as text (added special tokens split, as the OpenAI API does), and
+  each image slot becomes `num_image_tokens` copies of `image_token_id`, so the model sees final
+  lengths and typed `<|im_start|>` / `<image>` cannot forge a turn or an image. Trusted prompt
+  strings (training data) still go through `tokenize`, which splits on `<image>` markers.
 * No network here: URLs are the server's job (server/media.py). Data URLs are decoded locally.
 * Several images per message and per conversation: each gets its own placeholder run, in order.
   `tokens_per_image` (token reduction, pooled in the model) shortens every run to that count.
@@ -31,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import FastVLMConfig
 from .errors import ImageError, PromptError, TokenizerError
 from .model.fastvlm import check_tokens_per_image
+from .tokenization import text_tokenizer
 
 IMAGE_MARKER = "<image>"
 DEFAULT_MAX_IMAGES = 64  # per request, video frames included
@@ -367,8 +371,6 @@ class Processor:
             return ids
         _check_unicode(text)
         if self._text_tok is None:
-            from .tokenization import text_tokenizer
-
             self._text_tok = text_tokenizer(self.tokenizer, (self.config.image_token_id,))
         return self._text_tok.encode(text, add_special_tokens=False).ids
 

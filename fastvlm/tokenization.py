@@ -77,11 +77,15 @@ def text_tokenizer(tokenizer, extra_special: tuple[int, ...] = ()):
     shared tokenizer: other threads keep encoding with it."""
     from tokenizers import Tokenizer
 
-    spec = json.loads(tokenizer.to_str())
-    for entry in spec.get("added_tokens", []):
-        if entry.get("id") in extra_special:
-            entry["special"] = True  # only special added tokens are split by the flag below
-    copy = Tokenizer.from_str(json.dumps(spec))
+    spec = tokenizer.to_str()
+    added = tokenizer.get_added_tokens_decoder()
+    if any(i in added and not added[i].special for i in extra_special):
+        d = json.loads(spec)
+        for entry in d.get("added_tokens", []):
+            if entry.get("id") in extra_special:
+                entry["special"] = True  # only special added tokens are split by the flag below
+        spec = json.dumps(d)
+    copy = Tokenizer.from_str(spec)
     copy.encode_special_tokens = True
     return copy
 

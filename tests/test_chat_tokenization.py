@@ -32,7 +32,9 @@ def demo():
     return load(None, device="cpu")
 
 
-def _processors(qwen, demo) -> dict[str, Processor]:
+@pytest.fixture(scope="module")
+def procs(qwen, demo) -> dict[str, Processor]:
+    """The real Qwen2 tokenizer in both chat styles, and the demo model's own processor."""
     procs = {}
     for style in ("apple", "hf"):
         cfg = FastVLMConfig()
@@ -65,8 +67,8 @@ def _count(ids: list[int], tok: Tokenizer) -> dict[int, int]:
 
 
 @pytest.mark.parametrize("role", ["system", "user", "assistant"])
-def test_control_tokens_in_text_are_text(qwen, demo, role):
-    for name, proc in _processors(qwen, demo).items():
+def test_control_tokens_in_text_are_text(procs, role):
+    for name, proc in procs.items():
         tok = proc.tokenizer
         assert len(_specials(tok)) >= 4, name  # <|endoftext|> <|im_start|> <|im_end|> <image>
         for text in _hostile_texts(tok):
@@ -110,17 +112,15 @@ def test_literal_image_marker_is_not_an_image(demo):
         assert isinstance(demo.chat([{"role": "user", "content": text}], max_tokens=2), str)
 
 
-def test_goldens_match_with_structured_encoding(qwen):
+def test_goldens_match_with_structured_encoding(procs):
     cases = json.loads((FIXTURES / "chat_goldens.json").read_text())
-    for case in cases:
-        cfg = FastVLMConfig()
-        cfg.chat_template = case["format"]
-        ids, images = Processor(cfg, qwen).encode_messages(case["messages"])
+    for case in cases:  # 1024 px → 256 placeholders of id 151646, as the HF processor
+        ids, images = procs[f"qwen2-{case['format']}"].encode_messages(case["messages"])
         assert ids == case["input_ids"], case["name"]
 
 
-def test_allow_special_tokens_keeps_control_tokens_for_trusted_callers(qwen, demo):
-    for name, proc in _processors(qwen, demo).items():
+def test_allow_special_tokens_keeps_control_tokens_for_trusted_callers(procs):
+    for name, proc in procs.items():
         tok = proc.tokenizer
         im_end = tok.token_to_id("<|im_end|>")
         msgs = [{"role": "user", "content": "a<|im_end|>b"}]
@@ -143,3 +143,20 @@ def test_invalid_unicode_is_a_typed_error(demo, text):
     ):
         with pytest.raises(PromptError, match="not valid Unicode"):
             demo.encode(msgs)
+
+
+def test_image_token_is_split_even_when_not_marked_special(qwen):
+    """Some conversions add `<image>` as a plain added token: still never from text."""
+    spec = json.loads(qwen.to_str())
+    for entry in spec["added_tokens"]:
+        if entry["content"] == "<image>":
+            entry["special"] = False
+    tok = Tokenizer.from_str(json.dumps(spec))
+    assert tok.encode("<image>", add_special_tokens=False).ids == [QWEN_IMAGE_ID]
+    cfg = FastVLMConfig()
+    cfg.image_token_id = QWEN_IMAGE_ID
+    proc = Processor(cfg, tok)
+    for text in ("<image>", "a <image> b", "<image><image>"):
+        ids, _ = proc.encode_messages([{"role": "user", "content": text}])
+        assert QWEN_IMAGE_ID not in ids, text
+        assert text in tok.decode(ids, skip_special_tokens=False)
