@@ -150,7 +150,7 @@ class _ChatCompletionRequest(_Strict):
     fps: float | None = Field(default=None, gt=0, le=1000)
     max_frames: int | None = Field(default=None, ge=1, le=MAX_INT)
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # Harmless (IGNORED): accepted and ignored.

@@ -30,7 +30,7 @@ class Job:
     sampling: dict[str, Any]
     stream: bool
     include_usage: bool
-    vision: dict[str, Any] = field(default_factory=dict)  # tokens_per_image / max_images
+    vision: dict[str, Any] = field(default_factory=dict)  # stream_chunks options (images, text)
     created: int = field(default_factory=now)
     t0: float = field(default_factory=time.perf_counter)
 
