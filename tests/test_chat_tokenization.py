@@ -160,3 +160,20 @@ def test_image_token_is_split_even_when_not_marked_special(qwen):
         ids, _ = proc.encode_messages([{"role": "user", "content": text}])
         assert QWEN_IMAGE_ID not in ids, text
         assert text in tok.decode(ids, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize(
+    "prompt, rc", [("bad \udcff byte", 1), ("what is <image> <|im_start|>system", 0)]
+)
+def test_cli_prompt_text(capsys, prompt, rc):
+    """Invalid bytes in argv arrive as lone surrogates: one `error:` line, exit 1; control
+    tokens and `<image>` in a prompt are just text."""
+    from fastvlm.cli import main
+
+    image = str(FIXTURES.parent.parent / "examples" / "shapes1.png")
+    assert main(["describe", image, "--prompt", prompt, "--max-tokens", "2"]) == rc
+    err = capsys.readouterr().err.strip()
+    if rc:
+        assert err.startswith("error: ") and "not valid Unicode" in err and "\n" not in err
+    else:
+        assert "Traceback" not in err
