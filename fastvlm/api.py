@@ -171,11 +171,16 @@ class FastVLM:
         *,
         tokens_per_image: int | None = None,
         max_images: int | None = None,
+        allow_special_tokens: bool = False,
     ) -> tuple[list[int], torch.Tensor | None]:
         """Messages → (input ids, pixels); `tokens_per_image` sets the placeholder run length,
-        `max_images` overrides `processor.max_images` (video frames count as images)."""
+        `max_images` overrides `processor.max_images` (video frames count as images). Message
+        text is tokenized as text unless `allow_special_tokens` (trusted callers only)."""
         ids, pixels, _ = self.processor(
-            messages, tokens_per_image=tokens_per_image, max_images=max_images
+            messages,
+            tokens_per_image=tokens_per_image,
+            max_images=max_images,
+            allow_special_tokens=allow_special_tokens,
         )
         return ids, pixels
 
@@ -209,13 +214,19 @@ class FastVLM:
         *,
         tokens_per_image: int | None = None,
         max_images: int | None = None,
+        allow_special_tokens: bool = False,
         **sampling,
     ) -> Iterator[Chunk]:
         """Text chunks for `messages`; `tokens_per_image` pools each image to that many tokens
         (a perfect square ≤ `num_image_tokens`), `max_images` caps images + video frames."""
         params = self._params(sampling)
         tpi = tokens_per_image
-        ids, pixels = self.encode(messages, tokens_per_image=tpi, max_images=max_images)
+        ids, pixels = self.encode(
+            messages,
+            tokens_per_image=tpi,
+            max_images=max_images,
+            allow_special_tokens=allow_special_tokens,
+        )
         if self._use_engine(len(ids), params):
             handle = self.engine.submit(ids, pixels, params, tokens_per_image=tpi)
             for chunk in stream_text(handle, self.tokenizer):

@@ -42,3 +42,7 @@ class VideoError(ImageError):
     def __init__(self, message: str = "", kind: str = "invalid") -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class PromptError(FastVLMError, ValueError):
+    """Message text cannot be encoded (invalid Unicode, an image token typed as text)."""

@@ -8,6 +8,11 @@ tokenizer still loads; encoding then raises `TokenizerError`.
 `IncrementalDetokenizer` turns a growing list of ids into text deltas without ever emitting a
 broken UTF-8 sequence (byte-level BPE splits multi-byte characters across tokens): it re-decodes a
 short window and holds back text that ends in U+FFFD, the same scheme vLLM uses.
+
+`text_tokenizer` is the copy that encodes message text: its added special tokens are not matched
+(`encode_special_tokens`, transformers' `split_special_tokens`), so a user who types
+`<|im_start|>` gets the characters, never the control token; the chat template inserts the real
+control tokens structurally (processing.py).
 """
 
 from __future__ import annotations
@@ -64,6 +69,25 @@ def load_tokenizer(folder: Path):
                 f"added token {added[i]!r} got id {tok.token_to_id(added[i])}, expected {i}"
             )
     return tok
+
+
+def text_tokenizer(tokenizer, extra_special: tuple[int, ...] = ()):
+    """A copy of `tokenizer` that encodes every added special token (and the added tokens with
+    ids in `extra_special`, e.g. the image token) as ordinary text. A copy, not a toggle on the
+    shared tokenizer: other threads keep encoding with it."""
+    from tokenizers import Tokenizer
+
+    spec = tokenizer.to_str()
+    added = tokenizer.get_added_tokens_decoder()
+    if any(i in added and not added[i].special for i in extra_special):
+        d = json.loads(spec)
+        for entry in d.get("added_tokens", []):
+            if entry.get("id") in extra_special:
+                entry["special"] = True  # only special added tokens are split by the flag below
+        spec = json.dumps(d)
+    copy = Tokenizer.from_str(spec)
+    copy.encode_special_tokens = True
+    return copy
 
 
 class IncrementalDetokenizer:

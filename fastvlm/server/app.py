@@ -3,29 +3,40 @@
 Design decisions:
 * The model loads in a background task after the socket is open, so `/health` can say
   "loading" (503) until it is ready and orchestrators see the difference from "dead".
-* One small ASGI guard in front of the app does the checks that must happen before a body is
-  read: the API key (401) and the request-size cap (413, counted while streaming the body, so a
-  lying or absent Content-Length does not help); it also counts responses per status for
-  /metrics.
+* One small ASGI guard in front of the app (guard.py) does the checks that must happen before a
+  body is read (API key, size cap), turns unhandled errors into one logged 500 and counts
+  responses per status for /metrics.
 * Every error, including FastAPI's validation errors and unknown routes, is rendered as an
-  OpenAI error object `{"error": {"message", "type", "param", "code"}}`.
+  OpenAI error object `{"error": {"message", "type", "param", "code"}}`. Client errors (4xx)
+  are never logged with a traceback; JSON bodies are parsed by `protocol.parse_json_body`
+  (routes use `_strict_json_route`), so malformed bytes, lone surrogates, NaN or deep nesting
+  are a 400 before validation starts.
 """
 
 import argparse
 import asyncio
-import hmac
-import json
 import logging
 import os
+import signal
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from html import escape
 from importlib import resources
 from typing import Any
 
+from .guard import Guard, error_json
 from .media import MediaPolicy
 from .metrics import Metrics
-from .protocol import APIError, ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelList
+from .protocol import (
+    REFUSED,
+    APIError,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelList,
+    parse_json_body,
+    refused_message,
+)
 from .serving import ChatService, ServeLimits
 
 log = logging.getLogger("fastvlm.server")
@@ -48,6 +59,7 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 64 * 1024 * 1024
     cors_origins: list[str] = field(default_factory=list)
+    allow_special_tokens: bool = False  # trusted callers: control tokens in text are kept
     limits: ServeLimits = field(default_factory=ServeLimits)
     media: MediaPolicy = field(default_factory=MediaPolicy)
     log_level: str = "info"
@@ -57,95 +69,7 @@ class ServerConfig:
         return self.served_model_name or self.model or DEFAULT_MODEL_NAME
 
 
-def _error_json(status: int, message: str, code: str | None = None, param: str | None = None):
-    return APIError(status, message, code=code, param=param).body()
-
-
-class _Guard:
-    """ASGI middleware: API key, request-size cap, per-status request counter."""
-
-    def __init__(self, app, cfg: ServerConfig, metrics: Metrics) -> None:
-        self.app = app
-        self.cfg = cfg
-        self.metrics = metrics
-
-    async def _reply(self, send, status: int, body: dict, headers=()) -> None:
-        raw = json.dumps(body).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(raw)).encode()),
-                    *headers,
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": raw})
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path: str = scope.get("path", "")
-        counted = path.startswith("/v1/chat/")
-        status_box: list[int] = []
-
-        async def send_counted(msg) -> None:
-            if msg["type"] == "http.response.start":
-                status_box.append(msg["status"])
-            await send(msg)
-
-        snd = send_counted if counted else send
-        try:
-            headers = {
-                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
-            }
-            key = self.cfg.api_key
-            if key and path.startswith("/v1/"):
-                auth = headers.get("authorization", "")
-                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-                if not hmac.compare_digest(token.encode(), key.encode()):
-                    return await self._reply(
-                        snd,
-                        401,
-                        _error_json(
-                            401,
-                            "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                            code="invalid_api_key",
-                        ),
-                        [(b"www-authenticate", b"Bearer")],
-                    )
-            limit = self.cfg.max_request_bytes
-            length = headers.get("content-length", "")
-            if length.isdigit() and int(length) > limit:
-                return await self._reply(snd, 413, _too_large(limit))
-            seen = 0
-
-            async def receive_capped():
-                nonlocal seen
-                msg = await receive()
-                if msg["type"] == "http.request":
-                    seen += len(msg.get("body", b""))
-                    if seen > limit:  # FastAPI passes HTTPExceptions from body reads through
-                        from starlette.exceptions import HTTPException
-
-                        raise HTTPException(413, _too_large(limit)["error"]["message"])
-                return msg
-
-            await self.app(scope, receive_capped, snd)
-        finally:
-            if counted:
-                self.metrics.requests[str(status_box[0] if status_box else 499)] += 1
-
-
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-
-
-def _too_large(limit: int) -> dict:
-    return _error_json(
-        413, f"request body is larger than the limit of {limit} bytes", code="request_too_large"
-    )
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
@@ -156,6 +80,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, 
     kind = e.get("type", "")
     if kind == "json_invalid":
         return "request body is not valid JSON", None, "invalid_json"
+    if loc and loc[0] in REFUSED:
+        return refused_message(loc[0]), loc[0], "unsupported_parameter"
     if kind == "extra_forbidden":
         return f"unrecognized request argument supplied: {param}", param, "unsupported_parameter"
     if kind == "missing":
@@ -163,6 +89,39 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, 
     msg = e.get("msg", "invalid request")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"invalid value for {param or 'body'}: {msg}{more}", param, "invalid_value"
+
+
+def _strict_json_route():
+    """An APIRoute whose JSON bodies are parsed by `parse_json_body` (FastAPI's own parser takes
+    lone surrogates and NaN, and answers other failures with a vague message)."""
+    from fastapi.routing import APIRoute
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+
+    class BodyError(HTTPException):  # FastAPI re-raises HTTPExceptions from body parsing as is
+        def __init__(self, error: APIError) -> None:
+            super().__init__(error.status, error.message)
+            self.error = error
+
+    class StrictJSONRequest(Request):
+        async def json(self):
+            if not hasattr(self, "_json"):
+                try:
+                    self._json = parse_json_body(await self.body())
+                except APIError as e:
+                    raise BodyError(e) from None
+            return self._json
+
+    class StrictJSONRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def route(request: Request):
+                return await handler(StrictJSONRequest(request.scope, request.receive))
+
+            return route
+
+    return StrictJSONRoute, BodyError
 
 
 def create_app(cfg: ServerConfig | None = None, vlm=None):
@@ -179,7 +138,14 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     state: dict[str, Any] = {"service": None, "error": None}
 
     def make_service(model) -> ChatService:
-        return ChatService(model, cfg.model_name, cfg.limits, cfg.media, metrics)
+        return ChatService(
+            model,
+            cfg.model_name,
+            cfg.limits,
+            cfg.media,
+            metrics,
+            allow_special_tokens=cfg.allow_special_tokens,
+        )
 
     async def load() -> None:
         try:
@@ -222,6 +188,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
         description="OpenAI-compatible chat completions for FastVLM vision-language models.",
         lifespan=lifespan,
     )
+    app.router.route_class, BodyError = _strict_json_route()  # before any route is added
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -231,7 +198,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
         )
-    app.add_middleware(_Guard, cfg=cfg, metrics=metrics)
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
 
     def service() -> ChatService:
         if state["service"] is None:
@@ -247,23 +214,22 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     async def _api_error(request: Request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(BodyError)
+    async def _body_error(request: Request, e):
+        return JSONResponse(e.error.body(), status_code=e.error.status)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
         msg, param, code = _validation_message(list(e.errors()))
-        return JSONResponse(_error_json(400, msg, code, param), status_code=400)
+        return JSONResponse(error_json(400, msg, code, param), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, e: HTTPException):
         return JSONResponse(
-            _error_json(e.status_code, str(e.detail), HTTP_CODES.get(e.status_code)),
+            error_json(e.status_code, str(e.detail), HTTP_CODES.get(e.status_code)),
             status_code=e.status_code,
             headers=getattr(e, "headers", None),
         )
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        log.exception("unhandled error", exc_info=e)
-        return JSONResponse(_error_json(500, "internal server error", "internal"), 500)
 
     errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
 
@@ -384,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="hosts that may be fetched even if they resolve to private/loopback addresses",
     )
     p.add_argument("--cors-origins", nargs="*", default=[], help="origins allowed by CORS")
+    p.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="trusted callers only: control tokens such as <|im_start|> typed in message text "
+        "are kept as control tokens (default: text is tokenized as text)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -403,6 +375,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         api_key=a.api_key or None,
         max_request_bytes=int(a.max_request_mb * 1024 * 1024),
         cors_origins=list(a.cors_origins),
+        allow_special_tokens=a.allow_special_tokens,
         limits=ServeLimits(
             max_concurrency=a.max_concurrency,
             max_tokens_limit=a.max_tokens_limit,
@@ -440,14 +413,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)
-    uvicorn.run(
-        create_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
-        log_level=cfg.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM and then re-raises the signal to the
+    # handler it found; with this one, a clean stop by signal exits 0 instead of dying by it.
+    stops: list[int] = []
+    previous = {s: signal.signal(s, lambda n, _: stops.append(n)) for s in _STOP_SIGNALS}
+    try:
+        uvicorn.run(
+            create_app(cfg),
+            host=cfg.host,
+            port=cfg.port,
+            log_level=cfg.log_level,
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stops:
+        log.info("stopped by %s", signal.Signals(stops[0]).name)
     return 0
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 if __name__ == "__main__":

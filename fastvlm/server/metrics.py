@@ -41,7 +41,8 @@ class Metrics:
         self.prompt_tokens = 0
         self.image_tokens = 0
         self.generation_tokens = 0
-        self.cancelled = 0
+        self.cancelled = 0  # the client went away (or the server stopped) mid-generation
+        self.failed = 0  # generation raised: an error, not a cancellation
         self.running = 0  # admitted requests producing tokens
         self.waiting = 0  # admitted requests that have not produced a token yet
         self.ttft = Histogram()
@@ -60,6 +61,7 @@ class Metrics:
             ("image_tokens_total", self.image_tokens, "Image placeholder tokens processed."),
             ("generation_tokens_total", self.generation_tokens, "Tokens generated."),
             ("requests_cancelled_total", self.cancelled, "Generations cancelled (disconnects)."),
+            ("generation_errors_total", self.failed, "Generations that failed with an error."),
         ):
             lines += [f"# HELP {p}{name} {help_}", f"# TYPE {p}{name} counter"]
             lines.append(f"{p}{name} {value}")

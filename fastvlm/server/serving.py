@@ -2,10 +2,7 @@
 chunks. No HTTP here (app.py owns routes); errors are `APIError`s carrying their status.
 
 Design decisions:
-* Generation is blocking torch code, so each request iterates `vlm.stream_chunks` in its own
-  worker thread and hands chunks to the event loop through an `asyncio.Queue`
-  (`loop.call_soon_threadsafe`). Cancelling (client gone, shutdown) sets an event the worker
-  checks after every chunk; the worker then closes the generator, which frees the engine slot.
+* Generation runs in a worker thread per request (runs.py); cancelling frees its engine slot.
 * When `FastVLM` has a shared, thread-safe engine (`vlm.engine`), concurrent workers are batched
   by it; otherwise (reference decoder) a lock runs them one at a time. Either way the HTTP side
   is the same.
@@ -29,12 +26,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FastVLMError
 from ..model.fastvlm import check_tokens_per_image
-from ..processing import render_chat
 from .media import (
     MediaError,
     MediaPolicy,
@@ -53,9 +49,8 @@ from .protocol import (
     PromptTokensDetails,
     Usage,
     new_id,
-    now,
-    unsupported_params,
 )
+from .runs import Job, Run, Ticket
 
 log = logging.getLogger("fastvlm.server")
 
@@ -70,88 +65,6 @@ class ServeLimits:
     max_images: int = 16  # images per request, video frames included
     max_messages: int = 1024  # messages per request (each adds template tokens)
     retry_after_s: int = 1
-
-
-@dataclass(slots=True)
-class Job:
-    """A validated request, ready to generate."""
-
-    id: str
-    messages: list[dict]
-    sampling: dict[str, Any]
-    stream: bool
-    include_usage: bool
-    vision: dict[str, Any] = field(default_factory=dict)  # tokens_per_image / max_images
-    created: int = field(default_factory=now)
-    t0: float = field(default_factory=time.perf_counter)
-
-
-class Ticket:
-    """One admitted request's concurrency slot; `release()` is idempotent."""
-
-    def __init__(self, service: ChatService) -> None:
-        self.service: ChatService | None = service
-
-    def release(self) -> None:
-        if self.service is not None:
-            self.service.admitted -= 1
-            self.service = None
-
-
-class _Run:
-    """One generation in a worker thread; `get()` yields ("chunk", Chunk) / ("error", exc) /
-    ("done", None) on the event loop."""
-
-    def __init__(self, service: ChatService, job: Job, ticket: Ticket) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.ticket = ticket
-        self.first_seen = False
-        self.finished = False
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancel_event = threading.Event()
-        self.service = service
-        self.job = job
-        self.thread = threading.Thread(target=self._work, name=f"gen-{job.id}", daemon=True)
-        self.thread.start()
-
-    def _put(self, item: tuple[str, Any]) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # loop closed during shutdown: nobody is listening any more
-            self.cancel_event.set()
-
-    def _work(self) -> None:
-        svc = self.service
-        lock = svc.gen_lock
-        try:
-            if lock is not None:
-                lock.acquire()
-            try:
-                if self.cancel_event.is_set():
-                    return
-                gen = svc.vlm.stream_chunks(
-                    self.job.messages, **self.job.vision, **self.job.sampling
-                )
-                try:
-                    for chunk in gen:
-                        self._put(("chunk", chunk))
-                        if self.cancel_event.is_set():
-                            break
-                finally:
-                    gen.close()  # frees the engine slot when we stop early
-            finally:
-                if lock is not None:
-                    lock.release()
-        except BaseException as e:  # noqa: BLE001 - handed to the event loop, never lost
-            self._put(("error", e))
-        finally:
-            self._put(("done", None))
-
-    async def get(self) -> tuple[str, Any]:
-        return await self.queue.get()
-
-    def cancel(self) -> None:
-        self.cancel_event.set()
 
 
 def _error_from(e: BaseException) -> APIError:
@@ -174,8 +87,10 @@ class ChatService:
         media: MediaPolicy | None = None,
         metrics: Metrics | None = None,
         serialize: bool | None = None,
+        allow_special_tokens: bool = False,
     ) -> None:
         self.vlm = vlm
+        self.allow_special_tokens = allow_special_tokens  # else message text is only text
         self.model_name = model_name
         self.limits = limits or ServeLimits()
         self.media = media or MediaPolicy()
@@ -186,7 +101,7 @@ class ChatService:
             serialize = not has_engine or getattr(vlm, "engine_kind", None) == "reference"
         self.gen_lock = threading.Lock() if serialize else None
         self.admitted = 0
-        self.runs: set[_Run] = set()
+        self.runs: set[Run] = set()
         self.context_len = vlm.config.text.max_position_embeddings
 
     # ------------------------------------------------------------------ admission
@@ -217,17 +132,6 @@ class ChatService:
                 "(see GET /v1/models)",
                 param="model",
                 code="model_not_found",
-            )
-        bad = unsupported_params(req)
-        if bad:
-            raise APIError(
-                400,
-                f"unsupported parameter(s): {', '.join(bad)} (this server supports max_tokens, "
-                "max_completion_tokens, temperature, top_p, top_k, repetition_penalty, seed, "
-                "stop, ignore_eos, stream, stream_options, n=1, tokens_per_image, fps and "
-                "max_frames)",
-                param=bad[0],
-                code="unsupported_parameter",
             )
         tpi = self._tokens_per_image(req)
         messages, parts, urls = self._messages(req)
@@ -267,6 +171,8 @@ class ChatService:
         n_prompt = await asyncio.to_thread(self._count_prompt, messages, tpi)
         sampling = self._sampling(req, n_prompt)
         vision: dict[str, Any] = {}
+        if self.allow_special_tokens:
+            vision["allow_special_tokens"] = True
         if tpi is not None:
             vision["tokens_per_image"] = tpi
         proc_limit = getattr(getattr(self.vlm, "processor", None), "max_images", None)
@@ -371,10 +277,13 @@ class ChatService:
 
     def _count_prompt(self, messages: list[dict], tokens_per_image: int | None = None) -> int:
         """Prompt length in tokens, (pooled) image placeholders included (no pixels)."""
-        cfg = self.vlm.config
         try:
-            prompt, images = render_chat(messages, cfg.chat_template, cfg.system_prompt)
-            return len(self.vlm.processor.tokenize(prompt, len(images), tokens_per_image))
+            ids, _ = self.vlm.processor.encode_messages(
+                messages,
+                tokens_per_image=tokens_per_image,
+                allow_special_tokens=self.allow_special_tokens,
+            )
+            return len(ids)
         except (FastVLMError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from e
 
@@ -431,20 +340,22 @@ class ChatService:
         return s
 
     # ------------------------------------------------------------------ generation
-    def _start(self, job: Job, ticket: Ticket) -> _Run:
-        run = _Run(self, job, ticket)
+    def _start(self, job: Job, ticket: Ticket) -> Run:
+        run = Run(self, job, ticket)
         self.runs.add(run)
         self.metrics.waiting += 1
         return run
 
-    def _on_first(self, run: _Run) -> None:
+    def _on_first(self, run: Run) -> None:
         run.first_seen = True
         self.metrics.waiting -= 1
         self.metrics.running += 1
         self.metrics.ttft.observe(time.perf_counter() - run.job.t0)
 
-    def finish(self, run: _Run, last=None, cancelled: bool = True) -> None:
-        """Account for a run exactly once and give its slot back (idempotent)."""
+    def finish(self, run: Run, last=None, outcome: str = "cancelled") -> None:
+        """Account for a run exactly once and give its slot back (idempotent). `outcome` is
+        what happened: "completed", "failed" (generation raised) or "cancelled" (the client
+        went away or the server is stopping): each has its own counter."""
         if run.finished:
             return
         run.finished = True
@@ -455,14 +366,17 @@ class ChatService:
             m.running -= 1
         else:
             m.waiting -= 1
-        if cancelled:
-            m.cancelled += 1
+        if outcome != "completed":
             run.cancel()
+            if outcome == "failed":
+                m.failed += 1
+            else:
+                m.cancelled += 1
         if last is not None:
             m.prompt_tokens += last.stats.prompt_tokens
             m.image_tokens += last.stats.image_tokens
             m.generation_tokens += last.stats.generation_tokens
-            if not cancelled:
+            if outcome == "completed":
                 m.latency.observe(time.perf_counter() - run.job.t0)
 
     @staticmethod
@@ -486,6 +400,7 @@ class ChatService:
         last = None
         getter: asyncio.Task | None = None
         next_check = time.monotonic() + 0.5
+        outcome = "cancelled"  # until the run ends or fails: a disconnect, or shutdown
         try:
             while True:
                 getter = getter or asyncio.ensure_future(run.get())
@@ -498,18 +413,21 @@ class ChatService:
                     continue
                 kind, item = getter.result()
                 getter = None
-                if kind == "done":
+                if kind == "done":  # completed only if the last chunk said why it stopped
                     break
                 if kind == "error":
+                    outcome = "failed"
                     raise _error_from(item)
                 if not run.first_seen:
                     self._on_first(run)
                 texts.append(item.text)
                 last = item
+                if item.finish_reason:
+                    outcome = "completed"
         finally:
             if getter is not None:
                 getter.cancel()
-            self.finish(run, last, cancelled=last is None or last.finish_reason is None)
+            self.finish(run, last, outcome)
         if last is None:
             raise APIError(500, "generation produced no output", code="internal")
         return ChatCompletion(
@@ -525,14 +443,14 @@ class ChatService:
             usage=self._usage(last.stats),
         )
 
-    async def stream(self, job: Job, ticket: Ticket) -> tuple[AsyncIterator[str], _Run]:
+    async def stream(self, job: Job, ticket: Ticket) -> tuple[AsyncIterator[str], Run]:
         """Start generating; return (SSE event stream, run). The first chunk (or the error) is
         awaited here, so failures before any token still become a proper 4xx response. The
         caller must call `finish(run)` if the stream is never iterated to the end."""
         run = self._start(job, ticket)
         kind, item = await run.get()
         if kind == "error":
-            self.finish(run)
+            self.finish(run, outcome="failed")
             raise _error_from(item)
         if kind == "chunk":
             self._on_first(run)
@@ -550,19 +468,23 @@ class ChatService:
             d["usage"] = usage.model_dump() if usage is not None else None
         return f"data: {json.dumps(d, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
-    async def _events(self, job: Job, run: _Run, first: tuple[str, Any]) -> AsyncIterator[str]:
+    async def _events(self, job: Job, run: Run, first: tuple[str, Any]) -> AsyncIterator[str]:
         def choice(delta: dict, finish: str | None = None) -> list[dict]:
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
 
         last = None
+        outcome = "cancelled"  # until the run ends or fails: a disconnect, or shutdown
         try:
             yield self._frame(job, choice({"role": "assistant", "content": ""}))
             kind, item = first
             while kind != "done":
                 if kind == "error":  # after the 200 went out: report in-band, then end
+                    outcome = "failed"
                     yield f"data: {json.dumps(_error_from(item).body())}\n\n"
                     break
                 last = item
+                if item.finish_reason:
+                    outcome = "completed"
                 if item.text:
                     yield self._frame(job, choice({"content": item.text}))
                 if item.finish_reason:
@@ -572,4 +494,4 @@ class ChatService:
                 yield self._frame(job, [], usage=self._usage(last.stats))
             yield "data: [DONE]\n\n"
         finally:  # also runs when the client disconnects (the task is cancelled mid-await)
-            self.finish(run, last, cancelled=last is None or last.finish_reason is None)
+            self.finish(run, last, outcome)
