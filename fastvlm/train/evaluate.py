@@ -128,6 +128,7 @@ def evaluate(
                     image_embeds=embeds,
                     eos_ids=vlm.eos_ids,
                     vocab_limit=vlm.vocab_limit,
+                    step_fn=vlm.step_fn,  # torch or ONNX Runtime, as loaded
                 )
                 pred = pred.strip()
                 rec.update(
