@@ -69,31 +69,34 @@ def js_config(precision: dict[str, str], onnx_dir: Path) -> dict:
 
 
 def chat_template(cfg: FastVLMConfig) -> str:
-    """Jinja equivalent of processing.render_chat for the model's style (apple or hf)."""
+    """Jinja equivalent of processing.render_chat for the model's style (apple or hf). Every
+    newline is a `{{ '\\n' }}` expression: chat renderers trim newlines next to block tags."""
+    nl = "{{ '\\n' }}"
     system = json.dumps(cfg.system_prompt)  # a Jinja string literal
-    lead = "\n" if cfg.chat_template == "hf" else ""  # hf prefixes every text part with "\n"
-    if cfg.chat_template == "hf":
+    if cfg.chat_template == "hf":  # images first, each text part prefixed by a newline
+        text = nl + "{{ m.content }}"
         body = (
-            "{%- for p in m.content if p.type == 'image' -%}<image>{%- endfor -%}"
-            "{%- for p in m.content if p.type == 'text' -%}\n{{ p.text }}{%- endfor -%}"
+            "{% for p in m.content %}{% if p.type == 'image' %}<image>{% endif %}{% endfor %}"
+            "{% for p in m.content %}{% if p.type == 'text' %}" + nl + "{{ p.text }}"
+            "{% endif %}{% endfor %}"
         )
-    else:
+    else:  # Apple conv_qwen_2: "<image>\n" per image, then the text parts joined by newlines
+        text = "{{ m.content }}"
         body = (
-            "{%- for p in m.content if p.type == 'image' -%}<image>\n{%- endfor -%}"
-            "{%- for p in m.content if p.type == 'text' -%}"
-            "{%- if not loop.first -%}\n{%- endif -%}{{ p.text }}{%- endfor -%}"
-        )
+            "{% for p in m.content %}{% if p.type == 'image' %}<image>" + nl + "{% endif %}"
+            "{% endfor %}{% set ns = namespace(first=true) %}"
+            "{% for p in m.content %}{% if p.type == 'text' %}{% if not ns.first %}" + nl +
+            "{% endif %}{{ p.text }}{% set ns.first = false %}{% endif %}{% endfor %}"
+        )  # fmt: skip
     return (
-        "{%- for m in messages -%}"
-        "{%- if loop.first and m.role != 'system' -%}"
-        "<|im_start|>system\n" + "{{ " + system + " }}" + "<|im_end|>\n"
-        "{%- endif -%}"
-        "<|im_start|>{{ m.role }}\n"
-        "{%- if m.content is string -%}" + lead + "{{ m.content }}{%- else -%}" + body + "{%- endif -%}"
-        "<|im_end|>\n"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
-    )
+        "{% for m in messages %}"
+        "{% if loop.first and m.role != 'system' %}<|im_start|>system" + nl + "{{ " + system +
+        " }}<|im_end|>" + nl + "{% endif %}"
+        "<|im_start|>{{ m.role }}" + nl +
+        "{% if m.content is string %}" + text + "{% else %}" + body + "{% endif %}"
+        "<|im_end|>" + nl + "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant" + nl + "{% endif %}"
+    )  # fmt: skip
 
 
 def eos_ids(cfg: FastVLMConfig, tokenizer) -> list[int]:
