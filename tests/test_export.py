@@ -230,3 +230,37 @@ def test_coreml_small_preset_spec(tmp_path, tokenizer):
     assert dec["ops"].get("constexpr_blockwise_shift_scale", 0) >= 8  # int4 weights
     manifest = json.loads((tmp_path / "c" / "fastvlm_export.json").read_text())
     assert manifest["format"] == "coreml" and manifest["precision"]["llm"] == "int4"
+
+
+# ---------------------------------------------------------------------- onnx-community side files
+CHATS = [
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                  {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+     {"role": "assistant", "content": "two"}, {"role": "user", "content": "and now?"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("style", ["apple", "hf"])
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+def test_exported_chat_template_renders_like_ours(style, chat):
+    """tokenizer_config.json's Jinja template (rendered as HF renderers do: trim_blocks) gives
+    exactly processing.render_chat's prompt, for both template styles and a custom system."""
+    import dataclasses
+
+    jinja2 = pytest.importorskip("jinja2")
+    from fastvlm.export.onnx_community import chat_template
+    from fastvlm.processing import render_chat
+
+    cfg = dataclasses.replace(make_tiny_model().config, chat_template=style,
+                              system_prompt="You are terse.")  # fmt: skip
+    msgs = CHATS[chat]
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    got = env.from_string(chat_template(cfg)).render(messages=msgs, add_generation_prompt=True)
+    ours = [{**m, "content": m["content"] if isinstance(m["content"], str) else
+             [{**p, "image": None} if p["type"] == "image" else p for p in m["content"]]}
+            for m in msgs]  # fmt: skip
+    want, _ = render_chat(ours, style, cfg.system_prompt)
+    assert got == want

@@ -24,7 +24,8 @@ TARGETS = {
     "tflite": "fastvlm.export.tflite",
     "web": "fastvlm.export.web",
 }
-USAGE = """usage: fastvlm export {onnx,coreml,tflite,web} MODEL OUT [--preset quality|balanced|small]
+USAGE = """usage: fastvlm export {onnx,coreml,tflite,web} MODEL OUT
+                      [--preset quality|balanced|small]
                       [--precision vision=fp16,projector=fp16,llm=int4] [--no-parity] ...
 
   onnx    vision_encoder / embed_tokens / decoder_model_merged .onnx (ONNX Runtime backend:

@@ -1,12 +1,19 @@
 """`fastvlm export onnx MODEL OUT`: three ONNX graphs in the onnx-community layout + parity.
 
-Output folder (plain, no genai_config; `fastvlm.load(OUT)` runs it on ONNX Runtime):
+Output folder (onnx-community layout, see onnx_community.py; `fastvlm.load(OUT)` runs it on
+ONNX Runtime, transformers.js loads it as is). File names carry the dtype suffix
+transformers.js looks for (`_fp16`, `_quantized` = int8, `_q4` = int4):
 
-    OUT/config.json  tokenizer.json  README.md  fastvlm_export.json (precision, I/O, parity)
-    OUT/onnx/vision_encoder.onnx        pixel_values (N, 3, S, S) → image_embeds (N, tokens, D)
-    OUT/onnx/embed_tokens.onnx          input_ids (B, T) → inputs_embeds (B, T, D)
-    OUT/onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids,
-                                        past_key_values.{i}.key/value → logits, present.{i}.*
+    OUT/config.json (llava_qwen2 + transformers.js_config)  tokenizer.json  tokenizer_config.json
+    OUT/preprocessor_config.json  processor_config.json  generation_config.json  README.md
+    OUT/fastvlm_export.json (precision, file names, parity)
+    OUT/onnx/vision_encoder*.onnx        pixel_values (N, 3, S, S) → image_features (N, tok, D),
+                                         vision_features (N, tok, C) (pre-projector)
+    OUT/onnx/embed_tokens*.onnx          input_ids (B, T) → inputs_embeds (B, T, D)
+    OUT/onnx/decoder_model_merged*.onnx  inputs_embeds, attention_mask, position_ids,
+                                         past_key_values.{i}.key/value → logits, present.{i}.*
+    OUT/onnx/mm_projector*.onnx          vision_features (N, K, C) → image_features (N, K, D):
+                                         token reduction pools vision_features, then this
 
 Design decisions:
 * The TorchScript exporter (`dynamo=False`) traces the wrappers of wrappers.py: it handles the
@@ -37,7 +44,7 @@ import torch
 
 from ..errors import ConfigError
 from .precision import as_precision, describe, resolve_precision
-from .onnx_community import VISION_FEATURES, file_names, write_side_files
+from .onnx_community import FOLDER_README, VISION_FEATURES, file_names, write_side_files
 from .wrappers import (
     DecoderStep,
     EmbedTokens,
@@ -266,43 +273,6 @@ def _export_graphs(
         log(f"  {names_out['decoder']} ({llm}) {time.perf_counter() - t0:.1f}s")
 
 
-README = """# {name} — ONNX export (fastvlm)
-
-Exported by `fastvlm export onnx` (fastvlm {version}); precision: `{precision}`. The folder
-follows the onnx-community layout: transformers.js loads it as is
-(`AutoModelForImageTextToText.from_pretrained`, dtype per graph from `config.json`).
-
-| file | inputs | outputs |
-|---|---|---|
-| {vision} | pixel_values float32 (N, 3, {s}, {s}) | \
-image_features float32 (N, {tok}, {d}), vision_features (N, {tok}, {c}) |
-| {embed} | input_ids int64 (B, T) | inputs_embeds float32 (B, T, {d}) |
-| {decoder} | inputs_embeds (B, T, {d}), attention_mask int64 (B, P+T), \
-position_ids int64 (B, T), past_key_values.{{0..{last}}}.key/value float32 (B, {kv}, P, {hd}) | \
-logits float32 (B, T, {v}), present.{{0..{last}}}.key/value (B, {kv}, P+T, {hd}) |
-| {projector} | vision_features float32 (N, K, {c}) | image_features (N, K, {d}) |
-
-Prompt ids contain {tok} copies of the image token id {image_id} per image; replace those rows of
-`inputs_embeds` with `image_features` before the first decoder call (past length P = 0, shape
-(B, {kv}, 0, {hd})). Token reduction to K tokens: average-pool `vision_features` (a
-{side}×{side} row-major grid) to √K×√K, then run the projector graph. Pixels: pad to square
-(black), resize to {s}×{s}, RGB, scaled to [0, 1], mean {mean}, std {std}
-(`preprocessor_config.json` centre-crops instead: identical for square images).
-
-Run it with fastvlm (ONNX Runtime backend, same API as the PyTorch model):
-
-```python
-import fastvlm
-vlm = fastvlm.load("{out}")          # detects the export → ONNX Runtime
-print(vlm.describe("image.png"))
-```
-
-Parity against PyTorch at export time:
-
-```
-{parity}
-```
-"""
 
 
 def write_folder(model, tokenizer, out: Path, precision: dict[str, str], opset: int) -> dict:
@@ -395,7 +365,7 @@ def export_onnx(
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     t = model.config.text
     names = file_names(prec)
-    readme = README.format(
+    readme = FOLDER_README.format(
         vision=names["vision"],
         embed=names["embed"],
         decoder=names["decoder"],

@@ -1,7 +1,7 @@
 """The onnx-community contract: file names and side files transformers.js reads as is.
 
-transformers.js (`@huggingface/transformers`, `AutoModelForImageTextToText` → `LlavaQwen2ForCausalLM`)
-loads an exported folder when it finds:
+transformers.js (`@huggingface/transformers`: `AutoModelForImageTextToText` resolves
+`LlavaQwen2ForCausalLM`) loads an exported folder when it finds:
 
 * `config.json`: `model_type: "llava_qwen2"` with flat Qwen2 keys (Apple's format, which
   `config_to_format(cfg, "apple")` writes) + `transformers.js_config` = per-file `dtype` (it picks
@@ -153,3 +153,42 @@ def write_side_files(cfg: FastVLMConfig, tokenizer, out: Path, precision: dict[s
         "chat_template": chat_template(cfg),
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+FOLDER_README = """# {name} — ONNX export (fastvlm)
+
+Exported by `fastvlm export onnx` (fastvlm {version}); precision: `{precision}`. The folder
+follows the onnx-community layout: transformers.js loads it as is
+(`AutoModelForImageTextToText.from_pretrained`, dtype per graph from `config.json`).
+
+| file | inputs | outputs |
+|---|---|---|
+| {vision} | pixel_values float32 (N, 3, {s}, {s}) | \
+image_features float32 (N, {tok}, {d}), vision_features (N, {tok}, {c}) |
+| {embed} | input_ids int64 (B, T) | inputs_embeds float32 (B, T, {d}) |
+| {decoder} | inputs_embeds (B, T, {d}), attention_mask int64 (B, P+T), \
+position_ids int64 (B, T), past_key_values.{{0..{last}}}.key/value float32 (B, {kv}, P, {hd}) | \
+logits float32 (B, T, {v}), present.{{0..{last}}}.key/value (B, {kv}, P+T, {hd}) |
+| {projector} | vision_features float32 (N, K, {c}) | image_features (N, K, {d}) |
+
+Prompt ids contain {tok} copies of the image token id {image_id} per image; replace those rows of
+`inputs_embeds` with `image_features` before the first decoder call (past length P = 0, shape
+(B, {kv}, 0, {hd})). Token reduction to K tokens: average-pool `vision_features` (a
+{side}×{side} row-major grid) to √K×√K, then run the projector graph. Pixels: pad to square
+(black), resize to {s}×{s}, RGB, scaled to [0, 1], mean {mean}, std {std}
+(`preprocessor_config.json` centre-crops instead: identical for square images).
+
+Run it with fastvlm (ONNX Runtime backend, same API as the PyTorch model):
+
+```python
+import fastvlm
+vlm = fastvlm.load("{out}")          # detects the export → ONNX Runtime
+print(vlm.describe("image.png"))
+```
+
+Parity against PyTorch at export time:
+
+```
+{parity}
+```
+"""
