@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import has_module
+from PIL import Image
 
 import fastvlm
 from fastvlm.export.js_deps import node_available
@@ -110,9 +111,11 @@ def test_web_export_answers_like_pytorch_offline(demo, tmp_path, preset):
         assert (out / f).exists(), f
     page_src = (out / "app.js").read_text() + (out / "index.html").read_text()
     assert "http://" not in page_src and "https://" not in page_src  # no CDN reference
+    wide = tmp_path / "wide.png"  # non-square: the page pads it to a square like fastvlm does
+    Image.open(EXAMPLES[1]).convert("RGB").resize((384, 256), Image.BICUBIC).save(wide)
     srv, url = serve(out)
     try:
-        images = EXAMPLES[:2] if preset == "quality" else EXAMPLES[2:]
+        images = [EXAMPLES[0], wide] if preset == "quality" else EXAMPLES[2:]
         answers, outside, device = ask_in_browser(url, images, 32)
     finally:
         srv.shutdown()

@@ -138,3 +138,32 @@ def test_contract_files(demo, tmp_path):
     # our own loader reads the same folder
     vlm = fastvlm.load(folder)
     assert vlm.describe(EXAMPLES[0], max_tokens=4)
+
+
+@pytest.mark.parametrize("size", [(256, 256), (384, 256), (200, 300), (100, 60), (512, 512)])
+def test_transformers_js_pixels_follow_fastvlm_framing(js_root, demo, tmp_path, size):
+    """The Node / browser examples pad to a square before the processor's resize (Apple's
+    framing), so pixel_values match fastvlm's own up to the resampler (PIL vs sharp); square
+    images at the native size are identical."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    folder = export(demo, tmp_path / "px", "quality")
+    img = tmp_path / f"img-{size[0]}x{size[1]}.png"
+    Image.open(EXAMPLES[1]).convert("RGB").resize(size, Image.BICUBIC).save(img)
+    r = subprocess.run(
+        ["node", str(js_root / "generate.mjs"), str(folder), "1", PROMPT, str(img)],
+        capture_output=True, text=True, timeout=600, cwd=js_root,
+        env={**os.environ, "FASTVLM_DUMP_PIXELS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(r.stdout.splitlines()[-1])
+    s = demo.image_size
+    got = np.asarray(row["pixels"], np.float32).reshape(3, s, s)
+    want = demo.preprocess(str(img))[0].numpy()
+    diff = np.abs(got - want)
+    if size == (s, s):
+        assert diff.max() == 0
+    assert diff.mean() < 0.02, diff.mean()

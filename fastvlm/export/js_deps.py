@@ -40,15 +40,15 @@ def ensure_node_modules(log=print, timeout: float = 900) -> Path:
     if not node_available():
         raise ConfigError("node and npm are needed here: install Node.js (>= 18) first")
     root = js_dir()
+    if root != PACKAGE_DIR:  # the scripts are refreshed on every call, the install only on change
+        root.mkdir(parents=True, exist_ok=True)
+        for name in ("package.json", "package-lock.json", "generate.mjs"):
+            shutil.copy2(PACKAGE_DIR / name, root / name)
     lock = (PACKAGE_DIR / "package-lock.json").read_bytes()
     digest = hashlib.sha256(lock).hexdigest()
     stamp = root / "node_modules" / STAMP
     if stamp.exists() and stamp.read_text().strip() == digest:
         return root
-    if root != PACKAGE_DIR:
-        root.mkdir(parents=True, exist_ok=True)
-        for name in ("package.json", "package-lock.json", "generate.mjs"):
-            shutil.copy2(PACKAGE_DIR / name, root / name)
     log(f"installing the pinned transformers.js into {root} (npm ci --ignore-scripts)")
     cmd = ["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
     try:

@@ -14,8 +14,8 @@ transformers.js (`@huggingface/transformers`: `AutoModelForImageTextToText` reso
   expands one `<image>` to (S / patch)² placeholders), `generation_config.json` (EOS ids).
 
 Preprocessing: transformers.js has no pad-to-square-before-resize, so the exported processor is
-the transformers one (shortest edge → S, centre crop); it equals Apple's pad-to-square exactly
-for square images and crops the long side of other images (README "Export" says so).
+the transformers one (shortest edge → S, centre crop): equal to Apple's framing for square
+images; the web page and js/generate.mjs pad non-square images to a square first (README).
 """
 
 from __future__ import annotations

@@ -15,6 +15,22 @@ env.backends.onnx.wasm.wasmPaths = {
   wasm: here('./vendor/ort-wasm-simd-threaded.asyncify.wasm'),
 };
 
+// Apple's pad-to-square (fastvlm's own framing): centre the image on a square of the mean colour
+// before the processor's resize, which transformers.js cannot do from a config file.
+function padToSquare(img, mean) {
+  img = img.rgb();
+  const { width: w, height: h } = img;
+  if (w === h) return img;
+  const s = Math.max(w, h), left = Math.floor((s - w) / 2), top = Math.floor((s - h) / 2);
+  const data = new Uint8ClampedArray(s * s * 3);
+  const bg = mean.map((m) => Math.trunc(m * 255));
+  for (let i = 0; i < s * s; ++i) data.set(bg, i * 3);
+  for (let y = 0; y < h; ++y) {
+    data.set(img.data.subarray(y * w * 3, (y + 1) * w * 3), ((y + top) * s + left) * 3);
+  }
+  return new RawImage(data, s, s, 3);
+}
+
 const $ = (id) => document.getElementById(id);
 let processor, model, image;
 
@@ -67,7 +83,8 @@ $('file').addEventListener('change', async (ev) => {
   const file = ev.target.files[0];
   if (!file) return;
   $('preview').src = URL.createObjectURL(file);
-  image = await RawImage.fromBlob(file);
+  const mean = processor?.image_processor.config.image_mean ?? [0, 0, 0];
+  image = padToSquare(await RawImage.fromBlob(file), mean);
 });
 $('ask').addEventListener('click', () => ask().catch((e) => {
   $('status').textContent = `error: ${e.message ?? e}`;
