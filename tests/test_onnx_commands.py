@@ -206,3 +206,21 @@ def test_onnx_pooling_matches_torch(exports, demo, k):
     got = ort.embed_images(px, k)
     assert got.shape == want.shape == (2, k, demo.config.text.hidden_size)
     assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--model", "{M}", "--shapes", "4", "--max-steps", "1", "--output", "{T}/tr"],
+        ["quantize", "{M}", "{T}/q"],
+        ["convert", "{M}", "{T}/c", "--to", "hf"],
+        ["lora", "merge", "{M}", "{T}/adapter", "{T}/m"],
+    ],
+)
+def test_weight_commands_refuse_an_export_with_one_line(exports, tmp_path, argv):
+    """Commands that need PyTorch weights: one clear error, nothing written."""
+    args = [a.replace("{M}", str(exports["small"])).replace("{T}", str(tmp_path)) for a in argv]
+    r = run(*args)
+    assert not ok_or_clear_error(r)
+    assert str(exports["small"]) in r.stderr
+    assert not any((tmp_path / n).exists() for n in ("q", "c", "m"))
