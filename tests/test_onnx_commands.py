@@ -224,3 +224,23 @@ def test_weight_commands_refuse_an_export_with_one_line(exports, tmp_path, argv)
     assert not ok_or_clear_error(r)
     assert str(exports["small"]) in r.stderr
     assert not any((tmp_path / n).exists() for n in ("q", "c", "m"))
+
+
+def test_export_without_projector_graph_refuses_pooling(exports, tmp_path):
+    """An export from before token reduction (no projector graph): native tokens still run,
+    tokens_per_image is one clear error in the library and in the CLI."""
+    import shutil
+
+    from fastvlm.errors import ConfigError
+
+    old = tmp_path / "old"
+    shutil.copytree(exports["small"], old)
+    manifest = json.loads((old / "fastvlm_export.json").read_text())
+    (old / manifest["files"].pop("projector")).unlink()
+    (old / "fastvlm_export.json").write_text(json.dumps(manifest))
+    vlm = fastvlm.load(old)
+    assert vlm.describe(str(EXAMPLES[0]), max_tokens=4)
+    with pytest.raises(ConfigError, match="re-export"):
+        vlm.describe(str(EXAMPLES[0]), max_tokens=4, tokens_per_image=4)
+    r = run("describe", "--model", str(old), str(EXAMPLES[0]), "--tokens-per-image", "4")
+    assert not ok_or_clear_error(r) and "re-export" in r.stderr
