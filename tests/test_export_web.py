@@ -99,7 +99,7 @@ def ask_in_browser(url: str, images: list[Path], max_tokens: int) -> tuple[list[
     return answers, outside, device
 
 
-@pytest.mark.parametrize("preset", ["quality", "small"])
+@pytest.mark.parametrize("preset", ["quality", "balanced", "small"])
 def test_web_export_answers_like_pytorch_offline(demo, tmp_path, preset):
     from fastvlm.export.web import export_web
 
@@ -115,7 +115,8 @@ def test_web_export_answers_like_pytorch_offline(demo, tmp_path, preset):
     Image.open(EXAMPLES[1]).convert("RGB").resize((384, 256), Image.BICUBIC).save(wide)
     srv, url = serve(out)
     try:
-        images = [EXAMPLES[0], wide] if preset == "quality" else EXAMPLES[2:]
+        by_preset = {"quality": [EXAMPLES[0], wide], "balanced": EXAMPLES[1:3]}
+        images = by_preset.get(preset, EXAMPLES[2:])
         answers, outside, device = ask_in_browser(url, images, 32)
     finally:
         srv.shutdown()
