@@ -118,10 +118,8 @@ class OrtModel:
         feature grid, then the exported projector graph."""
         k = check_tokens_per_image(tokens_per_image, self.num_image_tokens)
         px = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
-        if k == self.num_image_tokens:
-            return self.sessions["vision"].run(["image_features"] if "image_features" in
-                                               self.vision_outputs else None,
-                                               {"pixel_values": px})[0]  # fmt: skip
+        if k == self.num_image_tokens:  # first output: `image_features` (`image_embeds` before)
+            return self.sessions["vision"].run(self.vision_outputs[:1], {"pixel_values": px})[0]
         if "projector" not in self.sessions or VISION_FEATURES not in self.vision_outputs:
             raise ConfigError(
                 f"{self.folder} was exported without the pre-projector vision features, so "
