@@ -329,6 +329,9 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"exporting ONNX ({describe(prec)}) to {out}")
+    if prec["vision"] != prec["projector"]:  # fastvlm and onnxruntime 1.32 run it fine
+        log("  note: onnxruntime-node 1.30 (transformers.js 4.3.2) crashes on a vision graph that "
+            "mixes fp16 and fp32; give vision and projector the same precision for transformers.js")
     export_graphs(model, out, prec, opset, log, accuracy_level)
     manifest = write_folder(model, tokenizer, out, prec, opset)
     if prec["llm"] in ("int8", "int4"):
