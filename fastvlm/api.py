@@ -28,6 +28,7 @@ from .engine.engine import Engine
 from .engine.generate import Chunk, Stats, generate_step, stream_generate
 from .engine.request import stream_text
 from .engine.sampling import SamplingParams
+from .errors import ConfigError
 from .processing import ImageInput, Processor
 from .tokenization import STOP_TOKENS, load_tokenizer
 from .weights import load_config, load_model
@@ -83,6 +84,9 @@ ENGINES = ("fast", "reference")
 
 class FastVLM:
     """A loaded FastVLM: `describe(image)`, `chat(messages)`, `stream(...)`."""
+
+    # batch-1 token generator over `self.model` (the ONNX Runtime backend plugs in its own)
+    step_fn = staticmethod(generate_step)
 
     def __init__(
         self,
@@ -339,7 +343,14 @@ def load(
     if backend == "onnxruntime" or (backend == "auto" and exported):
         from .export.ort_backend import load_onnx
 
-        return load_onnx(folder)
+        vlm = load_onnx(folder)
+        if image_size not in (None, vlm.image_size):
+            raise ConfigError(
+                f"{folder} is an ONNX export fixed at {vlm.image_size} px: image_size="
+                f"{image_size} needs a new export (fastvlm export onnx MODEL OUT --image-size "
+                f"{image_size})"
+            )
+        return vlm
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if dev.type == "cpu":

@@ -624,6 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         source = f"shape {a.shape} (random weights)"
     else:
         vlm = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None)
+        if getattr(vlm, "backend", "torch") != "torch":  # bench loads the torch weights itself
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"{vlm.path} is an ONNX export: `fastvlm bench` measures a PyTorch checkpoint "
+                "(give the source model; --backend onnxruntime exports and times ONNX itself)"
+            )
         base, processor = vlm.model, vlm.processor
         source = str(vlm.path)
     load_s = time.perf_counter() - t0

@@ -91,8 +91,8 @@ def test_onnx_fp32_matches_pytorch_tiny_random(tmp_path, tokenizer):
     got = list(ort_generate_step(ort_model, ids, px, p))
     assert got == want
     io = {i.name: i.shape for i in ort_model.sessions["decoder"].get_inputs()}
-    assert io["inputs_embeds"] == ["batch", "sequence_length", cfg.text.hidden_size]
-    assert io["past_key_values.0.key"] == ["batch", 2, "past_sequence_length", 16]
+    assert io["inputs_embeds"] == ["batch_size", "sequence_length", cfg.text.hidden_size]
+    assert io["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
     assert ort_model.sessions["decoder"].get_outputs()[1].name == "present.0.key"
 
 
@@ -106,11 +106,14 @@ def test_onnx_presets_on_demo_model(demo_exports, capsys):
     # quantized decoders: the demo model is trained, so greedy must mostly agree
     assert b.parity.teacher_forced >= 0.9 and s.parity.teacher_forced >= 0.9
     assert b.parity.greedy_match >= 0.9 and s.parity.greedy_match >= 0.9
-    dec = "onnx/decoder_model_merged.onnx"
-    vis = "onnx/vision_encoder.onnx"
-    assert s.files[dec] < b.files[dec] < q.files[dec]
-    assert s.files[dec] <= 0.3 * q.files[dec]
-    assert s.files[vis] <= 0.55 * q.files[vis]
+    dec, vis = "decoder_model_merged", "vision_encoder"
+    assert s.size(dec) < b.size(dec) < q.size(dec)
+    assert s.size(dec) <= 0.3 * q.size(dec)
+    assert s.size(vis) <= 0.55 * q.size(vis)
+    # transformers.js picks files by dtype suffix: the quantized decoders must carry theirs
+    assert "onnx/decoder_model_merged_quantized.onnx" in b.files
+    assert "onnx/decoder_model_merged_q4.onnx" in s.files
+    assert "onnx/vision_encoder_fp16.onnx" in s.files
     manifest = json.loads((s.out / "fastvlm_export.json").read_text())
     assert manifest["precision"]["llm"] == "int4" and manifest["parity"]["passed"]
 
@@ -227,3 +230,37 @@ def test_coreml_small_preset_spec(tmp_path, tokenizer):
     assert dec["ops"].get("constexpr_blockwise_shift_scale", 0) >= 8  # int4 weights
     manifest = json.loads((tmp_path / "c" / "fastvlm_export.json").read_text())
     assert manifest["format"] == "coreml" and manifest["precision"]["llm"] == "int4"
+
+
+# ---------------------------------------------------------------------- onnx-community side files
+CHATS = [
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}],
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                  {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+     {"role": "assistant", "content": "two"}, {"role": "user", "content": "and now?"}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("style", ["apple", "hf"])
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+def test_exported_chat_template_renders_like_ours(style, chat):
+    """tokenizer_config.json's Jinja template (rendered as HF renderers do: trim_blocks) gives
+    exactly processing.render_chat's prompt, for both template styles and a custom system."""
+    import dataclasses
+
+    jinja2 = pytest.importorskip("jinja2")
+    from fastvlm.export.onnx_community import chat_template
+    from fastvlm.processing import render_chat
+
+    cfg = dataclasses.replace(make_tiny_model().config, chat_template=style,
+                              system_prompt="You are terse.")  # fmt: skip
+    msgs = CHATS[chat]
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    got = env.from_string(chat_template(cfg)).render(messages=msgs, add_generation_prompt=True)
+    ours = [{**m, "content": m["content"] if isinstance(m["content"], str) else
+             [{**p, "image": None} if p["type"] == "image" else p for p in m["content"]]}
+            for m in msgs]  # fmt: skip
+    want, _ = render_chat(ours, style, cfg.system_prompt)
+    assert got == want

@@ -6,6 +6,8 @@
 * onnx.py       ONNX graphs in the onnx-community layout; ort_backend.py runs them
 * coreml.py     Core ML: vision .mlpackage + stateful decoder (KV cache as state)
 * tflite.py     LiteRT (TFLite) vision encoder via litert-torch
+* onnx_community.py  the transformers.js / onnx-community side files and file names
+* web.py        browser folder: the ONNX export + pinned transformers.js (js_deps.py installs it)
 
 Heavy dependencies (onnx, onnxruntime, coremltools, litert-torch) are imported by the target
 that needs them: `pip install 'fastvlm[export]'`.
@@ -20,8 +22,10 @@ TARGETS = {
     "onnx": "fastvlm.export.onnx",
     "coreml": "fastvlm.export.coreml",
     "tflite": "fastvlm.export.tflite",
+    "web": "fastvlm.export.web",
 }
-USAGE = """usage: fastvlm export {onnx,coreml,tflite} MODEL OUT [--preset quality|balanced|small]
+USAGE = """usage: fastvlm export {onnx,coreml,tflite,web} MODEL OUT
+                      [--preset quality|balanced|small]
                       [--precision vision=fp16,projector=fp16,llm=int4] [--no-parity] ...
 
   onnx    vision_encoder / embed_tokens / decoder_model_merged .onnx (ONNX Runtime backend:
@@ -29,10 +33,13 @@ USAGE = """usage: fastvlm export {onnx,coreml,tflite} MODEL OUT [--preset qualit
   coreml  vision_encoder.mlpackage + decoder.mlpackage (stateful KV cache); predictions need
           macOS, on Linux the converted programs are validated instead
   tflite  vision_encoder.tflite via litert-torch, checked with ai-edge-litert's interpreter
+  web     a static folder (index.html + transformers.js + the ONNX export) that runs the model
+          in the browser, offline (WASM, WebGPU where available); needs node + npm to build
 
 `fastvlm export TARGET -h` lists each target's options."""
 
-__all__ = ["main", "TARGETS", "export_onnx", "export_coreml", "export_tflite", "load_onnx"]
+__all__ = ["main", "TARGETS", "export_onnx", "export_coreml", "export_tflite", "export_web",
+           "load_onnx"]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -41,6 +48,7 @@ def __getattr__(name: str):
         "export_onnx": "onnx",
         "export_coreml": "coreml",
         "export_tflite": "tflite",
+        "export_web": "web",
         "load_onnx": "ort_backend",
     }
     if name in where:

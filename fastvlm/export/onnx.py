@@ -1,12 +1,19 @@
 """`fastvlm export onnx MODEL OUT`: three ONNX graphs in the onnx-community layout + parity.
 
-Output folder (plain, no genai_config; `fastvlm.load(OUT)` runs it on ONNX Runtime):
+Output folder (onnx-community layout, see onnx_community.py; `fastvlm.load(OUT)` runs it on
+ONNX Runtime, transformers.js loads it as is). File names carry the dtype suffix
+transformers.js looks for (`_fp16`, `_quantized` = int8, `_q4` = int4):
 
-    OUT/config.json  tokenizer.json  README.md  fastvlm_export.json (precision, I/O, parity)
-    OUT/onnx/vision_encoder.onnx        pixel_values (N, 3, S, S) → image_embeds (N, tokens, D)
-    OUT/onnx/embed_tokens.onnx          input_ids (B, T) → inputs_embeds (B, T, D)
-    OUT/onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids,
-                                        past_key_values.{i}.key/value → logits, present.{i}.*
+    OUT/config.json (llava_qwen2 + transformers.js_config)  tokenizer.json  tokenizer_config.json
+    OUT/preprocessor_config.json  processor_config.json  generation_config.json  README.md
+    OUT/fastvlm_export.json (precision, file names, parity)
+    OUT/onnx/vision_encoder*.onnx        pixel_values (N, 3, S, S) → image_features (N, tok, D),
+                                         vision_features (N, tok, C) (pre-projector)
+    OUT/onnx/embed_tokens*.onnx          input_ids (B, T) → inputs_embeds (B, T, D)
+    OUT/onnx/decoder_model_merged*.onnx  inputs_embeds, attention_mask, position_ids,
+                                         past_key_values.{i}.key/value → logits, present.{i}.*
+    OUT/onnx/mm_projector*.onnx          vision_features (N, K, C) → image_features (N, K, D):
+                                         token reduction pools vision_features, then this
 
 Design decisions:
 * The TorchScript exporter (`dynamo=False`) traces the wrappers of wrappers.py: it handles the
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -36,7 +44,15 @@ import torch
 
 from ..errors import ConfigError
 from .precision import as_precision, describe, resolve_precision
-from .wrappers import DecoderStep, EmbedTokens, VisionEncoder, export_friendly, kv_names
+from .onnx_community import FOLDER_README, VISION_FEATURES, file_names, write_side_files
+from .wrappers import (
+    DecoderStep,
+    EmbedTokens,
+    Projector,
+    VisionEncoderWithFeatures,
+    export_friendly,
+    kv_names,
+)
 
 ALLOWED = {
     "vision": ("fp32", "fp16"),
@@ -160,28 +176,42 @@ def _export_graphs(
     onnx_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tmp = Path(tmp)
-        # ---- vision encoder + projector
+        # ---- vision encoder + projector (+ the projector alone, for token reduction)
+        names_out = file_names(precision)
         s = cfg.vision.image_size
         px = torch.zeros(1, 3, s, s)
         t0 = time.perf_counter()
+        n_img = {0: "num_images"}
         _export(
-            VisionEncoder(model),
+            VisionEncoderWithFeatures(model),
             (px,),
             tmp / "vision.onnx",
             ["pixel_values"],
-            ["image_embeds"],
-            {"pixel_values": {0: "num_images"}, "image_embeds": {0: "num_images"}},
+            ["image_features", VISION_FEATURES],
+            {"pixel_values": n_img, "image_features": n_img, VISION_FEATURES: n_img},
             opset,
         )
-        g = onnx.load(str(tmp / "vision.onnx"))
+        _export(
+            Projector(model),
+            (torch.zeros(1, cfg.num_image_tokens, cfg.vision.hidden_size),),
+            tmp / "projector.onnx",
+            [VISION_FEATURES],
+            ["image_features"],
+            {VISION_FEATURES: {0: "num_images", 1: "tokens"},
+             "image_features": {0: "num_images", 1: "tokens"}},
+            opset,
+        )  # fmt: skip
         vis, proj = precision["vision"], precision["projector"]
+        g = onnx.load(str(tmp / "vision.onnx"))
         if "fp16" in (vis, proj):
             names = [n.name for n in g.graph.node]
             block = [n for n in names if ("mm_projector" in n) == (vis == "fp16")]
             g = _to_fp16(g, block if vis != proj else None)
-        _save(g, onnx_dir / "vision_encoder.onnx")
+        _save(g, out / names_out["vision"])
+        g = onnx.load(str(tmp / "projector.onnx"))
+        _save(_to_fp16(g) if proj == "fp16" else g, out / names_out["projector"])
         del g
-        log(f"  vision_encoder.onnx ({vis}, projector {proj}) {time.perf_counter() - t0:.1f}s")
+        log(f"  {names_out['vision']} ({vis}, projector {proj}) {time.perf_counter() - t0:.1f}s")
         # ---- token embeddings
         t0 = time.perf_counter()
         _export(
@@ -190,15 +220,16 @@ def _export_graphs(
             tmp / "embed.onnx",
             ["input_ids"],
             ["inputs_embeds"],
-            {"input_ids": {0: "batch", 1: "seq"}, "inputs_embeds": {0: "batch", 1: "seq"}},
+            {"input_ids": {0: "batch_size", 1: "sequence_length"},
+             "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},
             opset,
         )
         g = onnx.load(str(tmp / "embed.onnx"))
         if precision["embed"] == "fp16":
             g = _to_fp16(g)
-        _save(g, onnx_dir / "embed_tokens.onnx")
+        _save(g, out / names_out["embed"])
         del g
-        log(f"  embed_tokens.onnx ({precision['embed']}) {time.perf_counter() - t0:.1f}s")
+        log(f"  {names_out['embed']} ({precision['embed']}) {time.perf_counter() - t0:.1f}s")
         # ---- decoder (merged: prefill and decode, past may be empty)
         t0 = time.perf_counter()
         past_names, present_names = kv_names(t.num_hidden_layers)
@@ -211,13 +242,15 @@ def _export_graphs(
             *past,
         )
         dyn = {
-            "inputs_embeds": {0: "batch", 1: "sequence_length"},
-            "attention_mask": {0: "batch", 1: "total_sequence_length"},
-            "position_ids": {0: "batch", 1: "sequence_length"},
-            "logits": {0: "batch", 1: "sequence_length"},
+            "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"},
         }
-        dyn |= {n: {0: "batch", 2: "past_sequence_length"} for n in past_names}
-        dyn |= {n: {0: "batch", 2: "total_sequence_length"} for n in present_names}
+        # transformers.js allocates the empty past from these names: `batch_size` is the symbol
+        # it fills in, any other name becomes 0
+        dyn |= {n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names}
+        dyn |= {n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names}
         _export(
             DecoderStep(model),
             args,
@@ -234,62 +267,28 @@ def _export_graphs(
             g = _quantize(g, 8 if llm == "int8" else 4, accuracy_level)
         elif llm == "fp16":
             g = _to_fp16(g)
-        _save(g, onnx_dir / "decoder_model_merged.onnx")
+        _save(g, out / names_out["decoder"])
         del g
         gc.collect()
-        log(f"  decoder_model_merged.onnx ({llm}) {time.perf_counter() - t0:.1f}s")
+        log(f"  {names_out['decoder']} ({llm}) {time.perf_counter() - t0:.1f}s")
 
 
-README = """# {name} — ONNX export (fastvlm)
-
-Exported by `fastvlm export onnx` (fastvlm {version}); precision: `{precision}`.
-
-| file | inputs | outputs |
-|---|---|---|
-| onnx/vision_encoder.onnx | pixel_values float32 (N, 3, {s}, {s}) | \
-image_embeds float32 (N, {tok}, {d}) |
-| onnx/embed_tokens.onnx | input_ids int64 (B, T) | inputs_embeds float32 (B, T, {d}) |
-| onnx/decoder_model_merged.onnx | inputs_embeds (B, T, {d}), attention_mask int64 (B, P+T), \
-position_ids int64 (B, T), past_key_values.{{0..{last}}}.key/value float32 (B, {kv}, P, {hd}) | \
-logits float32 (B, T, {v}), present.{{0..{last}}}.key/value (B, {kv}, P+T, {hd}) |
-
-Prompt ids contain {tok} copies of the image token id {image_id} per image; replace those rows of
-`inputs_embeds` with `image_embeds` before the first decoder call (past length P = 0, shape
-(B, {kv}, 0, {hd})). Pixels: resize/pad to {s}×{s}, RGB, scaled to [0, 1], mean {mean}, std {std}.
-
-Run it with fastvlm (ONNX Runtime backend, same API as the PyTorch model):
-
-```python
-import fastvlm
-vlm = fastvlm.load("{out}")          # detects the export → ONNX Runtime
-print(vlm.describe("image.png"))
-```
-
-Parity against PyTorch at export time:
-
-```
-{parity}
-```
-"""
 
 
 def write_folder(model, tokenizer, out: Path, precision: dict[str, str], opset: int) -> dict:
-    """config.json, tokenizer.json and the manifest next to the graphs."""
+    """The onnx-community side files (config, tokenizer, processors) and our manifest."""
     from .. import __version__
-    from ..weights import config_to_format
-    from .ort_backend import MANIFEST, ONNX_FILES
+    from .ort_backend import MANIFEST
 
     cfg = model.config
-    (out / "config.json").write_text(json.dumps(config_to_format(cfg, "fastvlm"), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(str(out / "tokenizer.json"))
+    write_side_files(cfg, tokenizer, out, precision)
     t = cfg.text
     manifest = {
         "format": "onnx",
         "fastvlm_version": __version__,
         "precision": precision,
         "opset": opset,
-        "files": ONNX_FILES,
+        "files": file_names(precision),
         "image_size": cfg.vision.image_size,
         "num_image_tokens": cfg.num_image_tokens,
         "image_token_id": cfg.image_token_id,
@@ -330,6 +329,9 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"exporting ONNX ({describe(prec)}) to {out}")
+    if prec["vision"] != prec["projector"]:  # fastvlm and onnxruntime 1.32 run it fine
+        log("  note: onnxruntime-node 1.30 (transformers.js 4.3.2) crashes on a vision graph that "
+            "mixes fp16 and fp32; give vision and projector the same precision for transformers.js")
     export_graphs(model, out, prec, opset, log, accuracy_level)
     manifest = write_folder(model, tokenizer, out, prec, opset)
     if prec["llm"] in ("int8", "int4"):
@@ -365,7 +367,14 @@ def export_onnx(
         manifest["parity"] = res.parity.to_dict()
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     t = model.config.text
-    readme = README.format(
+    names = file_names(prec)
+    readme = FOLDER_README.format(
+        vision=names["vision"],
+        embed=names["embed"],
+        decoder=names["decoder"],
+        projector=names["projector"],
+        c=model.config.vision.hidden_size,
+        side=math.isqrt(model.config.num_image_tokens),
         name=name,
         version=__version__,
         precision=describe(prec),

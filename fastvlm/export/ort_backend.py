@@ -19,6 +19,7 @@ ONNX Runtime's default (all cores).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -26,14 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..api import FastVLM
 from ..engine.generate import Chunk, Stats, decode_loop, stream_generate
 from ..engine.sampling import SamplingParams, make_generator
 from ..errors import CheckpointError, ConfigError
+from ..model.fastvlm import check_tokens_per_image
 from ..processing import Processor
 from ..tokenization import load_tokenizer
 from ..weights import load_config
+from .onnx_community import VISION_FEATURES
 from .wrappers import kv_names
 
 MANIFEST = "fastvlm_export.json"
@@ -42,6 +46,8 @@ ONNX_FILES = {
     "embed": "onnx/embed_tokens.onnx",
     "decoder": "onnx/decoder_model_merged.onnx",
 }
+# Optional graphs: absent in exports made before token reduction was supported.
+OPTIONAL_FILES = ("projector",)
 
 
 def is_onnx_export(folder: Path) -> bool:
@@ -81,13 +87,16 @@ class OrtModel:
         opts.log_severity_level = 3
         files = self.manifest.get("files", ONNX_FILES)
         self.sessions = {}
-        for key in ("vision", "embed", "decoder"):
-            path = self.folder / files[key]
-            if not path.exists():
+        for key in ("vision", "embed", "decoder", *OPTIONAL_FILES):
+            path = self.folder / files[key] if key in files else None
+            if path is None or not path.exists():
+                if key in OPTIONAL_FILES:
+                    continue
                 raise CheckpointError(f"{path} is missing: re-run the export")
             self.sessions[key] = ort.InferenceSession(
                 str(path), opts, providers=["CPUExecutionProvider"]
             )
+        self.vision_outputs = [o.name for o in self.sessions["vision"].get_outputs()]
         t = self.config.text
         self.past_names, self.present_names = kv_names(t.num_hidden_layers)
         self.kv_shape = (t.num_key_value_heads, t.head_dim)
@@ -97,9 +106,32 @@ class OrtModel:
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
-    def embed_images(self, pixel_values: torch.Tensor | np.ndarray) -> np.ndarray:
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    def embed_images(
+        self, pixel_values: torch.Tensor | np.ndarray, tokens_per_image: int | None = None
+    ) -> np.ndarray:
+        """(N, 3, S, S) → projected image embeddings (N, tokens, D), pooled as the torch model
+        pools (`FastVLMModel.encode_images`): adaptive average pooling of the pre-projector
+        feature grid, then the exported projector graph."""
+        k = check_tokens_per_image(tokens_per_image, self.num_image_tokens)
         px = np.ascontiguousarray(np.asarray(pixel_values, dtype=np.float32))
-        return self.sessions["vision"].run(None, {"pixel_values": px})[0]  # (N, tok, D)
+        if k == self.num_image_tokens:  # first output: `image_features` (`image_embeds` before)
+            return self.sessions["vision"].run(self.vision_outputs[:1], {"pixel_values": px})[0]
+        if "projector" not in self.sessions or VISION_FEATURES not in self.vision_outputs:
+            raise ConfigError(
+                f"{self.folder} was exported without the pre-projector vision features, so "
+                f"tokens_per_image={k} cannot be pooled exactly: re-export it with this fastvlm"
+            )
+        feats = self.sessions["vision"].run([VISION_FEATURES], {"pixel_values": px})[0]
+        n, tok, c = feats.shape
+        side = math.isqrt(tok)
+        grid = torch.from_numpy(feats).transpose(1, 2).reshape(n, c, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, math.isqrt(k)).flatten(2).transpose(1, 2)
+        pooled = np.ascontiguousarray(pooled.numpy(), dtype=np.float32)
+        return self.sessions["projector"].run(None, {VISION_FEATURES: pooled})[0]
 
     def embed(self, ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
         """ids (1, T) → embeddings (1, T, D) with image placeholder rows replaced."""
@@ -155,6 +187,7 @@ def ort_generate_step(
     eos_ids: Iterable[int] = (),
     vocab_limit: int | None = None,
     stats: Stats | None = None,
+    tokens_per_image: int | None = None,
 ) -> Iterator[int]:
     """`generate_step` on ONNX Runtime: same arguments, same sampling, same stats."""
     params = params or SamplingParams()
@@ -172,7 +205,7 @@ def ort_generate_step(
     gen = make_generator(params.seed, "cpu")
     t0 = time.perf_counter()
     if image_embeds is None and pixel_values is not None:
-        image_embeds = model.embed_images(pixel_values)
+        image_embeds = model.embed_images(pixel_values, tokens_per_image)
         stats.vision_s = time.perf_counter() - t0
     stats.prompt_tokens = t
     stats.image_tokens = int((ids == model.image_token_id).sum())
@@ -217,9 +250,19 @@ class OrtFastVLM(FastVLM):
         p = ",".join(f"{k}={v}" for k, v in self.precision.items())
         return f"OrtFastVLM(path={str(self.path)!r}, backend='onnxruntime', precision={p!r})"
 
-    def stream_chunks(self, messages: list[dict], **sampling) -> Iterator[Chunk]:
+    step_fn = staticmethod(ort_generate_step)
+
+    def stream_chunks(
+        self,
+        messages: list[dict],
+        *,
+        tokens_per_image: int | None = None,
+        max_images: int | None = None,
+        **sampling,
+    ) -> Iterator[Chunk]:
         params = self._params(sampling)
-        ids, pixels = self.encode(messages)
+        tpi = check_tokens_per_image(tokens_per_image, self.num_image_tokens)
+        ids, pixels = self.encode(messages, tokens_per_image=tpi, max_images=max_images)
         for chunk in stream_generate(
             self.model,
             self.tokenizer,
@@ -229,6 +272,7 @@ class OrtFastVLM(FastVLM):
             eos_ids=self.eos_ids,
             vocab_limit=self.vocab_limit,
             step_fn=ort_generate_step,
+            tokens_per_image=tpi,
         ):
             self.last_stats = chunk.stats
             yield chunk

@@ -108,6 +108,33 @@ class VisionEncoder(nn.Module):
         return self.model.embed_images(pixel_values)
 
 
+class VisionEncoderWithFeatures(nn.Module):
+    """pixel_values → (image_features (N, tokens, D), vision_features (N, tokens, C)): the ONNX
+    vision graph also hands out the pre-projector grid, so a runtime can pool it for
+    `tokens_per_image` exactly as `FastVLMModel.encode_images` does and then run `Projector`."""
+
+    def __init__(self, model: FastVLMModel) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.model.encode_images(pixel_values)
+        return self.model.mm_projector(feats), feats
+
+
+class Projector(nn.Module):
+    """vision_features (N, K, C) → image_features (N, K, D) (the `mlp2x_gelu` projector)."""
+
+    def __init__(self, model: FastVLMModel) -> None:
+        super().__init__()
+        self.mm_projector = model.mm_projector
+        self.eval()
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        return self.mm_projector(vision_features)
+
+
 class EmbedTokens(nn.Module):
     """input_ids (B, T) int64 → inputs_embeds (B, T, D). Image placeholder rows are replaced by
     the runtime, so their ids only need to be in range."""

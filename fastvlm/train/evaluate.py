@@ -168,7 +168,7 @@ def _predict(vlm, r: dict, embeds, params, tokens_per_image: int | None) -> str:
     pred, _ = generate(
         vlm.model, vlm.tokenizer, ids, None, params,
         image_embeds=embeds if n_images else None, eos_ids=vlm.eos_ids,
-        vocab_limit=vlm.vocab_limit,
+        vocab_limit=vlm.vocab_limit, step_fn=vlm.step_fn,  # torch or ONNX Runtime, as loaded
     )  # fmt: skip
     return pred.strip()
 
