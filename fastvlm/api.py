@@ -15,6 +15,7 @@ against); a request longer than the engine's `max_len` also falls back to it.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,17 +214,21 @@ class FastVLM:
     ) -> Iterator[Chunk]:
         """Text chunks for `messages`; `tokens_per_image` pools each image to that many tokens
         (a perfect square ≤ `num_image_tokens`), `max_images` caps images + video frames."""
+        t_call = time.perf_counter()  # TTFT counts from here: decoding a big image is user wait
         params = self._params(sampling)
         tpi = tokens_per_image
         ids, pixels = self.encode(messages, tokens_per_image=tpi, max_images=max_images)
         if self._use_engine(len(ids), params):
             handle = self.engine.submit(ids, pixels, params, tokens_per_image=tpi)
+            pre = handle._submitted - t_call  # the engine's prefill_s counts from submit on
             for chunk in stream_text(handle, self.tokenizer):
+                chunk.stats.preprocess_s = pre
                 self.last_stats = chunk.stats
                 yield chunk
             return
         if pixels is not None:
             pixels = pixels.to(self.device)
+        pre = time.perf_counter() - t_call
         for chunk in stream_generate(
             self.model,
             self.tokenizer,
@@ -234,6 +239,7 @@ class FastVLM:
             vocab_limit=self.vocab_limit,
             tokens_per_image=tpi,
         ):
+            chunk.stats.preprocess_s = pre
             self.last_stats = chunk.stats
             yield chunk
 
