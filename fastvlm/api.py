@@ -14,6 +14,7 @@ against); a request longer than the engine's `max_len` also falls back to it.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
@@ -29,6 +30,7 @@ from .engine.engine import Engine
 from .engine.generate import Chunk, Stats, generate_step, stream_generate
 from .engine.request import stream_text
 from .engine.sampling import SamplingParams
+from .errors import ConfigError
 from .processing import ImageInput, Processor
 from .tokenization import STOP_TOKENS, load_tokenizer
 from .weights import load_config, load_model
@@ -306,6 +308,20 @@ class FastVLM:
         )
 
 
+def _refuse_foreign_export(folder: Path) -> None:
+    """A Core ML export has a fastvlm_export.json too, but no runtime here runs it: say so,
+    instead of failing later as a broken ONNX folder."""
+    try:
+        fmt = json.loads((folder / "fastvlm_export.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return  # no manifest (a checkpoint), or one the ONNX backend will report on
+    if fmt not in ("onnx", "tflite"):
+        raise ConfigError(
+            f"{folder} is a {fmt} export (see its fastvlm_export.json): fastvlm runs checkpoints "
+            "and ONNX exports; run Core ML packages with Core ML on macOS (see its README.md)"
+        )
+
+
 def load(
     model: str | Path | None = None,
     *,
@@ -328,6 +344,7 @@ def load(
     anything else on PyTorch), "torch" or "onnxruntime".
     """
     folder = hub.resolve(model, download=download)
+    _refuse_foreign_export(folder)
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"unknown backend {backend!r}: use auto, torch or onnxruntime")
     exported = (folder / "fastvlm_export.json").exists()
