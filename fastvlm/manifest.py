@@ -22,6 +22,10 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 class BadRow(Exception):
     """One manifest row that cannot become an item; its message goes into an error row."""
 
+    def __init__(self, msg: str, row: Any = None) -> None:
+        super().__init__(msg)
+        self.row = row  # the parsed row, when there is one: its 'id' names the error row
+
 
 def load_items(src: str | Path, prompt: str) -> list[dict]:
     """INPUT → items in input order; bad rows are items with an "error" key (see module doc)."""
@@ -55,9 +59,9 @@ def load_items(src: str | Path, prompt: str) -> list[dict]:
                 )
             seen[it["id"]] = n
         except BadRow as e:
-            rid = f"row {n}"
-            if isinstance(r, dict) and isinstance(r.get("id"), (str, int)):
-                rid = f"{r['id']} (row {n})"
+            rid, row = f"row {n}", r.row if isinstance(r, BadRow) else r
+            if isinstance(row, dict) and isinstance(row.get("id"), (str, int)) and row["id"] != "":
+                rid = f"{row['id']} (row {n})"
             it = {"id": rid, "image": None, "image_bytes": None, "error": f"BadRow: {e}"}
         items.append(it)
     return items
@@ -128,7 +132,7 @@ def _csv_rows(p: Path) -> list[Any]:
 
 def _csv_row(r: dict) -> dict | BadRow:
     if r.get(None):  # more cells than header columns
-        return BadRow(f"{len(r[None])} more cells than the header has columns")
+        return BadRow(f"{len(r[None])} more cells than the header has columns", r)
     return {k: (v or None) for k, v in r.items() if k is not None}
 
 
