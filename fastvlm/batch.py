@@ -40,6 +40,7 @@ from .options import check_tokens_per_image
 # "N failed" in the summary, so a rerun with --retry-failed can finish the job.
 EXIT_OK, EXIT_FAILED = 0, 1
 
+
 # ---------------------------------------------------------------------- output (the job state)
 def read_done(out: Path, retry_failed: bool = False) -> set[str]:
     """Ids already in OUTPUT. Cuts a torn last line (a killed writer) so appends stay valid JSONL;

@@ -131,5 +131,3 @@ def run_local(items: list[dict], options: dict[str, Any], workers: int) -> Itera
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-

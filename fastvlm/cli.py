@@ -393,5 +393,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = user_error(e)
         if msg is None:  # a bug: still one line, with the way to get the details
-            msg = f"unexpected {type(e).__name__}: {e} (FASTVLM_TRACEBACK=1 shows where; please report it)"
+            name = type(e).__name__
+            msg = f"unexpected {name}: {e} (FASTVLM_TRACEBACK=1 shows where; please report it)"
         return _error(msg)

@@ -76,8 +76,9 @@ class VisionConfig:
                 )
         if not 0 < self.image_size <= MAX_IMAGE_SIZE or self.image_size % self.patch_size:
             raise ConfigError(
-                f"image_size {self.image_size} is not valid: use a multiple of the encoder stride "
-                f"{self.patch_size} from {self.patch_size} to {MAX_IMAGE_SIZE} (e.g. 512, 768, 1024)"
+                f"image_size {self.image_size} is not valid: use a multiple of the encoder "
+                f"stride {self.patch_size} from {self.patch_size} to {MAX_IMAGE_SIZE} "
+                "(e.g. 512, 768, 1024)"
             )
 
 

@@ -51,7 +51,9 @@ def check_tokens_per_image(k: Any, native: int) -> int | None:
 def check_video_sampling(fps: Any = None, max_frames: Any = None, name: str = "max frames") -> None:
     """fps > 0 (or None) and 1 ≤ max_frames ≤ MAX_FRAMES (or None)."""
     if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps <= 1000):
-        raise ConfigError(f"fps {fps!r} is not valid: use a number of frames per second in (0, 1000]")
+        raise ConfigError(
+            f"fps {fps!r} is not valid: use a number of frames per second in (0, 1000]"
+        )
     if max_frames is not None and not (_is_int(max_frames) and 1 <= max_frames <= MAX_FRAMES):
         raise ConfigError(f"{name} {max_frames!r} is not valid: use 1 to {MAX_FRAMES}")
 

@@ -293,7 +293,9 @@ def window_plan(
         inside = np.flatnonzero((t >= start - 1e-9) & (t < end - 1e-9))
         if len(inside):  # a gap in the stream gives no window
             pick = inside[np.linspace(0, len(inside) - 1, min(n, len(inside))).round().astype(int)]
-            out.append((float(round(start, 6)), float(round(end, 6)), sorted({int(i) for i in pick})))
+            out.append(
+                (float(round(start, 6)), float(round(end, 6)), sorted({int(i) for i in pick}))
+            )
     return out
 
 

@@ -4,8 +4,9 @@ Why: the ``fastvlm`` package is a plain-PyTorch re-implementation of Apple's Fas
 (FastViTHD encoder + mlp2x_gelu projector + Qwen2 decoder).  Its tests must check numerical parity
 against the reference implementation *offline* and *without* transformers/timm installed.  This
 script is the only place that imports transformers; it runs in a separate virtualenv
-(e.g. ``.venv-parity`` in the repository root, see ``tests/fixtures/README.md`` for the exact versions) and writes small,
-deterministic fixture files that the test-suite reads with nothing but torch + safetensors.
+(e.g. ``.venv-parity`` in the repository root, see ``tests/fixtures/README.md`` for the exact
+versions) and writes small, deterministic fixture files that the test-suite reads with nothing
+but torch + safetensors.
 
 Run from the repository root::
 

@@ -69,7 +69,9 @@ def fake_ray(behaviour=None, initialized: bool = False) -> types.ModuleType:
 
 
 def items(n: int) -> list[dict]:
-    return [{"id": str(i), "image": f"{i}.png", "image_bytes": None, "prompt": "p"} for i in range(n)]
+    return [
+        {"id": str(i), "image": f"{i}.png", "image_bytes": None, "prompt": "p"} for i in range(n)
+    ]
 
 
 OPTIONS = {"batch_size": 2, "threads": 1, "model": None, "load": {}, "sampling": {}}
@@ -81,7 +83,11 @@ def calls(ray, name: str) -> list[dict]:
 
 @pytest.mark.parametrize(
     "verbosity,level,to_driver,bars",
-    [(-1, logging.ERROR, False, False), (0, logging.WARNING, False, False), (1, logging.INFO, True, True)],
+    [
+        (-1, logging.ERROR, False, False),
+        (0, logging.WARNING, False, False),
+        (1, logging.INFO, True, True),
+    ],
 )
 def test_ray_logs_stay_behind_verbose(monkeypatch, verbosity, level, to_driver, bars):
     ray = fake_ray()

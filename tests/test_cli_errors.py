@@ -225,8 +225,9 @@ def test_the_messages_name_the_problem(capsys, bad_files, monkeypatch):
 
 
 def test_user_error_classifies_third_party_errors():
-    from fastvlm.cli import user_error
     from huggingface_hub.errors import HFValidationError
+
+    from fastvlm.cli import user_error
 
     assert user_error(HFValidationError("Repo id must be ...\nmore")) == (
         "HFValidationError: Repo id must be ..."

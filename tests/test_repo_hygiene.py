@@ -76,7 +76,7 @@ def test_the_pattern_catches_developer_paths_and_spares_the_rest():
         "https://github.com/home/x and http://example.com/tmp/y",
         "python3 -m venv .venv-parity && .venv-parity/bin/python scripts/make_fixtures.py",
         "--out $WORK/qa/train_a.pt",
-        'OUT=${OUT:-$SCRATCH/gpu-out}',
+        "OUT=${OUT:-$SCRATCH/gpu-out}",
         "fastvlm watch /dev/video0 --every 2s",
         "~/.cache/huggingface and out/tmp/x",
     ]
