@@ -2,21 +2,22 @@
 
 INPUT is a folder of images (recursive; id = relative path), a JSONL or CSV manifest (`image`
 column, optional `id` and `prompt`; relative paths are relative to the manifest), or a Parquet
-file (`image` = path or bytes or {bytes, path}; optional `id`, `prompt`). Each output line is
-`{"id", "image", "text", "finish_reason", "prompt_tokens", ...}` or `{"id", "image", "error"}`.
+file (`image` = path or bytes or {bytes, path}; optional `id`, `prompt`); see manifest.py. Each
+output line is `{"id", "image", "text", "finish_reason", "prompt_tokens", ...}` or
+`{"id", "image", "error"}`.
 
 Design decisions:
 * The OUTPUT file is the job's state. One writer (the driver) appends a row and flushes it the
   moment an item finishes, so a killed job loses only in-flight items; a rerun reads the ids
   already in OUTPUT (a torn last line is cut off first) and skips them — no duplicates, no redo.
-  A failed item becomes an error row and never stops the job (`--retry-failed` drops those rows
-  and runs them again).
+  A failed item or a bad manifest row becomes an error row and never stops the job
+  (`--retry-failed` drops those rows and runs them again).
+* Options are checked once, in the driver, against the model's config (before any worker
+  starts). Exit code: 0 when every item of the run succeeded or on a partial failure ("N failed"
+  in the summary), 1 when every item failed.
 * Workers hold one loaded model each and caption `--batch-size` items at a time through the
-  model's engine (continuous batching inside the worker): local processes by default (spawn,
-  torch threads per worker = 1 unless `--threads`; spread round-robin over the GPUs when there
-  are several), or **Ray Data** with `--ray`: `from_items`
-  + `map_batches` over an actor class (one actor per worker, one GPU per actor when the cluster
-  has GPUs), on a local cluster or `--ray-address`. Ray is imported only on that path.
+  model's engine: local processes by default (batch_worker.py), or Ray Data with `--ray`
+  (batch_ray.py; Ray is imported only on that path).
 * Greedy decoding is the default, so local and Ray runs of the same input give the same rows.
 """
 
