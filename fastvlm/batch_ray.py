@@ -7,7 +7,7 @@ Design decisions:
   exit path Python sees (normal end, an error, Ctrl-C, SIGTERM/SIGHUP turned into an exception).
   A SIGKILLed driver runs no code; Ray's own processes then outlive it (`ray stop` ends them).
 * Third-party output stays behind `--verbose`: worker logs are not forwarded to the driver and
-  Ray's own loggers print warnings only (errors only with `--quiet`).
+  Ray's own loggers print errors only.
 """
 
 from __future__ import annotations
@@ -55,15 +55,19 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated(f"signal {signum}")
 
 
+def ray_log_level(verbosity: int) -> int:
+    """Ray's loggers: INFO with -v; otherwise errors only (its warnings are about Ray itself)."""
+    return logging.INFO if verbosity > 0 else logging.ERROR
+
+
 def init_kwargs(
     options: dict[str, Any], workers: int, address: str | None, verbosity: int
 ) -> dict[str, Any]:
     """ray.init arguments. verbosity: -1 quiet, 0 default, 1 verbose (-v)."""
-    level = {-1: logging.ERROR, 0: logging.WARNING}.get(verbosity, logging.INFO)
     kw: dict[str, Any] = {
         "ignore_reinit_error": True,
         "log_to_driver": verbosity > 0,
-        "logging_level": level,
+        "logging_level": ray_log_level(verbosity),
         "include_dashboard": False if verbosity <= 0 else None,
     }
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -90,9 +94,6 @@ def run_ray(
         import ray
     except ImportError as e:
         raise FastVLMError("--ray needs Ray Data: pip install 'fastvlm[batch]'") from e
-    level = {-1: logging.ERROR, 0: logging.WARNING}.get(verbosity, logging.INFO)
-    for name in RAY_LOGGERS:
-        logging.getLogger(name).setLevel(level)
     started = not ray.is_initialized()
     old_handlers = {}
     try:
@@ -101,8 +102,10 @@ def run_ray(
                 if sig is not None:
                     old_handlers[sig] = signal.signal(sig, _raise_terminated)
             ray.init(**init_kwargs(options, workers, address, verbosity))
-        ctx = ray.data.DataContext.get_current()
+        ctx = ray.data.DataContext.get_current()  # imports ray.data, which sets its own levels
         ctx.enable_progress_bars = verbosity > 0
+        for name in RAY_LOGGERS:
+            logging.getLogger(name).setLevel(ray_log_level(verbosity))
         gpus = ray.cluster_resources().get("GPU", 0) >= 1
         bs = options["batch_size"]
         # One block per batch: Ray Data hands results back per block, so rows stream as they end.

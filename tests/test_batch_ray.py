@@ -85,7 +85,7 @@ def calls(ray, name: str) -> list[dict]:
     "verbosity,level,to_driver,bars",
     [
         (-1, logging.ERROR, False, False),
-        (0, logging.WARNING, False, False),
+        (0, logging.ERROR, False, False),
         (1, logging.INFO, True, True),
     ],
 )
