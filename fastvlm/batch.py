@@ -82,6 +82,7 @@ def run(
     sampling: dict[str, Any] | None = None,
     progress: bool = True,
     verbosity: int = 0,
+    reap: bool = False,
 ) -> dict[str, Any]:
     """Caption every item of INPUT not yet in OUTPUT; returns the summary (`failed` counts this
     run's error rows, bad manifest rows included; `first_error` is the first of them)."""
@@ -137,7 +138,7 @@ def run(
             if use_ray:
                 from .batch_ray import run_ray
 
-                rows = run_ray(work, options, workers, ray_address, verbosity)
+                rows = run_ray(work, options, workers, ray_address, verbosity, reap)
             else:
                 rows = run_local(work, options, workers)
             with contextlib.closing(rows):  # a generator's cleanup (ray.shutdown) runs now
@@ -213,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             sampling={k: v for k, v in _sampling(a).items() if v not in (None, [])},
             progress=not a.quiet,
             verbosity=-1 if a.quiet else 1 if a.verbose else 0,
+            reap=True,  # a SIGKILLed CLI driver leaves no Ray processes behind
         )
     except (FastVLMError, ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

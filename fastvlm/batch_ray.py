@@ -5,7 +5,8 @@ Design decisions:
   stream back to the driver (the single writer of OUTPUT) as batches finish.
 * A local cluster this driver starts is this driver's to stop: `ray.shutdown()` runs on every
   exit path Python sees (normal end, an error, Ctrl-C, SIGTERM/SIGHUP turned into an exception).
-  A SIGKILLed driver runs no code; Ray's own processes then outlive it (`ray stop` ends them).
+  A SIGKILLed driver runs no code, and Ray's agents outlive it: from the CLI, a watchdog child
+  (reaper.py) ends the processes the driver started once it is gone, whatever the cause.
 * Third-party output stays behind `--verbose`: worker logs are not forwarded to the driver and
   Ray's own loggers print errors only.
 """
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import reaper
 from .batch_worker import _load, caption_items
 from .errors import FastVLMError
 
@@ -87,15 +89,18 @@ def run_ray(
     workers: int,
     address: str | None,
     verbosity: int = 0,
+    reap: bool = False,
 ) -> Iterator[dict]:
     """Rows as they complete. Starts (and always shuts down) a local cluster unless Ray is
-    already initialised in this process or `address` names a running one."""
+    already initialised in this process or `address` names a running one. `reap` (the CLI):
+    a watchdog also ends that cluster's processes if this driver is SIGKILLed (reaper.py)."""
     try:
         import ray
     except ImportError as e:
         raise FastVLMError("--ray needs Ray Data: pip install 'fastvlm[batch]'") from e
     started = not ray.is_initialized()
     old_handlers = {}
+    watchdog = reaper.start() if started and reap and not address else None
     try:
         if started:
             for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -128,5 +133,6 @@ def run_ray(
     finally:
         if started:
             ray.shutdown()
+        reaper.stop(watchdog)
         for sig, h in old_handlers.items():
             signal.signal(sig, h)

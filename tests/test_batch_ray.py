@@ -174,3 +174,65 @@ def test_run_ray_is_importable_without_ray(monkeypatch, tmp_path):
     with pytest.raises(Exception, match="pip install 'fastvlm\\[batch\\]'"):
         list(run_ray(items(1), OPTIONS, 1, None))
     assert Path(batch.__file__).exists()
+
+
+# ---------------------------------------------------------------------- SIGKILL: the watchdog
+DRIVER = """
+import subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+old = subprocess.Popen(["sleep", "60"])  # started before the watchdog: not its business
+from fastvlm import reaper
+w = reaper.start()
+time.sleep(0.3)
+child = subprocess.Popen(["sleep", "60"], start_new_session=True)  # like Ray's gcs_server
+shell = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE)
+grandchild = int(shell.stdout.readline())  # reparented to init once `sh` dies, like Ray agents
+print(old.pid, child.pid, shell.pid, grandchild, w.pid, flush=True)
+if sys.argv[2] == "clean":
+    reaper.stop(w)
+    print("stopped", flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watchdog reads /proc")
+@pytest.mark.parametrize("how", ["sigkill", "clean"])
+def test_the_watchdog_ends_what_a_dead_driver_started(tmp_path, how):
+    import subprocess
+    import time
+
+    root = str(Path(__file__).parent.parent)
+    drv = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, root, how], stdout=subprocess.PIPE, text=True
+    )
+    old = None
+    try:
+        old, child, shell, grandchild, watchdog = map(int, drv.stdout.readline().split())
+        if how == "clean":
+            assert drv.stdout.readline().strip() == "stopped"
+        else:
+            time.sleep(1.2)  # a couple of watchdog polls see the whole tree
+            drv.kill()  # SIGKILL: no cleanup code runs in the driver
+            drv.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(map(_alive, (child, shell, grandchild))):
+            time.sleep(0.2)
+        assert not any(map(_alive, (child, shell, grandchild)))
+        assert _alive(old)  # existed before the watchdog started: left alone
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _alive(watchdog):
+            time.sleep(0.2)
+        assert not _alive(watchdog)
+    finally:
+        drv.kill()
+        drv.wait()
+        if old is not None and _alive(old):
+            os.kill(old, signal.SIGKILL)
