@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .batch_worker import caption_items, run_local  # noqa: F401 — caption_items re-exported
+from .engine.sampling import SamplingParams
 from .errors import FastVLMError
 from .manifest import IMAGE_EXTENSIONS, load_items  # noqa: F401 — re-exported for callers
 from .options import check_tokens_per_image
@@ -92,7 +93,10 @@ def run(
         raise ValueError("--workers must be ≥ 1 (0 = in this process, local mode only)")
     if batch_size < 1:
         raise ValueError("--batch-size must be ≥ 1")
+    if limit is not None and limit < 0:
+        raise ValueError("--limit must be ≥ 0")
     sampling = {"max_tokens": 128, "temperature": 0.0, **(sampling or {})}
+    SamplingParams(**sampling).validate()  # once here, not as a failure in every worker
     from .hub import resolve
     from .weights import load_config
 
