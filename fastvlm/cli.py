@@ -297,17 +297,28 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- main
-# Subcommands that are modules with their own `main(argv)`: module, one-line help.
+# Subcommands that are modules with their own `main(argv)`, and their one-line help.
 TOOLS = {
-    "serve": ("fastvlm.server.app", "OpenAI-compatible HTTP server"),
-    "bench": ("fastvlm.bench", "benchmark TTFT, vision, prefill and decode speed, memory, MBU"),
-    "batch": ("fastvlm.batch", "caption a folder / manifest into JSONL, local workers or Ray"),
-    "watch": ("fastvlm.video", "live captions for a video file or camera, one per window"),
-    "train": ("fastvlm.train.finetune", "fine-tune or train a model"),
-    "eval": ("fastvlm.train.evaluate", "score a model on image QA / captions"),
-    "lora": ("fastvlm.train.lora", "LoRA adapter tools: merge"),
-    "quantize": ("fastvlm.quant", "int8/int4 weight-only quantization"),
-    "export": ("fastvlm.export", "export to ONNX / Core ML / TFLite with parity checks"),
+    "serve": "fastvlm.server.app",
+    "bench": "fastvlm.bench",
+    "batch": "fastvlm.batch",
+    "watch": "fastvlm.video",
+    "train": "fastvlm.train.finetune",
+    "eval": "fastvlm.train.evaluate",
+    "lora": "fastvlm.train.lora",
+    "quantize": "fastvlm.quant",
+    "export": "fastvlm.export",
+}
+TOOL_HELP = {
+    "serve": "OpenAI-compatible HTTP server",
+    "bench": "benchmark TTFT, vision, prefill and decode speed, memory, MBU",
+    "batch": "caption a folder / manifest into JSONL, local workers or Ray",
+    "watch": "live captions for a video file or camera, one per window",
+    "train": "fine-tune or train a model",
+    "eval": "score a model on image QA / captions",
+    "lora": "LoRA adapter tools: merge",
+    "quantize": "int8/int4 weight-only quantization",
+    "export": "export to ONNX / Core ML / TFLite with parity checks",
 }
 
 
@@ -358,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="download into this folder instead of the HF cache")
     p.set_defaults(func=cmd_download)
 
-    for name, (_, text) in TOOLS.items():  # tools own their flags: `fastvlm NAME -h`
+    for name in TOOLS:  # tools own their flags: `fastvlm NAME -h`
+        text = TOOL_HELP.get(name, name)
         sub.add_parser(name, help=f"{text} (see `fastvlm {name} -h`)", add_help=False)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
@@ -379,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in TOOLS:  # tools own their flags: delegate the rest of the line
             import importlib
 
-            return importlib.import_module(TOOLS[argv[0]][0]).main(argv[1:])
+            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         parser = build_parser()
         a = parser.parse_args(argv)
         if not getattr(a, "func", None):
