@@ -14,7 +14,9 @@ against); a request longer than the engine's `max_len` also falls back to it.
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,6 +225,7 @@ class FastVLM:
     ) -> Iterator[Chunk]:
         """Text chunks for `messages`; `tokens_per_image` pools each image to that many tokens
         (a perfect square ≤ `num_image_tokens`), `max_images` caps images + video frames."""
+        t_call = time.perf_counter()  # TTFT counts from here: decoding a big image is user wait
         params = self._params(sampling)
         tpi = tokens_per_image
         ids, pixels = self.encode(
@@ -233,12 +236,15 @@ class FastVLM:
         )
         if self._use_engine(len(ids), params):
             handle = self.engine.submit(ids, pixels, params, tokens_per_image=tpi)
+            pre = handle._submitted - t_call  # the engine's prefill_s counts from submit on
             for chunk in stream_text(handle, self.tokenizer):
+                chunk.stats.preprocess_s = pre
                 self.last_stats = chunk.stats
                 yield chunk
             return
         if pixels is not None:
             pixels = pixels.to(self.device)
+        pre = time.perf_counter() - t_call
         for chunk in stream_generate(
             self.model,
             self.tokenizer,
@@ -249,6 +255,7 @@ class FastVLM:
             vocab_limit=self.vocab_limit,
             tokens_per_image=tpi,
         ):
+            chunk.stats.preprocess_s = pre
             self.last_stats = chunk.stats
             yield chunk
 
@@ -315,6 +322,20 @@ class FastVLM:
         )
 
 
+def _refuse_foreign_export(folder: Path) -> None:
+    """A Core ML export has a fastvlm_export.json too, but no runtime here runs it: say so,
+    instead of failing later as a broken ONNX folder."""
+    try:
+        fmt = json.loads((folder / "fastvlm_export.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return  # no manifest (a checkpoint), or one the ONNX backend will report on
+    if fmt not in ("onnx", "tflite"):
+        raise ConfigError(
+            f"{folder} is a {fmt} export (see its fastvlm_export.json): fastvlm runs checkpoints "
+            "and ONNX exports; run Core ML packages with Core ML on macOS (see its README.md)"
+        )
+
+
 def load(
     model: str | Path | None = None,
     *,
@@ -337,6 +358,7 @@ def load(
     anything else on PyTorch), "torch" or "onnxruntime".
     """
     folder = hub.resolve(model, download=download)
+    _refuse_foreign_export(folder)
     if backend not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"unknown backend {backend!r}: use auto, torch or onnxruntime")
     exported = (folder / "fastvlm_export.json").exists()

@@ -95,9 +95,12 @@ def _part(path: str, a: argparse.Namespace) -> dict:
 
 
 def _load(a: argparse.Namespace):
+    """The model of `a`; media options (tokens per image, fps, max frames) are checked against
+    it here, before any input is read, so a bad value fails once with the valid values."""
     from .api import load
+    from .options import check_media
 
-    return load(
+    vlm = load(
         a.model,
         device=a.device,
         dtype=a.dtype,
@@ -106,11 +109,41 @@ def _load(a: argparse.Namespace):
         engine=a.engine,
         engine_options={"compile": True} if a.compile else None,
     )
+    check_media(
+        vlm.config,
+        tokens_per_image=getattr(a, "tokens_per_image", None),
+        max_images=getattr(a, "max_images", None),
+        fps=getattr(a, "fps", None),
+        max_frames=getattr(a, "max_frames", None),
+    )
+    return vlm
 
 
 def _error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 1
+
+
+# Third-party packages whose exceptions are about the user's input or environment (a bad repo
+# id, no network, an unreadable video or Parquet file): shown as one line, not a traceback.
+USER_ERROR_MODULES = ("huggingface_hub", "requests", "httpx", "urllib3", "av", "pyarrow")
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for what looks like a bug."""
+    mod = type(e).__module__ or ""
+    if isinstance(e, FastVLMError):
+        return str(e)
+    if mod.split(".")[0] in USER_ERROR_MODULES:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if isinstance(e, OSError):  # missing / unreadable files, full disk, permissions
+        name = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return f"{name}{e.strerror or e}"
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return "out of memory: use a smaller --image-size, fewer images or a smaller model"
+    if isinstance(e, (ValueError, TypeError)):
+        return str(e)
+    return None
 
 
 # ---------------------------------------------------------------------- describe
@@ -235,11 +268,19 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- download / convert
 def cmd_download(a: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
     from . import hub
 
     ref = hub.ALIASES.get(a.model.lower(), a.model)
-    path = hub.snapshot(ref, local_dir=a.dir)
-    print(path)
+    if Path(ref).expanduser().is_dir():  # an embedded alias (tiny) or a local folder: no download
+        path = hub.resolve(ref)
+        if a.dir:
+            path = Path(shutil.copytree(path, a.dir, dirs_exist_ok=True))
+        print(path)
+        return 0
+    print(hub.snapshot(ref, local_dir=a.dir))
     return 0
 
 
@@ -256,6 +297,31 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- main
+# Subcommands that are modules with their own `main(argv)`, and their one-line help.
+TOOLS = {
+    "serve": "fastvlm.server.app",
+    "bench": "fastvlm.bench",
+    "batch": "fastvlm.batch",
+    "watch": "fastvlm.video",
+    "train": "fastvlm.train.finetune",
+    "eval": "fastvlm.train.evaluate",
+    "lora": "fastvlm.train.lora",
+    "quantize": "fastvlm.quant",
+    "export": "fastvlm.export",
+}
+TOOL_HELP = {
+    "serve": "OpenAI-compatible HTTP server",
+    "bench": "benchmark TTFT, vision, prefill and decode speed, memory, MBU",
+    "batch": "caption a folder / manifest into JSONL, local workers or Ray",
+    "watch": "live captions for a video file or camera, one per window",
+    "train": "fine-tune or train a model",
+    "eval": "score a model on image QA / captions",
+    "lora": "LoRA adapter tools: merge",
+    "quantize": "int8/int4 weight-only quantization",
+    "export": "export to ONNX / Core ML / TFLite with parity checks",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -303,36 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="download into this folder instead of the HF cache")
     p.set_defaults(func=cmd_download)
 
-    sub.add_parser(
-        "train", help="fine-tune or train a model (see `fastvlm train -h`)", add_help=False
-    )
-    sub.add_parser(
-        "eval", help="score a model on image QA / captions (see `fastvlm eval -h`)", add_help=False
-    )
-    sub.add_parser("lora", help="LoRA adapter tools: merge (see `fastvlm lora -h`)", add_help=False)
-    sub.add_parser(
-        "quantize",
-        help="int8/int4 weight-only quantization (see `fastvlm quantize -h`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (see `fastvlm serve -h`)", add_help=False
-    )
-    sub.add_parser(
-        "export",
-        help="export to ONNX / Core ML / TFLite with parity checks (see `fastvlm export -h`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "watch",
-        help="live captions for a video file or camera, one per window (see `fastvlm watch -h`)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "batch",
-        help="caption a folder / manifest into JSONL, local workers or Ray (`fastvlm batch -h`)",
-        add_help=False,
-    )
+    for name in TOOLS:  # tools own their flags: `fastvlm NAME -h`
+        text = TOOL_HELP.get(name, name)
+        sub.add_parser(name, help=f"{text} (see `fastvlm {name} -h`)", add_help=False)
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
@@ -342,38 +381,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TOOLS = {
-    "train": "fastvlm.train.finetune",
-    "eval": "fastvlm.train.evaluate",
-    "lora": "fastvlm.train.lora",
-    "quantize": "fastvlm.quant",
-    "bench": "fastvlm.bench",
-    "serve": "fastvlm.server.app",
-    "export": "fastvlm.export",
-    "watch": "fastvlm.video",
-    "batch": "fastvlm.batch",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in TOOLS:  # tools own their flags: delegate the rest of the line
-        import importlib
+    """Dispatch to a subcommand. The one place any error becomes one `error:` line + exit 1
+    (FASTVLM_TRACEBACK=1 re-raises it, for the traceback)."""
+    import os
 
-        try:
-            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-        except FastVLMError as e:
-            return _error(str(e))
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    if not getattr(a, "func", None):
-        parser.print_help()
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in TOOLS:  # tools own their flags: delegate the rest of the line
+            import importlib
+
+            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+        parser = build_parser()
+        a = parser.parse_args(argv)
+        if not getattr(a, "func", None):
+            parser.print_help()
+            return 2
         return a.func(a)
-    except FastVLMError as e:
-        return _error(str(e))
-    except (ValueError, TypeError) as e:
-        return _error(str(e))
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if os.environ.get("FASTVLM_TRACEBACK") == "1":
+            raise
+        msg = user_error(e)
+        if msg is None:  # a bug: still one line, with the way to get the details
+            name = type(e).__name__
+            msg = f"unexpected {name}: {e} (FASTVLM_TRACEBACK=1 shows where; please report it)"
+        return _error(msg)

@@ -21,6 +21,9 @@ APPLE_IMAGE_SENTINEL = -200
 # id our runtime uses for image placeholders of Apple checkpoints too.
 QWEN2_IMAGE_TOKEN_ID = 151646
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# Largest encoder resolution accepted (16x the pixels of the released 1024 px models): a typo
+# such as 10240 fails at load instead of allocating activations no machine holds.
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass(slots=True)
@@ -71,10 +74,11 @@ class VisionConfig:
                 raise ConfigError(
                     f"vision config: width {b} must be a multiple of {a} (grouped conv)"
                 )
-        if self.image_size % self.patch_size:
+        if not 0 < self.image_size <= MAX_IMAGE_SIZE or self.image_size % self.patch_size:
             raise ConfigError(
-                f"image_size {self.image_size} must be a multiple of the encoder stride "
-                f"{self.patch_size} (e.g. 512, 768, 1024)"
+                f"image_size {self.image_size} is not valid: use a multiple of the encoder "
+                f"stride {self.patch_size} from {self.patch_size} to {MAX_IMAGE_SIZE} "
+                "(e.g. 512, 768, 1024)"
             )
 
 

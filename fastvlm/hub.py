@@ -72,6 +72,12 @@ def snapshot(
     repo_id: str, *, local_dir: str | None = None, download: bool = True, quiet: bool = False
 ) -> Path:
     """Download (or find in the cache) the files of `repo_id` that fastvlm needs."""
+    if not REPO_ID.match(repo_id) or ".." in repo_id or len(repo_id) > 96:
+        names = ", ".join(k for k in ALIASES if k != "default")
+        raise ModelNotFoundError(
+            f"{repo_id!r} is not a Hugging Face repo id (like 'apple/FastVLM-0.5B') nor a "
+            f"known name ({names})"
+        )
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (

@@ -24,6 +24,7 @@ Design decisions:
 from __future__ import annotations
 
 import io
+import math
 import os
 import queue
 import threading
@@ -84,6 +85,11 @@ def _av():
             "video input needs PyAV: pip install 'fastvlm[video]' (or pip install av)"
         ) from e
     return av
+
+
+def _av_reason(e: BaseException) -> str:
+    """PyAV's error without its errno / filename decoration: "Invalid data found when ..."."""
+    return getattr(e, "strerror", None) or str(e).split(";")[0]
 
 
 def sniff_container(head: bytes) -> str | None:
@@ -170,7 +176,7 @@ def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):
     try:
         container = av.open(target, **kw)
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoError(f"{name}: not a readable video ({e})") from e
+        raise VideoError(f"{name}: not a readable video ({_av_reason(e)})") from e
     if demuxer and not CONTAINERS.keys() & set(container.format.name.split(",")):
         container.close()  # defence in depth: whatever was opened must be allowlisted
         raise VideoError(f"{name}: opened as {container.format.name!r}", kind="container")
@@ -191,12 +197,18 @@ def _check_frame_size(stream, max_pixels: int, name: str) -> None:
 
 def frame_times(src: Any, max_bytes: int = MAX_VIDEO_BYTES) -> list[float]:
     """Presentation times (s, from the first frame) of every frame, from a demux-only pass."""
+    return probe(src, max_bytes)[0]
+
+
+def probe(src: Any, max_bytes: int = MAX_VIDEO_BYTES) -> tuple[list[float], float]:
+    """(frame times, clip duration) from a demux-only pass. The duration runs to the end of the
+    last frame: its time + the typical frame interval (1 / the stream's rate for one frame)."""
     av = _av()
     container, stream, name = _open(src, max_bytes)
     try:
         pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
     except av.FFmpegError as e:
-        raise VideoError(f"{name}: corrupt video ({e})") from e
+        raise VideoError(f"{name}: corrupt video ({_av_reason(e)})") from e
     finally:
         container.close()
     if not pts:
@@ -205,7 +217,11 @@ def frame_times(src: Any, max_bytes: int = MAX_VIDEO_BYTES) -> list[float]:
     times = [(p - pts[0]) * tb for p in pts]
     if times[-1] > MAX_DURATION_S:
         raise VideoError(f"{name}: {times[-1]:.0f} s is over the {MAX_DURATION_S:.0f} s limit")
-    return times
+    if len(times) > 1:
+        step = float(np.median(np.diff(times)))
+    else:
+        step = 1.0 / float(stream.average_rate) if stream.average_rate else 0.0
+    return times, round(times[-1] + step, 6)
 
 
 def sample_indices(times: list[float], fps: float | None, max_frames: int) -> list[int]:
@@ -266,7 +282,7 @@ def read_frames(
                 if len(out) == len(want):
                     break
     except av.FFmpegError as e:
-        raise VideoError(f"{name}: corrupt video ({e})") from e
+        raise VideoError(f"{name}: corrupt video ({_av_reason(e)})") from e
     finally:
         container.close()
     if not out:
@@ -296,7 +312,7 @@ def iter_frames(src: Any, fps: float | None = None) -> Iterator[Frame]:
                 raise VideoError(f"{name}: {frame.width}x{frame.height} frames are too large")
             yield Frame(i, round(t, 3), frame.to_image())
     except av.FFmpegError as e:
-        raise VideoError(f"{name}: corrupt video ({e})") from e
+        raise VideoError(f"{name}: corrupt video ({_av_reason(e)})") from e
     finally:
         container.close()
 
@@ -305,7 +321,8 @@ def windows(
     src: Any, every: float = 2.0, frames_per_window: int = 4
 ) -> Iterator[tuple[float, float, list[Frame]]]:
     """(start s, end s, frames) per window of `every` seconds; `frames_per_window` evenly spaced.
-    Live sources (cameras) drop windows the consumer is too slow for; files drop nothing."""
+    A file's last window ends at the clip's end (`window_plan`). Live sources (cameras) drop
+    windows the consumer is too slow for; files drop nothing."""
     if not every > 0:
         raise ValueError(f"every must be > 0 seconds, got {every}")
     live = isinstance(src, str) and (src.isdigit() or src.startswith("/dev/video"))
@@ -326,18 +343,11 @@ def windows(
 
     def reader() -> None:
         try:
-            k, buf = 0, []
-            for f in iter_frames(src, fps=frames_per_window / every):
+            make = _live_windows if live else _file_windows
+            for item in make(src, every, frames_per_window):
                 if stop.is_set():
                     return
-                while f.time >= (k + 1) * every:
-                    if buf:
-                        put((k * every, (k + 1) * every, buf))
-                    k, buf = k + 1, []
-                if len(buf) < frames_per_window:
-                    buf.append(f)
-            if buf:
-                put((k * every, (k + 1) * every, buf))
+                put(item)
         except BaseException as e:  # surfaces in the consumer
             put(e)
         put(None)
@@ -351,6 +361,64 @@ def windows(
             yield item
     finally:
         stop.set()
+
+
+def window_plan(
+    times: list[float], duration: float, every: float, n: int
+) -> list[tuple[float, float, list[int]]]:
+    """(start, end, frame indices) per window of a clip: the last window ends at the clip's end,
+    and each window takes `n` frames spread evenly over the frames inside it (all, if fewer)."""
+    t = np.asarray(times)
+    out = []
+    for k in range(max(1, math.ceil(duration / every - 1e-9))):
+        start, end = k * every, min((k + 1) * every, duration)
+        inside = np.flatnonzero((t >= start - 1e-9) & (t < end - 1e-9))
+        if len(inside):  # a gap in the stream gives no window
+            pick = inside[np.linspace(0, len(inside) - 1, min(n, len(inside))).round().astype(int)]
+            out.append(
+                (float(round(start, 6)), float(round(end, 6)), sorted({int(i) for i in pick}))
+            )
+    return out
+
+
+def _file_windows(src: Any, every: float, n: int) -> Iterator[tuple[float, float, list[Frame]]]:
+    """Windows of a file, planned from its frame times, then decoded in one pass."""
+    av = _av()
+    times, duration = probe(src)
+    plan = window_plan(times, duration, every, n)
+    container, stream, name = _open(src)
+    w, buf = 0, []
+    try:
+        for i, frame in enumerate(container.decode(stream)):
+            if w == len(plan):
+                break
+            if i in plan[w][2]:
+                if frame.width * frame.height > MAX_FRAME_PIXELS:
+                    raise VideoError(f"{name}: {frame.width}x{frame.height} frames are too large")
+                buf.append(Frame(i, round(times[i], 3), frame.to_image()))
+            if i == plan[w][2][-1]:
+                yield plan[w][0], plan[w][1], buf
+                w, buf = w + 1, []
+        if buf:  # the decoder gave fewer frames than the demuxer counted
+            yield plan[w][0], plan[w][1], buf
+    except av.FFmpegError as e:
+        raise VideoError(f"{name}: corrupt video ({_av_reason(e)})") from e
+    finally:
+        container.close()
+
+
+def _live_windows(src: Any, every: float, n: int) -> Iterator[tuple[float, float, list[Frame]]]:
+    """Windows of a camera: no end known, so frames are sampled at n / every per second."""
+    k, buf = 0, []
+    for f in iter_frames(src, fps=n / every):
+        while f.time >= (k + 1) * every:
+            if buf:
+                yield k * every, (k + 1) * every, buf
+            k, buf = k + 1, []
+        if len(buf) < n:
+            buf.append(f)
+    if buf:
+        yield k * every, (k + 1) * every, buf
 
 
 def parse_seconds(s: str) -> float:
@@ -387,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from .cli import _add_model_args, _add_sampling_args, _load, _sampling
+    from .options import check_video_sampling
 
     p = argparse.ArgumentParser(
         prog="fastvlm watch",
@@ -404,8 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         every = parse_seconds(a.every)
-        if a.frames < 1:
-            raise ValueError("--frames must be ≥ 1")
+        check_video_sampling(max_frames=a.frames, name="--frames")
         vlm = _load(a)
         for start, end, frames in windows(a.source, every, a.frames):
             content = [video_part(frames), {"type": "text", "text": a.prompt}]

@@ -178,7 +178,7 @@ def load_config(folder: Path, image_size: int | None = None) -> FastVLMConfig:
         cfg = from_hf_dict(d, read_json(pre) if pre.exists() else None)
     else:
         cfg = FastVLMConfig.from_dict(d)
-    if image_size:
+    if image_size is not None:  # 0 or a negative size is an error (validate), not "default"
         cfg.vision.image_size = int(image_size)
     cfg.validate()
     return cfg

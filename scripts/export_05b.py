@@ -5,11 +5,11 @@ No weights are downloaded: the model is `FastVLMModel(config_05b())` with `init_
 meant to run in its own process so that `peak_rss_gb` is the peak of that one job:
 
     # export (prints one JSON line: file sizes, seconds, peak RSS, parity numbers)
-    OMP_NUM_THREADS=1 python scripts/export_05b.py export /tmp/f05_fp32 --precision quality
-    OMP_NUM_THREADS=1 python scripts/export_05b.py export /tmp/f05_int4 \\
+    OMP_NUM_THREADS=1 python scripts/export_05b.py export $WORK/f05_fp32 --precision quality
+    OMP_NUM_THREADS=1 python scripts/export_05b.py export $WORK/f05_int4 \\
         --precision vision=fp16,llm=int4
     # ONNX Runtime decode speed of an export (JSON line: vision / prefill / decode tok/s)
-    python scripts/export_05b.py bench /tmp/f05_int4 --threads 1 --tokens 64
+    python scripts/export_05b.py bench $WORK/f05_int4 --threads 1 --tokens 64
 
 Random weights make flat, noisy logits, so greedy agreement of quantized decoders is a weak
 signal here (use the demo model's numbers for that); sizes, memory and speed are what this

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU check of one device session, in one command (device time is scarce): run from the repo
-# root on a CUDA machine; results go to $OUT (default /tmp/gpu-out).
+# root on a CUDA machine; results go to $OUT (default $TMPDIR/gpu-out).
 #   1. tests/test_gpu.py (engine eager + CUDA graphs vs the reference decoder, demo model GPU = CPU,
 #      quantized layers and training steps on CUDA);
 #   2. the demo model trained on the GPU: two vision variants in parallel, each sized to
 #      $TRAIN_BUDGET seconds by scripts/make_demo_model.py --time-budget, packaged as float16;
 #   3. `fastvlm bench` on the 0.5B shape in $DTYPE against transformers in the same run, then the
 #      same engine without CUDA graphs.
-# Optional: .whl/*.whl (e.g. transformers) are installed into /tmp/site first (no network there).
+# Optional: .whl/*.whl (e.g. transformers) are installed into $TMPDIR/site first (no network there).
 # Dry run on a CPU: DEVICE=cpu TRAIN_BUDGET=20 SHAPE=tiny DTYPE=float32 bash scripts/gpu_checks.sh
 set -u
-OUT=${OUT:-/tmp/gpu-out}
+SCRATCH=${TMPDIR:-/tmp}
+OUT=${OUT:-$SCRATCH/gpu-out}
 DEVICE=${DEVICE:-cuda}
 TRAIN_BUDGET=${TRAIN_BUDGET:-200}
 SHAPE=${SHAPE:-0.5b}
@@ -27,7 +28,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    --target "$SCRATCH/site" .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$SCRATCH/site"
 fi
 t0=$(date +%s)
 stamp() { echo "[gpu_checks +$(( $(date +%s) - t0 ))s] $*"; }
@@ -46,7 +47,7 @@ fi
 if has train; then
 stamp "2. demo model training ($MODELS; ${TRAIN_BUDGET}s each, in parallel)"
 train() {  # name variant size
-  local w=/tmp/demo-$1
+  local w=$SCRATCH/demo-$1
   mkdir -p "$w"
   [ -f .gpu/tokenizer.json ] && cp .gpu/tokenizer.json "$w/"
   timeout $(( TRAIN_BUDGET + 90 )) $PY scripts/make_demo_model.py --work "$w" --out "$w/out" \

@@ -22,7 +22,7 @@ Steps (each deterministic from its seed):
 The shipped model (2026-11-30): phases 0-2 on one H200 (scripts/gpu_checks.sh); phase 3 was
 tried on the CPU and not kept (questions did not improve, see the model's README):
 
-    python scripts/make_demo_model.py --work /tmp/demo-w256 --out fastvlm/assets/fastvlm-tiny \
+    python scripts/make_demo_model.py --work $WORK/demo-w256 --out fastvlm/assets/fastvlm-tiny \
         --variant wide --image-size 256 --device cuda --workers 14 --batch-size 64 --lr 1e-3 \
         --warmup 200 --save-every 1000 --log-every 100 --steps 1500 --phase1 187 \
         --vision-pretrain 400
@@ -40,6 +40,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,7 +189,7 @@ def fit_steps(a, work: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", default="/tmp/demo")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fastvlm-demo"))
     p.add_argument("--out", default="fastvlm/assets/fastvlm-tiny")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--variant", default="v1", choices=sorted(VARIANTS))

@@ -19,8 +19,8 @@ the transformers format (safetensors, about 2.5 GB fp32 -- never commit it), and
 
 Usage (run in the parity virtualenv; about 7 GB of RAM at peak)::
 
-    /work/parity-venv/bin/python scripts/parity_05b.py /tmp/fastvlm05b \\
-        [--apple-dir /tmp/fastvlm05b_apple]
+    .venv-parity/bin/python scripts/parity_05b.py $WORK/fastvlm05b \\
+        [--apple-dir $WORK/fastvlm05b_apple]
 
 ``--apple-dir`` also writes the same weights in Apple's ``llava_qwen2`` format (keys from the
 inverse conversion table in ``make_fixtures.py``), with an Apple-style config.json; like the real

@@ -121,8 +121,8 @@ def test_manifests_jsonl_csv_parquet(tmp_path):
     dup.write_text(
         json.dumps({"image": str(paths[0])}) + "\n" + json.dumps({"image": str(paths[0])})
     )
-    with pytest.raises(FastVLMError, match="unique 'id'"):
-        load_items(dup, PROMPT)
+    items = load_items(dup, PROMPT)  # the second row is an error row; the first still runs
+    assert "error" not in items[0] and "unique 'id'" in items[1]["error"]
 
 
 def test_parquet_with_image_bytes(tmp_path):
@@ -206,3 +206,114 @@ def test_ray_matches_local_processes(images40, reference, tmp_path):
     assert summary["done"] == 40 and summary["backend"] == "ray"
     assert len(rows(ray_out)) == 40
     assert texts(ray_out) == texts(local) == reference
+
+
+# ---------------------------------------------------------------------- bad rows, exit codes
+def summary(r: subprocess.CompletedProcess) -> dict:
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_bad_manifest_rows_are_error_rows_and_the_job_goes_on(tmp_path):
+    paths = make_images(tmp_path / "imgs", 2)
+    jl = tmp_path / "m.jsonl"
+    jl.write_text(
+        "\n".join(
+            [
+                json.dumps({"id": "a", "image": f"imgs/{paths[0].name}"}),
+                "{not json",  # a non-JSON line
+                json.dumps({"id": "no-image", "prompt": "hi"}),  # a row without `image`
+                json.dumps({"id": "a", "image": f"imgs/{paths[1].name}"}),  # a duplicated id
+                json.dumps(["a", "list"]),  # JSON, but not an object
+                json.dumps({"id": "nul", "image": "imgs/x\x00.png"}),  # a NUL byte in the path
+                json.dumps({"id": "num", "image": 12}),  # not a path
+                json.dumps({"id": "b", "image": f"imgs/{paths[1].name}"}),
+            ]
+        )
+        + "\n"
+    )
+    items = load_items(jl, PROMPT)
+    assert len(items) == 8
+    assert [it["id"] for it in items if "error" not in it] == ["a", "b"]
+    errors = {it["id"]: it["error"] for it in items if "error" in it}
+    assert "not valid JSON" in errors["row 2"]
+    assert "no 'image'" in errors["no-image (row 3)"]
+    assert "already used by row 1" in errors["a (row 4)"]
+    assert "got list" in errors["row 5"]
+    assert "NUL" in errors["nul (row 6)"]
+    assert "path string" in errors["num (row 7)"]
+    out = tmp_path / "out.jsonl"
+    s = run(jl, out, PROMPT, workers=0, sampling={"max_tokens": 2}, progress=False)
+    assert s["done"] == 2 and s["failed"] == 6 and s["total"] == 8
+    assert len(rows(out)) == 8 and "not valid JSON" in s["first_error"]
+    s = run(jl, out, PROMPT, workers=0, sampling={"max_tokens": 2}, progress=False)
+    assert s["skipped"] == 8 and s["done"] == s["failed"] == 0  # rerun: nothing redone
+    assert len(rows(out)) == 8
+
+
+def test_csv_with_bom_and_ragged_rows(tmp_path):
+    paths = make_images(tmp_path / "imgs", 2)
+    cs = tmp_path / "m.csv"
+    body = f"image,id\nimgs/{paths[0].name},a\n,b\nimgs/{paths[1].name},c,extra\n"
+    cs.write_bytes(b"\xef\xbb\xbf" + body.encode())  # Excel's UTF-8 BOM
+    items = load_items(cs, PROMPT)
+    assert [it["id"] for it in items] == ["a", "b (row 2)", "c (row 3)"]
+    assert items[0]["image"] == str(tmp_path / "imgs" / paths[0].name)
+    assert "no 'image'" in items[1]["error"] and "more cells" in items[2]["error"]
+    nohdr = tmp_path / "nohdr.csv"
+    nohdr.write_text("path,id\nx.png,1\n")
+    with pytest.raises(FastVLMError, match="'image' column"):
+        load_items(nohdr, PROMPT)
+
+
+def test_parquet_rows_with_null_images(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    paths = make_images(tmp_path / "imgs", 1)
+    pqf = tmp_path / "m.parquet"
+    image = [
+        {"bytes": paths[0].read_bytes(), "path": None},
+        {"bytes": None, "path": None},  # a null image
+        None,  # a null struct
+        {"bytes": b"", "path": None},  # empty bytes
+        {"bytes": b"\x00" * 64, "path": None},  # null bytes: not an image
+    ]
+    pq.write_table(pa.table({"id": ["ok", "n1", "n2", "empty", "zeros"], "image": image}), pqf)
+    items = load_items(pqf, PROMPT)
+    assert [("error" in it) for it in items] == [False, True, True, True, False]
+    out = tmp_path / "pq.jsonl"
+    s = run(pqf, out, PROMPT, workers=0, sampling={"max_tokens": 2}, progress=False)
+    assert s["done"] == 1 and s["failed"] == 4
+    got = {r["id"]: r for r in rows(out)}
+    assert "text" in got["ok"] and "error" in got["zeros"]  # zero bytes: fails when decoded
+
+
+@pytest.mark.parametrize("k", ["5", "64", "0", "1073741824"])
+def test_tokens_per_image_is_checked_against_the_model_before_any_work(tmp_path, k):
+    make_images(tmp_path / "imgs", 2)
+    out = tmp_path / "o.jsonl"
+    r = cli(str(tmp_path / "imgs"), str(out), "-q", "--workers", "0", "--tokens-per-image", k)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert len(r.stderr) < 300 and "16, 9, 4, 1" in r.stderr, r.stderr[:500]
+    assert not out.exists() or not out.read_text()
+
+
+def test_exit_codes_all_ok_partial_all_failed(tmp_path):
+    paths = make_images(tmp_path / "imgs", 2)
+    common = ["-q", "--workers", "0", "--max-tokens", "2"]
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("".join(json.dumps({"image": str(p)}) + "\n" for p in paths))
+    r = cli(str(ok), str(tmp_path / "o1.jsonl"), *common)
+    assert r.returncode == 0 and summary(r)["failed"] == 0, r.stderr
+    part = tmp_path / "part.jsonl"
+    part.write_text(ok.read_text() + "{broken\n")
+    r = cli(str(part), str(tmp_path / "o2.jsonl"), *common)
+    assert r.returncode == 0 and summary(r)["failed"] == 1, r.stderr  # partial: 0, "1 failed"
+    assert "failed 1" in r.stderr and "warning: 1 items of this run failed" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{broken\n{"image": "missing.png"}\n')
+    r = cli(str(bad), str(tmp_path / "o3.jsonl"), *common)
+    assert r.returncode == 1 and summary(r)["failed"] == 2 and summary(r)["done"] == 0
+    assert "error: every item of this run failed" in r.stderr and "Traceback" not in r.stderr
+    r = cli(str(tmp_path / "imgs"), str(tmp_path / "o4.jsonl"), *common, "--model", "tiny")
+    assert r.returncode == 0 and summary(r)["done"] == 2

@@ -1,7 +1,7 @@
 """Export tests: ONNX (+ ONNX Runtime backend), Core ML (spec validation on Linux), TFLite.
 
 Each target's test skips cleanly when its optional dependency is missing; the TFLite converter
-(litert-torch) lives in /work/venv-tflite on the dev machine (see README "Export")."""
+(litert-torch) lives in its own virtualenv on the dev machine (see README "Export")."""
 
 from __future__ import annotations
 

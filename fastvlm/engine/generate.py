@@ -28,12 +28,14 @@ class Stats:
     image_tokens: int = 0
     generation_tokens: int = 0
     vision_s: float = 0.0
-    prefill_s: float = 0.0  # includes the vision encoder: time to first token
+    prefill_s: float = 0.0  # from submit to first token: queueing + vision encoder + prefill
     decode_s: float = 0.0
+    preprocess_s: float = 0.0  # before submit (API): image loading/decoding, pixels, tokens
 
     @property
     def ttft_s(self) -> float:
-        return self.prefill_s
+        """Time to first token from the call: preprocessing + vision + prefill."""
+        return self.preprocess_s + self.prefill_s
 
     @property
     def decode_tps(self) -> float:

@@ -25,6 +25,8 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -320,18 +322,33 @@ Parity at export time:
 """
 
 
+@contextlib.contextmanager
+def third_party_quiet(verbose: bool = False):
+    """coremltools' import notices, per-pass progress bars and warnings all go to sys.stderr:
+    hidden unless `verbose` (our own progress lines go to stdout)."""
+    if verbose:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="fastvlm export coreml", description=__doc__.split("\n")[0])
     add_common_args(p)
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
                    help="KV-cache length of the stateful decoder (default 2048)")  # fmt: skip
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show coremltools' own warnings and progress bars")  # fmt: skip
     a = p.parse_args(argv)
     prec = resolve_precision(a.preset, a.precision, ALLOWED, "Core ML")
-    _ct()
-    out = Path(a.out)
-    prepare_out(out, a.force)
-    model, tok, _ = load_source(a)
-    res = export_coreml(model, out, prec, tok, context=a.context, parity=not a.no_parity)
+    with third_party_quiet(a.verbose):
+        _ct()
+        out = Path(a.out)
+        prepare_out(out, a.force)
+        model, tok, _ = load_source(a)
+        res = export_coreml(model, out, prec, tok, context=a.context, parity=not a.no_parity)
 
     def dims(v: dict) -> str:
         if v["ranges"]:

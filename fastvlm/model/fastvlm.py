@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FastVLMConfig
+from ..options import short_list
 from .fastvithd import FastViTHD, RepCPE, RepMixer, identity_kernel
 from .qwen2 import KVCacheLike, Qwen2Model
 
@@ -34,7 +35,7 @@ def check_tokens_per_image(tokens_per_image: int | None, native: int) -> int:
     k = tokens_per_image
     side = math.isqrt(k) if isinstance(k, int) and k > 0 else 0
     if isinstance(k, bool) or not side or side * side != k or k > native:
-        choices = ", ".join(str(i * i) for i in range(math.isqrt(native), 0, -1))
+        choices = short_list([i * i for i in range(math.isqrt(native), 0, -1)])
         raise ValueError(
             f"tokens_per_image must be a perfect square no larger than this model's native "
             f"{native} image tokens ({choices}), got {tokens_per_image!r}"
