@@ -36,6 +36,10 @@ class HeldVLM(_SpyVLM):
         self.gate.set()
         self.started = 0  # generations that reached the model
 
+    @property
+    def engine(self):  # as on FastVLM: the service then batches requests instead of locking
+        return self._real.engine
+
     def hold(self) -> None:
         self.gate.clear()
 
