@@ -231,3 +231,29 @@ def test_many_parallel_hostile_connections_then_normal_service(srv):
     assert all(results), results
     assert_alive_and_no_5xx(srv, before)
     assert by_status(metrics(srv.url)).get("500", 0) == 0
+
+
+# ---------------------------------------------------------------------- invalid unicode
+def _chat_raw(messages: str) -> bytes:
+    return ('{"model": "fastvlm-tiny", "max_tokens": 2, "messages": [%s]}' % messages).encode()
+
+
+SURROGATES = [
+    ("user string", _chat_raw(r'{"role": "user", "content": "a\ud800b"}')),
+    ("system string", _chat_raw(r'{"role": "system", "content": "\udfff"}, '
+                                r'{"role": "user", "content": "hi"}')),  # fmt: skip
+    ("text part", _chat_raw(r'{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}')),
+    ("assistant history", _chat_raw(r'{"role": "user", "content": "hi"}, '
+                                    r'{"role": "assistant", "content": "\udc00"}, '
+                                    r'{"role": "user", "content": "again"}')),  # fmt: skip
+]
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 17 item 4: a lone surrogate in message text gives a 500"
+)
+@pytest.mark.parametrize("name, raw", SURROGATES, ids=[s[0] for s in SURROGATES])
+def test_lone_surrogate_in_text_is_400(srv, name, raw):
+    r = httpx.post(srv.url + CHAT, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, (name, r.status_code)
+    assert r.json()["error"]["message"]
