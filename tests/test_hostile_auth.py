@@ -179,8 +179,9 @@ def test_public_endpoints_need_no_key_and_leak_nothing(keyed):
 
 def test_without_a_key_any_authorization_header_is_ignored(open_srv):
     for headers in ({}, {"Authorization": "Bearer whatever"}, {"Authorization": "garbage"}):
-        r = httpx.post(open_srv.url + CHAT, json=body([image_msg("hi")], max_tokens=2),
-                       headers=headers)  # fmt: skip
+        r = httpx.post(
+            open_srv.url + CHAT, json=body([image_msg("hi")], max_tokens=2), headers=headers
+        )
         assert r.status_code == 200, r.text
 
 
@@ -209,7 +210,12 @@ def test_no_cors_grant_without_configured_origins(open_srv, keyed, which, path):
 def test_cors_allows_only_the_configured_origin(model):
     srv = _server(model, cors_origins=["http://app.test"])
     try:
-        for origin in ("http://evil.test", "http://app.test.evil.test", "null", "http://APP.test:80"):
+        for origin in (
+            "http://evil.test",
+            "http://app.test.evil.test",
+            "null",
+            "http://APP.test:80",
+        ):
             pre = httpx.options(srv.url + CHAT, headers={**PREFLIGHT, "Origin": origin})
             assert pre.headers.get("access-control-allow-origin") in (None, ""), origin
             assert pre.status_code < 500

@@ -73,8 +73,9 @@ def short(stream: bool = False, i: int = 0) -> dict:
 
 
 def long_req(stream: bool) -> dict:
-    return body([image_msg("Describe this image.")], max_tokens=LONG, ignore_eos=True,
-                stream=stream)  # fmt: skip
+    return body(
+        [image_msg("Describe this image.")], max_tokens=LONG, ignore_eos=True, stream=stream
+    )
 
 
 def send(url: str, b: dict, timeout: float = 60) -> tuple[int, dict, str]:

@@ -162,8 +162,9 @@ def test_malformed_framing_is_4xx_or_closed(srv, name, data, legal):
 # ---------------------------------------------------------------------- slow bodies
 def test_trickled_body_is_served(srv):
     """A slow but honest client (one byte every 5 ms) still gets its answer."""
-    small = json.dumps({"model": "fastvlm-tiny", "messages": [{"role": "user", "content": "hi"}],
-                        "max_tokens": 2}).encode()  # fmt: skip
+    small = json.dumps(
+        {"model": "fastvlm-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ).encode()
     status, raw, _ = raw_request(srv.port, post_head(len(small)) + small, timeout=30, pace=0.005)
     assert status == 200, raw[:300]
 
@@ -235,17 +236,27 @@ def test_many_parallel_hostile_connections_then_normal_service(srv):
 
 # ---------------------------------------------------------------------- invalid unicode
 def _chat_raw(messages: str) -> bytes:
-    return ('{"model": "fastvlm-tiny", "max_tokens": 2, "messages": [%s]}' % messages).encode()
+    return b'{"model": "fastvlm-tiny", "max_tokens": 2, "messages": [' + messages.encode() + b"]}"
 
 
 SURROGATES = [
     ("user string", _chat_raw(r'{"role": "user", "content": "a\ud800b"}')),
-    ("system string", _chat_raw(r'{"role": "system", "content": "\udfff"}, '
-                                r'{"role": "user", "content": "hi"}')),  # fmt: skip
+    (
+        "system string",
+        _chat_raw(
+            r'{"role": "system", "content": "\udfff"}, '
+            r'{"role": "user", "content": "hi"}'
+        ),
+    ),
     ("text part", _chat_raw(r'{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}')),
-    ("assistant history", _chat_raw(r'{"role": "user", "content": "hi"}, '
-                                    r'{"role": "assistant", "content": "\udc00"}, '
-                                    r'{"role": "user", "content": "again"}')),  # fmt: skip
+    (
+        "assistant history",
+        _chat_raw(
+            r'{"role": "user", "content": "hi"}, '
+            r'{"role": "assistant", "content": "\udc00"}, '
+            r'{"role": "user", "content": "again"}'
+        ),
+    ),
 ]
 
 

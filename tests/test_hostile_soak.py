@@ -24,9 +24,8 @@ from conftest import guard_network
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
-from PIL import Image  # noqa: E402
-
 from hostile_util import CHAT, ServeProcess, by_status, metrics, raw_request  # noqa: E402
+from PIL import Image  # noqa: E402
 
 MODEL = "fastvlm-tiny"
 CAP_MB = 1  # --max-request-mb of the soaked server
@@ -66,7 +65,9 @@ def _noise_png(side: int) -> str:
 
 def _bomb(w: int, h: int) -> str:
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     png = (
         b"\x89PNG\r\n\x1a\n"
@@ -78,8 +79,13 @@ def _bomb(w: int, h: int) -> str:
 
 
 def _chat(content, **kw) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-            "temperature": 0, **kw}  # fmt: skip
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **kw,
+    }
 
 
 def _img(url: str, text: str = "Describe.") -> list:
@@ -129,8 +135,13 @@ SIZES = {k: len(json.dumps(p)) for k, _, p in VALID + HOSTILE if not isinstance(
 def _do(url: str, port: int, kind: str, payload, rng: random.Random) -> int:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     if kind == "stream" and rng.random() < 0.5:  # half the streams: the client leaves early
-        with httpx.stream("POST", url + CHAT, content=raw, timeout=60,
-                          headers={"content-type": "application/json"}) as r:  # fmt: skip
+        with httpx.stream(
+            "POST",
+            url + CHAT,
+            content=raw,
+            timeout=60,
+            headers={"content-type": "application/json"},
+        ) as r:
             for line in r.iter_lines():
                 if '"content":"' in line:
                     break
@@ -145,8 +156,9 @@ def _do(url: str, port: int, kind: str, payload, rng: random.Random) -> int:
             for i in range(0, len(raw), 65536)
         )
         return raw_request(port, head + chunked + b"0\r\n\r\n", timeout=30)[0] or 0
-    r = httpx.post(url + CHAT, content=raw, timeout=60,
-                   headers={"content-type": "application/json"})  # fmt: skip
+    r = httpx.post(
+        url + CHAT, content=raw, timeout=60, headers={"content-type": "application/json"}
+    )
     if r.status_code >= 400:
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], kind
@@ -202,8 +214,10 @@ def _soak(seconds: float) -> None:
         time.sleep(0.5)
         rss1 = srv.rss_kib()
         total, mib = sum(soak.seen.values()), soak.sent / 2**20
-        print(f"soak {seconds:.0f} s: {total} requests, {mib:.0f} MiB sent, "
-              f"RSS {rss0 >> 10} -> {rss1 >> 10} MiB")  # fmt: skip
+        print(
+            f"soak {seconds:.0f} s: {total} requests, {mib:.0f} MiB sent, "
+            f"RSS {rss0 >> 10} -> {rss1 >> 10} MiB"
+        )
         assert {k for k, _ in soak.seen} == {k for k, _, _ in MIX}, "a kind was never sent"
         m = metrics(srv.url)
         fives = {s: n for s, n in by_status(m).items() if s.startswith("5")}
