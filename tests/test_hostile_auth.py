@@ -135,6 +135,9 @@ def test_right_key_in_any_legal_spelling_is_served(keyed, headers):
     assert httpx.get(keyed.url + "/v1/models", headers=headers).json()["data"][0]["id"] == MODEL
 
 
+VALID = json.dumps(body([image_msg("hi")], max_tokens=2)).encode()
+
+
 PATHS = [
     "/v1/models",
     "/v1/models/",
@@ -164,9 +167,6 @@ def test_no_path_spelling_reaches_the_api_without_the_key(keyed, path):
     status, raw, _ = raw_request(keyed.port, post, timeout=30)
     assert status in (400, 401, 404, 405, 307), (path, raw[:300])
     assert b'"choices"' not in raw
-
-
-VALID = json.dumps(body([image_msg("hi")], max_tokens=2)).encode()
 
 
 def test_public_endpoints_need_no_key_and_leak_nothing(keyed):

@@ -200,12 +200,9 @@ def test_disconnect_mid_body_is_not_a_server_error(srv, caplog):
     """A client that dies half-way through its body is the client's problem: no 500 in
     /metrics and no traceback logged (issue 17 item 4 / 5 classes)."""
     before = metrics(srv.url)
-    threads = []
-    for i in range(3):
-        s = _stall(srv.port, 5000, VALID[: 20 * (i + 1)])
-        threads.append(s)
+    socks = [_stall(srv.port, 5000, VALID[: 20 * (i + 1)]) for i in range(3)]
     time.sleep(0.3)
-    for s in threads:
+    for s in socks:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         s.close()  # RST
     time.sleep(0.5)
