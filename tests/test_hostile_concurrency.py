@@ -306,10 +306,6 @@ def test_generation_error_frees_its_slot(model, exc, status, stream):
         assert_slots_free(srv, c0, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 item 5: a generation error is counted in requests_cancelled_total",
-)
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("exc, status", FAILURES, ids=["ValueError", "RuntimeError"])
 def test_generation_error_is_not_counted_as_cancelled(model, exc, status, stream):
@@ -343,7 +339,6 @@ def test_internal_error_is_a_500_error_object(model, stream):
     assert "processor broke" not in json.dumps(err)  # no internals in the answer
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 item 5: an unhandled 500 is counted as 499")
 @pytest.mark.parametrize("stream", [False, True])
 def test_internal_error_is_counted_as_500(model, stream):
     _, _, delta = _internal_error(model, stream)

@@ -257,9 +257,6 @@ SURROGATES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 17 item 4: a lone surrogate in message text gives a 500"
-)
 @pytest.mark.parametrize("name, raw", SURROGATES, ids=[s[0] for s in SURROGATES])
 def test_lone_surrogate_in_text_is_400(srv, name, raw):
     r = httpx.post(srv.url + CHAT, content=raw, headers={"content-type": "application/json"})
