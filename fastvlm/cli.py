@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser(
         "export",
-        help="export to ONNX / Core ML / TFLite with parity checks (see `fastvlm export -h`)",
+        help="export to ONNX / Core ML / TFLite / LiteRT-LM with parity checks "
+        "(see `fastvlm export -h`)",
         add_help=False,
     )
     sub.add_parser(

@@ -1,4 +1,5 @@
-"""`fastvlm export {onnx,coreml,tflite}`: deployable artefacts, each checked against PyTorch.
+"""`fastvlm export {onnx,coreml,tflite,litertlm}`: deployable artefacts, each checked against
+PyTorch.
 
 * wrappers.py   the model cut into tensor-in / tensor-out modules (vision, embeddings, decoder)
 * precision.py  presets (quality / balanced / small) and per-component `--precision` specs
@@ -6,6 +7,7 @@
 * onnx.py       ONNX graphs in the onnx-community layout; ort_backend.py runs them
 * coreml.py     Core ML: vision .mlpackage + stateful decoder (KV cache as state)
 * tflite.py     LiteRT (TFLite) vision encoder via litert-torch
+* litertlm.py   LiteRT-LM .litertlm bundle (decoder + KV cache, embedder, vision) for Android
 
 Heavy dependencies (onnx, onnxruntime, coremltools, litert-torch) are imported by the target
 that needs them: `pip install 'fastvlm[export]'`.
@@ -20,8 +22,10 @@ TARGETS = {
     "onnx": "fastvlm.export.onnx",
     "coreml": "fastvlm.export.coreml",
     "tflite": "fastvlm.export.tflite",
+    "litertlm": "fastvlm.export.litertlm",
 }
-USAGE = """usage: fastvlm export {onnx,coreml,tflite} MODEL OUT [--preset quality|balanced|small]
+USAGE = """usage: fastvlm export {onnx,coreml,tflite,litertlm} MODEL OUT
+                      [--preset quality|balanced|small]
                       [--precision vision=fp16,projector=fp16,llm=int4] [--no-parity] ...
 
   onnx    vision_encoder / embed_tokens / decoder_model_merged .onnx (ONNX Runtime backend:
@@ -29,10 +33,20 @@ USAGE = """usage: fastvlm export {onnx,coreml,tflite} MODEL OUT [--preset qualit
   coreml  vision_encoder.mlpackage + decoder.mlpackage (stateful KV cache); predictions need
           macOS, on Linux the converted programs are validated instead
   tflite  vision_encoder.tflite via litert-torch, checked with ai-edge-litert's interpreter
+  litertlm  model.litertlm for LiteRT-LM (decoder + KV cache, embedder, vision encoder,
+          tokenizer, template); greedy tokens checked against PyTorch
 
 `fastvlm export TARGET -h` lists each target's options."""
 
-__all__ = ["main", "TARGETS", "export_onnx", "export_coreml", "export_tflite", "load_onnx"]
+__all__ = [
+    "main",
+    "TARGETS",
+    "export_onnx",
+    "export_coreml",
+    "export_tflite",
+    "export_litertlm",
+    "load_onnx",
+]
 
 
 def __getattr__(name: str):
@@ -41,6 +55,7 @@ def __getattr__(name: str):
         "export_onnx": "onnx",
         "export_coreml": "coreml",
         "export_tflite": "tflite",
+        "export_litertlm": "litertlm",
         "load_onnx": "ort_backend",
     }
     if name in where:
