@@ -11,8 +11,9 @@ Design decisions:
 * The decoder is litert-torch's `DecoderOnlyModel` (its attention, RoPE and KV-cache update ops
   are the ones LiteRT-LM's XNNPACK path is tuned for) built from our TextConfig; our parameter
   names are transformers' Qwen2 names, so its stock TENSOR_NAMES loader maps them.
-* KV cache in the transposed layout (K: B,N,T,H; V: B,N,H,T): LiteRT-LM reads the context
-  length from K's dim 2, and the default B,T,N,H layout makes it read num_kv_heads instead.
+* KV cache in the transposed layout (K: B,N,T,H; V: B,N,H,T), litert-torch's HF exporter's
+  default: a decoder without a mask input gets its context length read from K's dim 2 by
+  LiteRT-LM (B,T,N,H makes it read num_kv_heads); with the mask input both layouts run.
 * Embeddings come from outside the decoder so image rows can be spliced in before prefill:
   that is how LiteRT-LM feeds vision features to a model without per-model glue.
 """
