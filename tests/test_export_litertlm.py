@@ -48,13 +48,23 @@ FP32 = {"vision": "fp32", "projector": "fp32", "embed": "fp32", "llm": "fp32"}
 CONVERSATIONS = [
     [{"role": "user", "content": "How many shapes are there?"}],
     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
-    [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                  {"type": "text", "text": "Compare."},
-                                  {"type": "text", "text": "Be brief."}]}],  # fmt: skip
-    [{"role": "system", "content": "Answer in French."},
-     {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]},
-     {"role": "assistant", "content": "Bonjour"},
-     {"role": "user", "content": "Colours {of} the {{shapes}}?"}],  # fmt: skip
+    [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "image"},
+                {"type": "text", "text": "Compare."},
+                {"type": "text", "text": "Be brief."},
+            ],
+        }
+    ],  # fmt: skip
+    [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]},
+        {"role": "assistant", "content": "Bonjour"},
+        {"role": "user", "content": "Colours {of} the {{shapes}}?"},
+    ],  # fmt: skip
 ]
 
 
@@ -171,7 +181,8 @@ def demo_fp32(tmp_path_factory, demo):
     out = tmp_path_factory.mktemp("litertlm") / "fp32"
     tok_json = demo.path / "tokenizer.json"
     files, res = export_litertlm(demo.model, out, None, demo.tokenizer, tok_json, max_len=128,
-                                 prefill_lens=[32], keep_tflite=True, log=lambda *_: None)  # fmt: skip
+                                 prefill_lens=[32], keep_tflite=True,
+                                 log=lambda *_: None)  # fmt: skip
     return out, files, res
 
 
