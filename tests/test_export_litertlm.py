@@ -262,3 +262,8 @@ def test_random_models_interpreter_greedy(tmp_path, tie, seed):
         assert got == ref, (n, image)
     with pytest.raises(ConfigError, match="--max-len"):
         run.generate(np.zeros((90, cfg.text.hidden_size), np.float32), 5, 10, set())
+
+
+def test_export_usage_lists_litertlm(capsys):
+    assert main(["export", "-h"]) == 0
+    assert "litertlm" in capsys.readouterr().out
