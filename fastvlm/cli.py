@@ -318,7 +318,7 @@ TOOL_HELP = {
     "eval": "score a model on image QA / captions",
     "lora": "LoRA adapter tools: merge",
     "quantize": "int8/int4 weight-only quantization",
-    "export": "export to ONNX / Core ML / TFLite with parity checks",
+    "export": "export to ONNX / web / Core ML / LiteRT-LM / TFLite with parity checks",
 }
 
 

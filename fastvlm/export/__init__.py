@@ -1,4 +1,5 @@
-"""`fastvlm export {onnx,coreml,tflite}`: deployable artefacts, each checked against PyTorch.
+"""`fastvlm export {onnx,coreml,tflite,litertlm,web}`: deployable artefacts, each checked against
+PyTorch.
 
 * wrappers.py   the model cut into tensor-in / tensor-out modules (vision, embeddings, decoder)
 * precision.py  presets (quality / balanced / small) and per-component `--precision` specs
@@ -8,6 +9,7 @@
 * tflite.py     LiteRT (TFLite) vision encoder via litert-torch
 * onnx_community.py  the transformers.js / onnx-community side files and file names
 * web.py        browser folder: the ONNX export + pinned transformers.js (js_deps.py installs it)
+* litertlm.py   LiteRT-LM .litertlm bundle (decoder + KV cache, embedder, vision) for Android
 
 Heavy dependencies (onnx, onnxruntime, coremltools, litert-torch) are imported by the target
 that needs them: `pip install 'fastvlm[export]'`.
@@ -22,9 +24,10 @@ TARGETS = {
     "onnx": "fastvlm.export.onnx",
     "coreml": "fastvlm.export.coreml",
     "tflite": "fastvlm.export.tflite",
+    "litertlm": "fastvlm.export.litertlm",
     "web": "fastvlm.export.web",
 }
-USAGE = """usage: fastvlm export {onnx,coreml,tflite,web} MODEL OUT
+USAGE = """usage: fastvlm export {onnx,coreml,tflite,litertlm,web} MODEL OUT
                       [--preset quality|balanced|small]
                       [--precision vision=fp16,projector=fp16,llm=int4] [--no-parity] ...
 
@@ -33,13 +36,15 @@ USAGE = """usage: fastvlm export {onnx,coreml,tflite,web} MODEL OUT
   coreml  vision_encoder.mlpackage + decoder.mlpackage (stateful KV cache); predictions need
           macOS, on Linux the converted programs are validated instead
   tflite  vision_encoder.tflite via litert-torch, checked with ai-edge-litert's interpreter
+  litertlm  model.litertlm for LiteRT-LM (decoder + KV cache, embedder, vision encoder,
+          tokenizer, template); greedy tokens checked against PyTorch
   web     a static folder (index.html + transformers.js + the ONNX export) that runs the model
           in the browser, offline (WASM, WebGPU where available); needs node + npm to build
 
 `fastvlm export TARGET -h` lists each target's options."""
 
-__all__ = ["main", "TARGETS", "export_onnx", "export_coreml", "export_tflite", "export_web",
-           "load_onnx"]  # fmt: skip
+__all__ = ["main", "TARGETS", "export_onnx", "export_coreml", "export_tflite", "export_litertlm",
+           "export_web", "load_onnx"]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -48,6 +53,7 @@ def __getattr__(name: str):
         "export_onnx": "onnx",
         "export_coreml": "coreml",
         "export_tflite": "tflite",
+        "export_litertlm": "litertlm",
         "export_web": "web",
         "load_onnx": "ort_backend",
     }

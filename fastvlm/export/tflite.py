@@ -6,9 +6,8 @@ embeddings). Output: OUT/vision_encoder.tflite (pixel_values (1, 3, S, S) float3
 image_embeds (1, tokens, D)), config.json, tokenizer.json, fastvlm_export.json, README.md.
 
 Design decisions:
-* Only the vision encoder is exported. The decoder would need litert-torch's generative API
-  (a re-authored Qwen2 with its own KV-cache layout and `.litertlm` packaging); until that is worth
-  it, run the text side with the ONNX or Core ML exports.
+* Only the vision encoder is exported here. The whole model (decoder with KV cache, embedder,
+  vision) for apps is `fastvlm export litertlm` (litertlm.py), a LiteRT-LM bundle.
 * Precision is applied after conversion with `ai-edge-quantizer` (weight-only: fp16 casting or
   int8 channel-wise); activations stay fp32, so no calibration images are needed.
 * litert-torch pulls transformers / jax and pins pydantic, so it is not in the `export` extra;
