@@ -24,8 +24,7 @@ Design decisions:
   serves every preset); int8 / int4 decoder = `MatMulNBitsQuantizer` (weight-only, asymmetric
   with per-block zero points, block 32, lm_head included). After fp16 conversion onnx_casts.py
   reshapes the converter's casts so every mix loads in onnxruntime-node (transformers.js) too.
-  Graphs over 1.5 GB keep their weights
-  in one `*.onnx_data` file.
+  Graphs over 1.5 GB keep their weights in one `*.onnx_data` file.
 """
 
 from __future__ import annotations
