@@ -375,8 +375,9 @@ def test_tidy_casts_drops_fp16_round_trips(second):
     nodes = [h.make_node("MatMul", ["x", "w"], ["y"]),
              h.make_node("Cast", ["y"], ["y16"], to=T.FLOAT16),
              h.make_node("Cast", ["y16"], ["out"], to=to)]  # fmt: skip
-    g = h.make_graph(nodes, "rt", [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4])],
-                     [h.make_tensor_value_info("out", to, [2, 3, 5])], [numpy_helper.from_array(w, "w")])
+    ins = [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4])]
+    outs = [h.make_tensor_value_info("out", to, [2, 3, 5])]
+    g = h.make_graph(nodes, "rt", ins, outs, [numpy_helper.from_array(w, "w")])
     model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     x = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32) * 10
     exact = (x @ w).astype(second)
