@@ -21,7 +21,8 @@ from collections import defaultdict
 
 # ops that only move or relabel elements: Cast(op(x)) == op(Cast(x)); extra inputs are int64
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
-FLOAT16 = 10
+FLOAT16, FLOAT, DOUBLE = 10, 1, 11
+GRAPH_ATTRS = (5, 10)  # AttributeProto.GRAPH / GRAPHS: control flow reads outer names
 
 
 def _cast_to(node) -> int:
@@ -103,7 +104,8 @@ def hoist_casts(graph) -> bool:
 
 
 def drop_fp16_round_trips(graph) -> bool:
-    """Cast(to=fp16) whose only consumer is another Cast: the second reads the source directly."""
+    """Cast(to=fp16) whose only consumer casts to fp32 / fp64: the second reads the source
+    directly (a cast to an integer type keeps the fp16 step: its rounding is part of the result)."""
     outputs = {o.name for o in graph.output}
     consumers = _consumers(graph)
     changed = False
@@ -111,7 +113,9 @@ def drop_fp16_round_trips(graph) -> bool:
         if first.op_type != "Cast" or _cast_to(first) != FLOAT16 or first.output[0] in outputs:
             continue
         users = consumers[first.output[0]]
-        if len(users) != 1 or users[0].op_type != "Cast" or _cast_to(users[0]) == FLOAT16:
+        if len(users) != 1 or users[0].op_type != "Cast":
+            continue
+        if _cast_to(users[0]) not in (FLOAT, DOUBLE):
             continue
         users[0].input[0] = first.input[0]
         _drop_value_info(graph, first.output[0])
@@ -141,8 +145,11 @@ def topo_sort(graph) -> None:
 
 
 def tidy_casts(model):
-    """All rewrites above on the main graph of `model` (in place); returns `model`."""
+    """All rewrites above on the main graph of `model` (in place); returns `model`. Graphs with
+    control flow are left alone: their subgraphs may read the names these rewrites change."""
     g = model.graph
+    if any(a.type in GRAPH_ATTRS for n in g.node for a in n.attribute):
+        return model
     while merge_duplicate_casts(g) | hoist_casts(g) | drop_fp16_round_trips(g):
         pass
     topo_sort(g)
