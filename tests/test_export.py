@@ -264,3 +264,181 @@ def test_exported_chat_template_renders_like_ours(style, chat):
             for m in msgs]  # fmt: skip
     want, _ = render_chat(ours, style, cfg.system_prompt)
     assert got == want
+
+
+# ---------------------------------------------------------------------- fp16 cast hygiene
+def _cast_after_layout(graph) -> list[str]:
+    """Casts that read a layout op's output: the chain onnxruntime-node 1.30's
+    MatmulTransposeFusion reorders (and crashes on when the Cast names a graph output)."""
+    from fastvlm.export.onnx_casts import LAYOUT_OPS
+
+    producer = {o: n for n in graph.node for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "Cast"
+            and getattr(producer.get(n.input[0]), "op_type", None) in LAYOUT_OPS]  # fmt: skip
+
+
+def _cast_graph(kind: str, layout: str = "Transpose"):
+    """Small fp16 → fp32 graphs in the shapes the float16 converter leaves behind."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.standard_normal((3, 5)).astype(np.float32), "w")]
+    nodes = [h.make_node("Cast", ["x"], ["x16"], to=T.FLOAT16),
+             h.make_node("Neg", ["x16"], ["h16"])]  # fp16 compute ends, layout ops follow
+    if layout == "Transpose":
+        nodes.append(h.make_node("Transpose", ["h16"], ["t"], perm=[0, 2, 1]))
+    elif layout == "Reshape+Transpose":
+        init.append(numpy_helper.from_array(np.array([2, 3, 4], np.int64), "shape"))
+        nodes += [h.make_node("Reshape", ["h16", "shape"], ["r"]),
+                  h.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1])]  # fmt: skip
+    else:  # Unsqueeze + Squeeze + Flatten (rank-preserving overall: (2, 4, 3))
+        init.append(numpy_helper.from_array(np.array([0], np.int64), "ax"))
+        nodes += [h.make_node("Transpose", ["h16"], ["tt"], perm=[0, 2, 1]),
+                  h.make_node("Unsqueeze", ["tt", "ax"], ["u"]),
+                  h.make_node("Squeeze", ["u", "ax"], ["t"])]  # fmt: skip
+    img_shape = [2, 4, 3] if kind == "two_outputs" else [2, 4, 5]
+    outs = [h.make_tensor_value_info("feat", T.FLOAT, [2, 4, 3]),
+            h.make_tensor_value_info("img", T.FLOAT, img_shape)]  # fmt: skip
+    if kind == "duplicate":  # the converter's form: one cast per consumer
+        nodes += [h.make_node("Cast", ["t"], ["feat"], to=T.FLOAT),
+                  h.make_node("Cast", ["t"], ["t32"], to=T.FLOAT),
+                  h.make_node("MatMul", ["t32", "w"], ["img"])]  # fmt: skip
+    elif kind == "merged":  # after CSE: the cast names a graph output and feeds the MatMul
+        nodes += [h.make_node("Cast", ["t"], ["feat"], to=T.FLOAT),
+                  h.make_node("MatMul", ["feat", "w"], ["img"])]  # fmt: skip
+    elif kind == "shared":  # the layout output has a non-cast consumer too: it must stay fp16
+        nodes += [h.make_node("Cast", ["t"], ["feat"], to=T.FLOAT),
+                  h.make_node("Neg", ["t"], ["n16"]),
+                  h.make_node("Cast", ["n16"], ["n32"], to=T.FLOAT),
+                  h.make_node("MatMul", ["n32", "w"], ["img"])]  # fmt: skip
+    else:  # "two_outputs": two casts of one tensor, each naming its own graph output
+        nodes += [h.make_node("Cast", ["t"], ["feat"], to=T.FLOAT),
+                  h.make_node("Cast", ["t"], ["img"], to=T.FLOAT)]  # fmt: skip
+    nodes.reverse()  # unsorted on purpose, as the converter leaves its casts
+    graph = h.make_graph(nodes, kind, [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4])],
+                         outs, init)  # fmt: skip
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})
+
+
+@needs_ort
+@pytest.mark.parametrize("layout", ["Transpose", "Reshape+Transpose", "Unsqueeze+Squeeze"])
+@pytest.mark.parametrize("kind", ["duplicate", "merged", "shared", "two_outputs"])
+def test_tidy_casts_leaves_no_cast_after_layout_ops(kind, layout):
+    import copy
+
+    import onnx
+
+    from fastvlm.export.onnx_casts import tidy_casts
+
+    before = _cast_graph(kind, layout)
+    topo = copy.deepcopy(before)
+    topo.graph.node.reverse()
+    x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+    want = _run(topo, x)
+    after = tidy_casts(copy.deepcopy(before))
+    onnx.checker.check_model(after, full_check=True)  # valid and topologically sorted
+    chains = _cast_after_layout(after.graph)
+    if kind in ("duplicate", "merged"):  # the crashing shapes: no cast left behind the layout
+        assert chains == [], chains
+    else:  # the layout output has other readers (a node, a second graph output): kept as is
+        assert len(chains) == (1 if kind == "shared" else 2), chains
+    assert [o.name for o in after.graph.output] == ["feat", "img"]
+    for got, ref in zip(_run(after, x), want, strict=True):
+        # same values up to fp16 rounding (ORT CPU may run the fp16 Neg in fp32 either way)
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        assert np.allclose(got, ref, rtol=2e-3, atol=2e-3), np.abs(got - ref).max()
+
+
+@needs_ort
+@pytest.mark.parametrize("second", ["float32", "float64", "int32"])
+def test_tidy_casts_drops_fp16_round_trips(second):
+    """fp32 → fp16 → fp32 on a blocked node's output only lost precision: it goes; before an
+    integer cast the fp16 rounding is part of the result: it stays."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper
+
+    from fastvlm.export.onnx_casts import tidy_casts
+
+    to = {"float32": T.FLOAT, "float64": T.DOUBLE, "int32": T.INT32}[second]
+    w = np.random.default_rng(2).standard_normal((4, 5)).astype(np.float32)
+    nodes = [h.make_node("MatMul", ["x", "w"], ["y"]),
+             h.make_node("Cast", ["y"], ["y16"], to=T.FLOAT16),
+             h.make_node("Cast", ["y16"], ["out"], to=to)]  # fmt: skip
+    ins = [h.make_tensor_value_info("x", T.FLOAT, [2, 3, 4])]
+    outs = [h.make_tensor_value_info("out", to, [2, 3, 5])]
+    g = h.make_graph(nodes, "rt", ins, outs, [numpy_helper.from_array(w, "w")])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    x = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32) * 10
+    before = _run(model, x)[0]
+    tidy = tidy_casts(model)
+    fp16 = [n for n in tidy.graph.node if n.op_type == "Cast" and n.attribute[0].i == T.FLOAT16]
+    if second == "int32":
+        assert len(fp16) == 1 and np.array_equal(_run(tidy, x)[0], before)
+        return
+    exact = (x @ w).astype(second)
+    assert np.abs(before - exact).max() > 1e-3  # the fp16 rounding is visible
+    assert fp16 == [] and np.abs(_run(tidy, x)[0] - exact).max() < 1e-4
+
+
+@needs_ort
+@pytest.mark.parametrize("spec", ["vision=fp16,projector=fp32", "vision=fp32,projector=fp16",
+                                  "vision=fp16,projector=fp32,embed=fp16,llm=fp16"])  # fmt: skip
+def test_onnx_precision_mixes_export_clean_graphs(demo, tmp_path, spec):
+    """Every fp16 graph of a real export: valid, sorted, no cast behind a layout op, and the
+    mixed vision graph's outputs match PyTorch (fp32 parts not rounded through fp16)."""
+    import onnx
+
+    from fastvlm.export.onnx import export_onnx
+    from fastvlm.export.ort_backend import OrtModel
+    from fastvlm.export.parity import sample_image
+
+    res = export_onnx(demo.model, tmp_path / "m", spec, demo.tokenizer, parity=False,
+                      log=lambda *_: None)  # fmt: skip
+    for rel in res.files:
+        if rel.endswith(".onnx") and "fp16" in rel:
+            g = onnx.load(str(res.out / rel))
+            onnx.checker.check_model(g, full_check=True)
+            assert _cast_after_layout(g.graph) == [], rel
+    px = demo.preprocess(sample_image(256))
+    with torch.no_grad():
+        want = demo.model.embed_images(px).numpy()
+    ort_model = OrtModel(res.out)
+    got, feats = ort_model.sessions["vision"].run(None, {"pixel_values": px.numpy()})
+    if res.precision["projector"] == "fp32":  # image_features = the fp32 projector, not rounded
+        proj = ort_model.sessions["projector"].run(None, {"vision_features": feats})[0]
+        assert np.abs(proj - got).max() < 1e-4, np.abs(proj - got).max()
+    cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cos > 0.9999 and np.abs(got - want).max() < 0.1, (cos, np.abs(got - want).max())
+
+
+@needs_ort
+def test_tidy_casts_leaves_control_flow_graphs_alone():
+    """A subgraph may read an outer name a rewrite would change: such graphs are not touched."""
+    import copy
+
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from fastvlm.export.onnx_casts import tidy_casts
+
+    model = _cast_graph("duplicate")
+    g = model.graph
+    branch = h.make_graph([h.make_node("Identity", ["t"], ["b"])], "branch", [],
+                          [h.make_tensor_value_info("b", T.FLOAT16, None)])  # fmt: skip
+    g.input.append(h.make_tensor_value_info("c", T.BOOL, []))
+    g.node.append(h.make_node("If", ["c"], ["o"], then_branch=branch, else_branch=branch))
+    g.output.append(h.make_tensor_value_info("o", T.FLOAT16, None))
+    before = copy.deepcopy(model)
+    assert tidy_casts(model) == before

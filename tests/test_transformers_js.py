@@ -23,6 +23,8 @@ PROMPT = "Describe this image."
 MAX_NEW = 32
 # greedy agreement floors vs PyTorch fp32 (README "Export"; measured 1.0 on the demo model)
 FLOORS = {"quality": 1.0, "balanced": 0.95, "small": 0.9}
+# --precision mixes: floor by decoder precision (the vision/projector/embed fp16 parts cost less)
+MIX_FLOORS = {"fp32": 0.95, "fp16": 0.95, "int8": 0.95, "int4": 0.9}
 pytestmark = [
     pytest.mark.skipif(not node_available(), reason="node / npm not installed"),
     pytest.mark.skipif(
@@ -167,3 +169,27 @@ def test_transformers_js_pixels_follow_fastvlm_framing(js_root, demo, tmp_path, 
     if size == (s, s):
         assert diff.max() == 0
     assert diff.mean() < 0.02, diff.mean()
+
+
+@pytest.mark.parametrize("spec", [
+    "vision=fp16,projector=fp32,embed=fp32,llm=fp32",  # crashed onnxruntime-node 1.30 before
+    "vision=fp16,projector=fp32,embed=fp16,llm=fp16",
+    "vision=fp32,projector=fp16,embed=fp16,llm=int8",
+    "vision=fp16,projector=fp32,embed=fp32,llm=int4",
+])  # fmt: skip
+def test_transformers_js_runs_precision_mixes(js_root, demo, torch_ref, tmp_path, spec):
+    """Mixed vision / projector / embed / decoder precisions load and generate in Node (the
+    node runtime's optimizer used to segfault on the mixed vision graph's casts)."""
+    folder = export(demo, tmp_path / "mix", spec)
+    rows = run_js(js_root, folder)
+    assert set(rows) == set(EXAMPLES)
+    total = same = 0.0
+    for img, (ids, want) in torch_ref.items():
+        assert rows[img]["prompt_ids"] == ids
+        got = rows[img]["tokens"]
+        n = max(len(want), len(got))
+        total += n
+        same += agreement(got, want) * n
+    llm = spec.rsplit("llm=", 1)[1]
+    print(f"{spec}: greedy agreement {same / total:.3f} over {total:.0f} tokens")
+    assert same / total >= MIX_FLOORS[llm], (spec, same / total)

@@ -22,8 +22,9 @@ Design decisions:
 * Precision is applied on the ONNX graphs, after export, with ONNX Runtime's own tools:
   fp16 = `float16.convert_float_to_float16(keep_io_types=True)` (I/O stays fp32, so one runtime
   serves every preset); int8 / int4 decoder = `MatMulNBitsQuantizer` (weight-only, asymmetric
-  with per-block zero points, block 32, lm_head included). Graphs over 1.5 GB keep their weights
-  in one `*.onnx_data` file.
+  with per-block zero points, block 32, lm_head included). After fp16 conversion onnx_casts.py
+  reshapes the converter's casts so every mix loads in onnxruntime-node (transformers.js) too.
+  Graphs over 1.5 GB keep their weights in one `*.onnx_data` file.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 
 from ..errors import ConfigError
 from .precision import as_precision, describe, resolve_precision
+from .onnx_casts import tidy_casts
 from .onnx_community import FOLDER_README, VISION_FEATURES, file_names, write_side_files
 from .wrappers import (
     DecoderStep,
@@ -123,9 +125,10 @@ def _save(model, path: Path) -> None:
 def _to_fp16(model, block: list[str] | None = None):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(
+    model = convert_float_to_float16(
         model, keep_io_types=True, node_block_list=block or None, disable_shape_infer=True
     )
+    return tidy_casts(model)  # the converter's cast chains crash onnxruntime-node's optimizer
 
 
 def _quantize(model, bits: int, accuracy_level: int | None):
@@ -329,9 +332,6 @@ def export_onnx(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"exporting ONNX ({describe(prec)}) to {out}")
-    if prec["vision"] != prec["projector"]:  # fastvlm and onnxruntime 1.32 run it fine
-        log("  note: onnxruntime-node 1.30 (transformers.js 4.3.2) crashes on a vision graph that "
-            "mixes fp16 and fp32; give vision and projector the same precision for transformers.js")
     export_graphs(model, out, prec, opset, log, accuracy_level)
     manifest = write_folder(model, tokenizer, out, prec, opset)
     if prec["llm"] in ("int8", "int4"):
