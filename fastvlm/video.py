@@ -119,9 +119,9 @@ def _source(src: Any, max_bytes: int) -> tuple[Any, str]:
     if isinstance(src, str) and src.isdigit():  # "0" → first camera
         src = f"/dev/video{src}"
     if isinstance(src, (bytes, bytearray, memoryview)):
-        data = bytes(src)
+        data, name = bytes(src), "video bytes"
     elif hasattr(src, "read"):
-        data = src.read(max_bytes + 1)
+        data, name = src.read(max_bytes + 1), "video file object"
         if not isinstance(data, bytes):
             raise VideoError(
                 f"{type(src).__name__}: a file-like video must be opened in binary mode"
@@ -144,10 +144,14 @@ def _source(src: Any, max_bytes: int) -> tuple[Any, str]:
             )
         return p.resolve(), str(p)
     else:
-        raise VideoError(f"unsupported video input of type {type(src).__name__}")
+        raise VideoError(
+            f"a video must be a path, bytes or a binary file object, got {type(src).__name__}"
+        )
+    if not data:
+        raise VideoError(f"{name} are empty" if name == "video bytes" else f"{name} is empty")
     if len(data) > max_bytes:
-        raise VideoError(f"video bytes are over the {max_bytes} byte video limit")
-    return data, "video bytes"
+        raise VideoError(f"{name}: over the {max_bytes} byte video limit")
+    return data, name
 
 
 def _open(src: Any, max_bytes: int = MAX_VIDEO_BYTES):

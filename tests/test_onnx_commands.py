@@ -94,8 +94,8 @@ def test_describe_on_onnx_export(exports, demo, preset):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--tokens-per-image", "5"], "perfect square"),
-        (["--tokens-per-image", "64"], "perfect square"),
+        (["--tokens-per-image", "5"], "use one of 16, 9, 4, 1"),
+        (["--tokens-per-image", "64"], "use one of 16, 9, 4, 1"),
         (["--max-images", "1", "--image", str(EXAMPLES[0]), "--image", str(EXAMPLES[1])], "image"),
         (["--image-size", "512"], "ONNX export"),
     ],

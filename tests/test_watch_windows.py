@@ -105,9 +105,9 @@ def test_video_bytes_and_file_objects_are_read_like_paths(tmp_path):
     "src,needle",
     [
         (b"", "empty"),
-        (b"this is not a video at all" * 10, "video bytes: not a readable video"),
-        (bytearray(200), "video bytes: not a readable video"),
-        (io.BytesIO(b"junk" * 50), "video file object: not a readable video"),
+        (b"this is not a video at all" * 10, "video bytes: not an accepted video container"),
+        (bytearray(200), "video bytes: not an accepted video container"),
+        (io.BytesIO(b"junk" * 50), "not an accepted video container"),
         (12345, "must be a path, bytes or a binary file object"),
         (None, "must be a path, bytes or a binary file object"),
     ],
@@ -131,5 +131,5 @@ def test_a_video_part_with_bytes_goes_through_the_api(tmp_path):
     assert isinstance(vlm.chat(msgs, tokens_per_image=1, max_tokens=2), str)
     assert vlm.last_stats.image_tokens == 2
     bad = [{"role": "user", "content": [{"type": "video", "video": b"junk"}]}]
-    with pytest.raises(VideoError, match="video bytes: not a readable video"):
+    with pytest.raises(VideoError, match="video bytes: not an accepted video container"):
         vlm.chat(bad, max_tokens=2)
