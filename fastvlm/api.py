@@ -31,7 +31,8 @@ from .engine.generate import Chunk, Stats, generate_step, stream_generate
 from .engine.request import stream_text
 from .engine.sampling import SamplingParams
 from .errors import ConfigError
-from .processing import ImageInput, Processor
+from .images import ImageInput
+from .processing import Processor
 from .tokenization import STOP_TOKENS, load_tokenizer
 from .weights import load_config, load_model
 

@@ -236,7 +236,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
         if line.startswith("/image"):
             path = line[len("/image") :].strip()
             try:
-                from .processing import load_image
+                from .images import load_image
                 from .video import is_video
 
                 if not is_video(path):

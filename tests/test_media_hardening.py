@@ -23,7 +23,8 @@ from conftest import guard_network, tiny_config
 from PIL import Image
 
 from fastvlm.errors import ImageError
-from fastvlm.processing import Processor, load_image, preprocess_image
+from fastvlm.images import load_image, preprocess_image
+from fastvlm.processing import Processor
 from fastvlm.server import media
 from fastvlm.server.media import MediaError, MediaPolicy
 
@@ -388,7 +389,7 @@ def test_library_describe_path_gets_image_error(tokenizer):
 
 def test_pad_then_resize_is_not_resize_then_pad():
     """Why nothing is resized before padding: the results differ, so only the cost is bounded."""
-    from fastvlm.processing import expand2square
+    from fastvlm.images import expand2square
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (300, 60, 3), dtype=np.uint8))

@@ -12,14 +12,8 @@ from PIL import Image
 
 from fastvlm.config import FastVLMConfig
 from fastvlm.errors import ImageError, TokenizerError
-from fastvlm.processing import (
-    Processor,
-    expand2square,
-    load_image,
-    preprocess_image,
-    render_chat,
-    render_segments,
-)
+from fastvlm.images import expand2square, load_image, preprocess_image
+from fastvlm.processing import Processor, render_chat, render_segments
 from fastvlm.tokenization import IncrementalDetokenizer
 
 

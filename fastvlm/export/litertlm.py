@@ -145,7 +145,7 @@ def quantize_weights(path: Path, precision: str, ops: tuple[str, ...]) -> None:
 def parity_image(model, src: Path | None, dest: Path) -> Path:
     """An S×S PNG: LiteRT-LM stretches images to S×S while we pad to square first, so the
     check feeds both runtimes a picture that is already square and S wide."""
-    from ..processing import expand2square, to_rgb
+    from ..images import expand2square, to_rgb
 
     s = model.config.vision.image_size
     if src is not None and src.exists():

@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError, VideoError
-from ..processing import check_image_shape, to_rgb
+from ..images import check_image_shape, to_rgb
 from ..video import CONTAINER_NAMES, read_frames
 from .fetch import (  # noqa: F401 - re-exported: the server's media API lives here
     blocked_reason,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..processing import MAX_ASPECT_RATIO
+from ..images import MAX_ASPECT_RATIO
 
 
 class MediaError(ValueError):
