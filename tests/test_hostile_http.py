@@ -274,6 +274,7 @@ def test_lone_surrogate_in_text_is_400(srv, name, raw):
 # ---------------------------------------------------------------------- read deadline (slowloris)
 DEADLINE = 2.0  # --request-read-timeout of `slow_srv`
 BOUND = DEADLINE + 1.0  # every slow client is answered or closed within this
+CHUNKED = "Transfer-Encoding: chunked\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -315,9 +316,9 @@ STALLS = [  # (name, bytes sent before stalling, expected status: None = closed 
     ("body never started", post_head(100), 408),
     ("one body byte", post_head(100) + b"{", 408),
     ("body stalled after 40 bytes", post_head(len(VALID)) + VALID[:40], 408),
-    ("chunked body stalled", post_head(None, "Transfer-Encoding: chunked\r\n") + b"a\r\n{\"m", 408),
-    ("unread body on a 404", b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{", 404),
-    ("unread body on a GET", b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{", 200),
+    ("chunked body stalled", post_head(None, CHUNKED) + b'a\r\n{"m', 408),
+    ("unread body on a 404", b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{", 404),
+    ("unread body on a GET", b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{", 200),
 ]
 
 
@@ -352,8 +353,9 @@ def test_stalled_request_is_answered_or_closed_by_the_deadline(slow_srv, name, d
     [
         ("body at 4 bytes/s", post_head(len(VALID)), VALID),
         ("headers at 4 bytes/s", post_head(len(VALID)), b""),
-        ("chunked body at 4 bytes/s", post_head(None, "Transfer-Encoding: chunked\r\n"), b"1\r\n{\r\n" * 40),
+        ("chunked body at 4 bytes/s", post_head(None, CHUNKED), b"1\r\n{\r\n" * 40),
     ],
+    ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_trickled_request_is_cut_at_the_deadline(slow_srv, name, head, rest):
     """Bytes that keep coming do not extend the deadline: it is per request, not per read."""
