@@ -20,6 +20,7 @@ httpx = pytest.importorskip("httpx")
 
 from hostile_util import (  # noqa: E402
     CHAT,
+    HeldVLM,
     _complete,
     by_status,
     metrics,
@@ -282,7 +283,9 @@ def slow_srv():
     from fastvlm.server.deadline import read_deadline_protocol
 
     cfg = ServerConfig(request_read_timeout=DEADLINE)
-    s = LiveServer(create_app(cfg, vlm=load(None)), http=read_deadline_protocol(DEADLINE))
+    spy = HeldVLM(load(None))  # generations can be held past the deadline
+    s = LiveServer(create_app(cfg, vlm=spy), http=read_deadline_protocol(DEADLINE))
+    s.spy = spy
     s.wait_ready()
     yield s
     s.stop()
@@ -412,6 +415,29 @@ def test_request_within_the_deadline_is_served(slow_srv):
     finally:
         s.close()
     assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_answer_slower_than_the_deadline_is_not_cut(slow_srv, stream):
+    """The deadline bounds reading the request, not answering it: a generation that outlasts
+    it (the route still watching for a disconnect meanwhile) completes normally."""
+    got: list = []
+    req = body([image_msg("hi")], max_tokens=2, stream=stream)
+    slow_srv.spy.hold()
+    try:
+        t = threading.Thread(
+            target=lambda: got.append(httpx.post(slow_srv.url + CHAT, json=req, timeout=30))
+        )
+        t.start()
+        time.sleep(DEADLINE + 1.5)
+    finally:
+        slow_srv.spy.release()
+    t.join(30)
+    assert got and got[0].status_code == 200, got and got[0].text
+    if stream:
+        assert got[0].text.rstrip().endswith("data: [DONE]"), got[0].text[-300:]
+    else:
+        assert got[0].json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_many_slow_clients_at_once_do_not_delay_others(slow_srv):

@@ -38,18 +38,26 @@ class BodyTimeout(Exception):
 
 
 def body_deadline(receive, seconds: float):
-    """`receive` that raises `BodyTimeout` once `seconds` have passed since this call."""
+    """`receive` that raises `BodyTimeout` if the body is not complete `seconds` after this
+    call. Once it is, reads are not timed: they only wait for a disconnect (during a long
+    generation or stream)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + seconds
+    done = False
 
     async def receive_by_deadline():
+        nonlocal done
+        if done:
+            return await receive()
         left = end - loop.time()
         if left <= 0:
             raise BodyTimeout
         try:
-            return await asyncio.wait_for(receive(), left)
+            msg = await asyncio.wait_for(receive(), left)
         except asyncio.TimeoutError:
             raise BodyTimeout from None
+        done = msg["type"] != "http.request" or not msg.get("more_body", False)
+        return msg
 
     return receive_by_deadline
 
