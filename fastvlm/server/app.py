@@ -2,7 +2,13 @@
 
 Design decisions:
 * The model loads in a background task after the socket is open, so `/health` can say
-  "loading" (503) until it is ready and orchestrators see the difference from "dead".
+  "loading" (503) until it is ready and orchestrators see the difference from "dead". Options
+  are checked before that (preflight.py); a load that fails anyway is one log line and a 500
+  "error" from `/health`, which no amount of waiting fixes.
+* Read deadlines (deadline.py): uvicorn's h11 protocol bounds the time to send headers, the
+  guard the time to send the body, so slow clients cannot hold connections open.
+* CORS wraps the guard, so preflights (sent without credentials) need no key and a 401 to an
+  allowed origin carries the CORS headers the page needs to read it.
 * One small ASGI guard in front of the app (guard.py) does the checks that must happen before a
   body is read (API key, size cap), turns unhandled errors into one logged 500 and counts
   responses per status for /metrics.
@@ -24,6 +30,7 @@ from html import escape
 from importlib import resources
 from typing import Any
 
+from .deadline import read_deadline_protocol
 from .guard import Guard, error_json
 from .media import MediaPolicy
 from .metrics import Metrics
@@ -424,7 +431,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cfg = config_from_args(a)
     check_options(cfg)  # a bad option fails here, not as a server that never becomes ready
-    from .deadline import read_deadline_protocol
     logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)

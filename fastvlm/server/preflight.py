@@ -13,8 +13,10 @@ Design decisions:
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
+from ..cli import user_error
 from ..errors import ConfigError
 
 # ServerConfig / ServeLimits / MediaPolicy fields that must be > 0, with their flag names.
@@ -58,7 +60,7 @@ def check_server_options(cfg) -> None:
 
 def check_model_options(cfg) -> None:
     """Model, device, dtype and image size exactly as `fastvlm.api.load` will judge them."""
-    from .. import hub
+    from .. import hub  # torch comes with these: not imported for `fastvlm serve -h`
     from ..api import _refuse_foreign_export, resolve_device, resolve_dtype
     from ..weights import load_config
 
@@ -72,7 +74,9 @@ def check_model_options(cfg) -> None:
         raise ConfigError(
             f"unknown device {cfg.device!r}: use auto, cpu, cuda, cuda:N or mps"
         ) from None
-    resolve_dtype(cfg.dtype, dev)
+    with warnings.catch_warnings():  # the load warns about slow dtypes itself, once
+        warnings.simplefilter("ignore")
+        resolve_dtype(cfg.dtype, dev)
     load_config(folder, cfg.image_size)
 
 
@@ -89,8 +93,6 @@ def check_options(cfg) -> None:
 
 def load_error_message(e: BaseException) -> str:
     """One line for a failed lazy load: the user-facing message, or the kind of bug."""
-    from ..cli import user_error
-
     msg = user_error(e)
     if msg is None:
         msg = f"unexpected {type(e).__name__}: {e} (FASTVLM_TRACEBACK=1 logs where)"
