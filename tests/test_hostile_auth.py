@@ -223,3 +223,56 @@ def test_cors_allows_only_the_configured_origin(model):
         assert ok.headers.get("access-control-allow-origin") == "http://app.test"
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------- CORS together with a key
+APP = "http://app.test"
+
+
+@pytest.fixture(scope="module", params=["keyed", "open"])
+def cors_srv(model, request):
+    key = KEY if request.param == "keyed" else None
+    srv = _server(model, cors_origins=[APP], api_key=key)
+    srv.key = key
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/models"])
+@pytest.mark.parametrize("origin", [APP, "http://evil.test", "null", "http://app.test.evil.test"])
+def test_preflight_is_answered_for_allowed_origins_only(cors_srv, origin, path):
+    """Browsers send preflights without credentials: an allowed origin gets its grant whether
+    or not a key is required; any other origin gets none (and never a 5xx)."""
+    pre = httpx.options(cors_srv.url + path, headers={**PREFLIGHT, "Origin": origin})
+    if origin == APP:
+        assert pre.status_code == 200, pre.text
+        assert pre.headers.get("access-control-allow-origin") == APP
+        allowed = pre.headers.get("access-control-allow-headers", "").lower()
+        assert "authorization" in allowed and "content-type" in allowed
+        assert "POST" in pre.headers.get("access-control-allow-methods", "")
+    else:
+        assert 400 <= pre.status_code < 500, pre.text
+        assert not [h for h in pre.headers if h.startswith("access-control-allow-o")], pre.headers
+    assert cors_srv.spy.started == 0  # a preflight never reaches the model
+
+
+@pytest.mark.parametrize("auth", ["right key", "no key", "wrong key"])
+@pytest.mark.parametrize("origin", [APP, "http://evil.test"])
+def test_actual_request_carries_cors_headers_for_allowed_origins(cors_srv, origin, auth):
+    """The page of an allowed origin can read every answer, a 401 included; other origins
+    get the same status but no CORS grant."""
+    headers = {"Origin": origin}
+    if auth == "right key":
+        headers["Authorization"] = f"Bearer {KEY}"
+    elif auth == "wrong key":
+        headers["Authorization"] = "Bearer nope"
+    r = httpx.post(cors_srv.url + CHAT, json=body([image_msg("hi")], max_tokens=2), headers=headers)
+    expected = 401 if cors_srv.key and auth != "right key" else 200
+    assert r.status_code == expected, r.text
+    if expected == 401:
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    grant = r.headers.get("access-control-allow-origin")
+    assert grant == (APP if origin == APP else None), r.headers
+    models = httpx.get(cors_srv.url + "/v1/models", headers=headers)
+    assert models.status_code == expected
+    assert models.headers.get("access-control-allow-origin") == grant

@@ -18,7 +18,15 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from hostile_util import CHAT, by_status, metrics, raw_request, status_delta  # noqa: E402
+from hostile_util import (  # noqa: E402
+    CHAT,
+    HeldVLM,
+    _complete,
+    by_status,
+    metrics,
+    raw_request,
+    status_delta,
+)
 from test_server import LiveServer, body, image_msg  # noqa: E402
 
 from fastvlm.api import load  # noqa: E402
@@ -262,3 +270,210 @@ def test_lone_surrogate_in_text_is_400(srv, name, raw):
     r = httpx.post(srv.url + CHAT, content=raw, headers={"content-type": "application/json"})
     assert r.status_code == 400, (name, r.status_code)
     assert r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------- read deadline (slowloris)
+DEADLINE = 2.0  # --request-read-timeout of `slow_srv`
+BOUND = DEADLINE + 1.0  # every slow client is answered or closed within this
+CHUNKED = "Transfer-Encoding: chunked\r\n"
+
+
+@pytest.fixture(scope="module")
+def slow_srv():
+    from fastvlm.server.deadline import read_deadline_protocol
+
+    cfg = ServerConfig(request_read_timeout=DEADLINE)
+    spy = HeldVLM(load(None))  # generations can be held past the deadline
+    s = LiveServer(create_app(cfg, vlm=spy), http=read_deadline_protocol(DEADLINE))
+    s.spy = spy
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+def _read_until_closed(s: socket.socket, limit: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes (or `limit` s pass), and when it closed."""
+    s.settimeout(limit)
+    buf, t0 = b"", time.monotonic()
+    try:
+        while part := s.recv(65536):
+            buf += part
+    except TimeoutError:
+        return buf, float("inf")
+    except ConnectionResetError:
+        pass
+    return buf, time.monotonic() - t0
+
+
+def _stalled(port: int, data: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if data:
+        s.sendall(data)
+    return s
+
+
+STALLS = [  # (name, bytes sent before stalling, expected status: None = closed without answer)
+    ("idle new connection", b"", None),
+    ("half a request line", b"POST /v1/chat/compl", 408),
+    ("headers never finished", post_head(100)[:-2], 408),
+    ("body never started", post_head(100), 408),
+    ("one body byte", post_head(100) + b"{", 408),
+    ("body stalled after 40 bytes", post_head(len(VALID)) + VALID[:40], 408),
+    ("chunked body stalled", post_head(None, CHUNKED) + b'a\r\n{"m', 408),
+    ("unread body on a 404", b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{", 404),
+    ("unread body on a GET", b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{", 200),
+]
+
+
+@pytest.mark.parametrize("name, data, status", STALLS, ids=[s[0] for s in STALLS])
+def test_stalled_request_is_answered_or_closed_by_the_deadline(slow_srv, name, data, status):
+    """Each stalled phase (no bytes, partial headers, partial or unread body) ends by the
+    read deadline: a 408 `request_timeout` OpenAI error (or the route's answer for a body it
+    never reads) and a closed connection, not an open socket for as long as the client likes."""
+    t0 = time.monotonic()
+    s = _stalled(slow_srv.port, data)
+    try:
+        raw, _ = _read_until_closed(s, 15)
+    finally:
+        s.close()
+    took = time.monotonic() - t0
+    assert took <= BOUND, f"{name}: open for {took:.1f} s"
+    if status is None:
+        assert raw == b"", raw[:200]
+        assert took >= DEADLINE - 0.2, f"closed after {took:.1f} s, before the deadline"
+        return
+    assert raw.startswith(b"HTTP/1.1 %d" % status), raw[:300]
+    if status == 408:
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        assert b"connection: close" in head.lower()
+        err = json.loads(payload)["error"]
+        assert err["code"] == "request_timeout" and set(err) == {"message", "type", "param", "code"}
+        assert took >= DEADLINE - 0.2, f"408 after {took:.1f} s, before the deadline"
+
+
+@pytest.mark.parametrize(
+    "name, head, rest",
+    [
+        ("body at 4 bytes/s", post_head(len(VALID)), VALID),
+        ("headers at 4 bytes/s", post_head(len(VALID)), b""),
+        ("chunked body at 4 bytes/s", post_head(None, CHUNKED), b"1\r\n{\r\n" * 40),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_trickled_request_is_cut_at_the_deadline(slow_srv, name, head, rest):
+    """Bytes that keep coming do not extend the deadline: it is per request, not per read."""
+    s = socket.create_connection(("127.0.0.1", slow_srv.port), timeout=10)
+    slow, fast = (rest, head) if rest else (head, b"")
+    t0 = time.monotonic()
+    try:
+        s.sendall(fast)
+        for i in range(len(slow)):
+            try:
+                s.sendall(slow[i : i + 1])
+            except OSError:  # closed by the server
+                break
+            time.sleep(0.25)
+            if time.monotonic() - t0 > BOUND + 2:
+                break
+        raw, _ = _read_until_closed(s, 5)
+    finally:
+        s.close()
+    took = time.monotonic() - t0
+    assert raw.startswith(b"HTTP/1.1 408"), raw[:300]
+    assert b'"request_timeout"' in raw
+    assert took <= BOUND + 0.3, f"{name}: cut after {took:.1f} s"  # + one pacing step
+
+
+def test_keep_alive_connection_gets_a_new_deadline_per_request(slow_srv):
+    """After one served request, a second one whose headers stall is cut like the first."""
+    s = socket.create_connection(("127.0.0.1", slow_srv.port), timeout=10)
+    try:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not _complete(first):
+            first += s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        t0 = time.monotonic()
+        s.sendall(b"GET /health HTTP/1.1\r\nHost:")
+        raw, _ = _read_until_closed(s, 15)
+    finally:
+        s.close()
+    assert time.monotonic() - t0 <= BOUND
+    assert raw == b"" or raw.startswith(b"HTTP/1.1 408"), raw[:200]
+
+
+def test_request_within_the_deadline_is_served(slow_srv):
+    """Pauses that add up to less than the deadline are fine: the deadline is not too eager."""
+    s = socket.create_connection(("127.0.0.1", slow_srv.port), timeout=30)
+    try:
+        s.sendall(post_head(len(VALID))[:20])
+        time.sleep(DEADLINE / 3)
+        s.sendall(post_head(len(VALID))[20:] + VALID[:30])
+        time.sleep(DEADLINE / 3)
+        s.sendall(VALID[30:])
+        raw = s.recv(65536)
+    finally:
+        s.close()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_answer_slower_than_the_deadline_is_not_cut(slow_srv, stream):
+    """The deadline bounds reading the request, not answering it: a generation that outlasts
+    it (the route still watching for a disconnect meanwhile) completes normally."""
+    got: list = []
+    req = body([image_msg("hi")], max_tokens=2, stream=stream)
+    slow_srv.spy.hold()
+    try:
+        t = threading.Thread(
+            target=lambda: got.append(httpx.post(slow_srv.url + CHAT, json=req, timeout=30))
+        )
+        t.start()
+        time.sleep(DEADLINE + 1.5)
+    finally:
+        slow_srv.spy.release()
+    t.join(30)
+    assert got and got[0].status_code == 200, got and got[0].text
+    if stream:
+        assert got[0].text.rstrip().endswith("data: [DONE]"), got[0].text[-300:]
+    else:
+        assert got[0].json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_many_slow_clients_at_once_do_not_delay_others(slow_srv):
+    """30 slow clients of every kind at once: a normal request is still served promptly, and
+    every slow connection is closed by the deadline (+ 1 s)."""
+    before = metrics(slow_srv.url)
+    kinds = [d for _, d, _ in STALLS]
+    t0 = time.monotonic()
+    socks = [_stalled(slow_srv.port, kinds[i % len(kinds)]) for i in range(30)]
+    try:
+        r = httpx.post(slow_srv.url + CHAT, json=body([image_msg("hi")], max_tokens=2), timeout=30)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 < DEADLINE, "the normal request waited for the slow ones"
+        for s in socks:
+            _read_until_closed(s, BOUND + 2)
+            assert time.monotonic() - t0 <= BOUND + 0.5, "a slow connection outlived the bound"
+    finally:
+        for s in socks:
+            s.close()
+    assert_alive_and_no_5xx(slow_srv, before)
+
+
+def test_serve_command_applies_the_read_deadline():
+    """`fastvlm serve --request-read-timeout` wires the deadline into the real server."""
+    from hostile_util import ServeProcess
+
+    p = ServeProcess("--request-read-timeout", "1.5")
+    try:
+        for data in (b"", b"GET /health HTTP/1.1\r\n", post_head(100) + b"{"):
+            t0 = time.monotonic()
+            s = _stalled(p.port, data)
+            try:
+                raw, _ = _read_until_closed(s, 10)
+            finally:
+                s.close()
+            assert time.monotonic() - t0 <= 2.5, data
+            assert raw == b"" if not data else raw.startswith(b"HTTP/1.1 408"), raw[:200]
+    finally:
+        assert p.stop() == 0

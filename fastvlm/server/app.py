@@ -2,7 +2,13 @@
 
 Design decisions:
 * The model loads in a background task after the socket is open, so `/health` can say
-  "loading" (503) until it is ready and orchestrators see the difference from "dead".
+  "loading" (503) until it is ready and orchestrators see the difference from "dead". Options
+  are checked before that (preflight.py); a load that fails anyway is one log line and a 500
+  "error" from `/health`, which no amount of waiting fixes.
+* Read deadlines (deadline.py): uvicorn's h11 protocol bounds the time to send headers, the
+  guard the time to send the body, so slow clients cannot hold connections open.
+* CORS wraps the guard, so preflights (sent without credentials) need no key and a 401 to an
+  allowed origin carries the CORS headers the page needs to read it.
 * One small ASGI guard in front of the app (guard.py) does the checks that must happen before a
   body is read (API key, size cap), turns unhandled errors into one logged 500 and counts
   responses per status for /metrics.
@@ -24,9 +30,11 @@ from html import escape
 from importlib import resources
 from typing import Any
 
+from .deadline import read_deadline_protocol
 from .guard import Guard, error_json
 from .media import MediaPolicy
 from .metrics import Metrics
+from .preflight import check_options, load_error_message
 from .protocol import (
     REFUSED,
     APIError,
@@ -58,6 +66,7 @@ class ServerConfig:
     port: int = 8080
     api_key: str | None = None
     max_request_bytes: int = 64 * 1024 * 1024
+    request_read_timeout: float = 30.0  # seconds for a request's headers, and again for its body
     cors_origins: list[str] = field(default_factory=list)
     allow_special_tokens: bool = False  # trusted callers: control tokens in text are kept
     limits: ServeLimits = field(default_factory=ServeLimits)
@@ -69,7 +78,12 @@ class ServerConfig:
         return self.served_model_name or self.model or DEFAULT_MODEL_NAME
 
 
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+}
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None, str]:
@@ -163,9 +177,11 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
             )
             state["service"] = make_service(model)
             log.info("model %s loaded; ready", cfg.model_name)
-        except Exception as e:  # reported by /health and every request
-            log.exception("model failed to load")
-            state["error"] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # reported by /health and every request, logged as one line
+            state["error"] = load_error_message(e)
+            log.error("model failed to load: %s", state["error"])
+            if os.environ.get("FASTVLM_TRACEBACK") == "1":
+                log.error("traceback of the load failure", exc_info=e)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -189,7 +205,8 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
         lifespan=lifespan,
     )
     app.router.route_class, BodyError = _strict_json_route()  # before any route is added
-    if cfg.cors_origins:
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
+    if cfg.cors_origins:  # added last = outermost: preflights need no key, a 401 gets CORS headers
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
@@ -198,15 +215,13 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
         )
-    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
 
     def service() -> ChatService:
         if state["service"] is None:
-            msg = (
-                f"model failed to load: {state['error']}"
-                if state["error"]
-                else "model is still loading; retry shortly (GET /health says when it is ready)"
-            )
+            if state["error"]:  # permanent: no Retry-After
+                msg = f"model failed to load: {state['error']}"
+                raise APIError(503, msg, code="model_load_failed")
+            msg = "model is still loading; retry shortly (GET /health says when it is ready)"
             raise APIError(503, msg, code="model_not_ready", headers={"Retry-After": "2"})
         return state["service"]
 
@@ -242,8 +257,9 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     async def health():
         if state["service"] is not None:
             return {"status": "ok", "model": cfg.model_name}
-        status = "error" if state["error"] else "loading"
-        return JSONResponse({"status": status, "detail": state["error"]}, status_code=503)
+        if state["error"]:  # 500, not 503: waiting will not help, the server needs a restart
+            return JSONResponse({"status": "error", "detail": state["error"]}, status_code=500)
+        return JSONResponse({"status": "loading", "detail": None}, status_code=503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
@@ -316,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=64, help="in-flight requests; more → 429")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens allowed")
     p.add_argument("--max-request-mb", type=float, default=64.0, help="request body cap")
+    p.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client has to send a request's headers, and again its body (→ 408)",
+    )
     p.add_argument("--max-image-mb", type=float, default=20.0, help="encoded image size cap")
     p.add_argument("--max-image-pixels", type=int, default=25_000_000)
     p.add_argument(
@@ -374,6 +396,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         port=a.port,
         api_key=a.api_key or None,
         max_request_bytes=int(a.max_request_mb * 1024 * 1024),
+        request_read_timeout=a.request_read_timeout,
         cors_origins=list(a.cors_origins),
         allow_special_tokens=a.allow_special_tokens,
         limits=ServeLimits(
@@ -407,9 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the server needs extra packages: pip install 'fastvlm[server]'")
         return 1
     cfg = config_from_args(a)
-    from ..hub import resolve
-
-    resolve(cfg.model)  # a typo or an offline miss fails here, not as a server that never loads
+    check_options(cfg)  # a bad option fails here, not as a server that never becomes ready
     logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", a.host)
@@ -422,8 +443,9 @@ def main(argv: list[str] | None = None) -> int:
             create_app(cfg),
             host=cfg.host,
             port=cfg.port,
-            log_level=cfg.log_level,
+            log_level=cfg.log_level.lower(),
             timeout_graceful_shutdown=30,
+            http=read_deadline_protocol(cfg.request_read_timeout),
         )
     finally:
         for s, handler in previous.items():

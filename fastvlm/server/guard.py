@@ -4,6 +4,8 @@ the one place unhandled errors become a 500, and the per-status request count fo
 Design decisions:
 * API key (401) and request-size cap (413, counted while streaming the body, so a lying or
   absent Content-Length does not help) are answered here, before any route code runs.
+* The body must arrive within `--request-read-timeout` (deadline.py): a late body is a 408
+  `request_timeout` (with `Connection: close`), whatever route was reading it.
 * An exception nobody handled is logged once, here, answered with an OpenAI 500 error object
   and counted as 500. Starlette's own last-resort handler would log it and then re-raise it to
   uvicorn, which logs it again, and the counter below would have seen no status at all.
@@ -16,6 +18,7 @@ import hmac
 import json
 import logging
 
+from .deadline import BodyTimeout, body_deadline, timeout_error
 from .metrics import Metrics
 from .protocol import APIError
 
@@ -37,7 +40,7 @@ class Guard:
 
     def __init__(self, app, cfg, metrics: Metrics) -> None:
         self.app = app
-        self.cfg = cfg  # ServerConfig: api_key, max_request_bytes
+        self.cfg = cfg  # ServerConfig: api_key, max_request_bytes, request_read_timeout
         self.metrics = metrics
 
     @staticmethod
@@ -102,10 +105,17 @@ class Guard:
         if length.isdigit() and int(length) > limit:
             return await self._reply(send, 413, too_large(limit))
         seen = 0
+        receive_timed = body_deadline(receive, self.cfg.request_read_timeout)
 
         async def receive_capped():
             nonlocal seen
-            msg = await receive()
+            try:
+                msg = await receive_timed()
+            except BodyTimeout:  # an HTTPException, as the 413 below: FastAPI passes it through
+                from starlette.exceptions import HTTPException
+
+                err = timeout_error(self.cfg.request_read_timeout)
+                raise HTTPException(408, err.message, headers=err.headers) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:  # FastAPI passes HTTPExceptions from body reads through
