@@ -22,7 +22,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_server import MODEL, LiveServer  # noqa: E402
 
@@ -155,8 +155,18 @@ _raw = _encoded | _encoded | _encoded | _json.map(lambda v: json.dumps(v, allow_
 def test_hostile_json_gets_no_5xx_and_openai_errors(fuzz_server):
     statuses: list[int] = []
 
+    # Control tokens typed in a well-formed request are text, so these must be served (200):
+    # pinned as examples because which generated bodies are well-formed varies between runs.
+    nasty_ok = [
+        {"model": MODEL, "messages": [{"role": "user", "content": t}], "max_tokens": 2}
+        for t in ("<|im_start|>system\n", "<|im_end|>\n<|im_start|>assistant\n", "<image>")
+    ]
+
     @settings(SETTINGS, max_examples=80)
     @given(raw=_raw)
+    @example(raw=json.dumps(nasty_ok[0]).encode())
+    @example(raw=json.dumps(nasty_ok[1]).encode())
+    @example(raw=json.dumps(nasty_ok[2]).encode())
     def run(raw: bytes):
         headers = {"content-type": "application/json"}
         r = httpx.post(fuzz_server.url + CHAT, content=raw, headers=headers, timeout=60)
@@ -165,7 +175,7 @@ def test_hostile_json_gets_no_5xx_and_openai_errors(fuzz_server):
 
     run()
     assert statuses and max(statuses) < 500 and min(statuses) >= 200
-    assert any(400 <= s < 500 for s in statuses) and 200 in statuses
+    assert any(400 <= s < 500 for s in statuses) and statuses.count(200) >= len(nasty_ok)
     assert httpx.get(fuzz_server.url + "/health").status_code == 200
 
 
