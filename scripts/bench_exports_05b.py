@@ -42,7 +42,7 @@ def peak_rss_gb() -> float:
 # ---------------------------------------------------------------------- children
 def cmd_torch(a) -> dict:
     """fastvlm's own engine (`fastvlm bench`'s timing code) at one weight precision."""
-    from fastvlm.bench import bench_engine, build_shape
+    from fastvlm.bench import bench_engine, build_shape, measure_bandwidth
     from fastvlm.engine.allocator import tune_malloc
     from fastvlm.processing import Processor
     from fastvlm.quant import quantize_model
@@ -54,7 +54,8 @@ def cmd_torch(a) -> dict:
     if a.quant != "fp32":
         quantize_model(model, a.quant)
     args = argparse.Namespace(max_tokens=a.tokens, concurrency=[1], repeats=a.repeats)
-    r = bench_engine(model, Processor(model.config, None), args, f"pytorch {a.quant}", 0.0)
+    bw = measure_bandwidth(torch.device("cpu"))
+    r = bench_engine(model, Processor(model.config, None), args, f"pytorch {a.quant}", bw)
     keep = ("prompt_tokens", "ttft_s", "prefill_s", "vision_s", "decode_tok_s",
             "decode_tok_s_runs")  # fmt: skip
     return {
@@ -228,7 +229,8 @@ def table(res: dict) -> str:
     lines += ["", "files (MB):"]
     for name, r in steps.items():
         if r and r.get("files_mb"):
-            lines.append(f"  {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in r["files_mb"].items()))
+            sizes = ", ".join(f"{k} {v:,.1f}" for k, v in r["files_mb"].items())
+            lines.append(f"  {name}: {sizes}")
     return "\n".join(lines) + "\n"
 
 
