@@ -36,11 +36,16 @@ def tokens_per_image_choices(native: int) -> list[int]:
     return [i * i for i in range(math.isqrt(native), 0, -1)]
 
 
+def valid_tokens_per_image(k: Any, native: int) -> bool:
+    """The one rule: an int that is a perfect square ≤ the model's `native` image tokens."""
+    return _is_int(k) and 0 < k <= native and math.isqrt(k) ** 2 == k
+
+
 def check_tokens_per_image(k: Any, native: int) -> int | None:
     """`k` if it is a perfect square ≤ the model's `native` image tokens (None = native)."""
     if k is None:
         return None
-    if _is_int(k) and 0 < k <= native and math.isqrt(k) ** 2 == k:
+    if valid_tokens_per_image(k, native):
         return k
     raise ConfigError(
         f"tokens per image {k!r} is not valid for this model ({native} image tokens): use one of "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FastVLMConfig
-from ..options import short_list
+from ..options import short_list, tokens_per_image_choices, valid_tokens_per_image
 from .fastvithd import FastViTHD, RepCPE, RepMixer, identity_kernel
 from .qwen2 import KVCacheLike, Qwen2Model
 
@@ -33,9 +33,8 @@ def check_tokens_per_image(tokens_per_image: int | None, native: int) -> int:
     if tokens_per_image is None:
         return native
     k = tokens_per_image
-    side = math.isqrt(k) if isinstance(k, int) and k > 0 else 0
-    if isinstance(k, bool) or not side or side * side != k or k > native:
-        choices = short_list([i * i for i in range(math.isqrt(native), 0, -1)])
+    if not valid_tokens_per_image(k, native):
+        choices = short_list(tokens_per_image_choices(native))
         raise ValueError(
             f"tokens_per_image must be a perfect square no larger than this model's native "
             f"{native} image tokens ({choices}), got {tokens_per_image!r}"
