@@ -144,3 +144,14 @@ def guard_network(mp: pytest.MonkeyPatch, violations: list[str]) -> None:
     mp.setattr(socket, "getaddrinfo", gai)
     mp.setattr(socket.socket, "connect", connect)
     mp.setattr(socket.socket, "connect_ex", connect_ex)
+
+
+@pytest.fixture(scope="module")
+def module_netguard():
+    """`guard_network` for a whole module (its servers live that long); asserted at its end.
+    Use with `pytestmark = pytest.mark.usefixtures("module_netguard")`."""
+    violations: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        guard_network(mp, violations)
+        yield violations
+    assert not violations, violations

@@ -9,7 +9,6 @@ import base64
 import json
 
 import pytest
-from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -23,15 +22,9 @@ from fastvlm.server.app import ServerConfig, create_app  # noqa: E402
 from fastvlm.server.media import MediaPolicy  # noqa: E402
 
 KEY = "k3y-Of-the-day"
-VIOLATIONS: list[str] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def netguard():
-    with pytest.MonkeyPatch.context() as mp:
-        guard_network(mp, VIOLATIONS)
-        yield
-    assert not VIOLATIONS
+pytestmark = pytest.mark.usefixtures("module_netguard")  # nothing leaves loopback
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -30,16 +29,10 @@ from fastvlm.api import load  # noqa: E402
 from fastvlm.server.app import ServerConfig, create_app  # noqa: E402
 from fastvlm.server.serving import ServeLimits  # noqa: E402
 
-VIOLATIONS: list[str] = []
 LONG = 900  # max_tokens of a "long" generation (ignore_eos: it would yield all of them)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def netguard():
-    with pytest.MonkeyPatch.context() as mp:
-        guard_network(mp, VIOLATIONS)
-        yield
-    assert not VIOLATIONS
+pytestmark = pytest.mark.usefixtures("module_netguard")  # nothing leaves loopback
 
 
 @pytest.fixture(scope="module")

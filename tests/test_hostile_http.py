@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -34,15 +33,9 @@ from fastvlm.server.app import ServerConfig, create_app  # noqa: E402
 from fastvlm.server.serving import ServeLimits  # noqa: E402
 
 CAP = 64 * 1024  # --max-request-mb of the server under test, in bytes
-VIOLATIONS: list[str] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def netguard():
-    with pytest.MonkeyPatch.context() as mp:
-        guard_network(mp, VIOLATIONS)
-        yield
-    assert not VIOLATIONS
+pytestmark = pytest.mark.usefixtures("module_netguard")  # nothing leaves loopback
 
 
 @pytest.fixture(scope="module")

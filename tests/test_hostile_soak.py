@@ -19,7 +19,6 @@ import time
 import zlib
 
 import pytest
-from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -38,15 +37,9 @@ CLIENTS = 4
 # sends ~40+ MiB of request bodies: keeping a copy of each (or its larger decoded pixels)
 # would pass the bound.
 RSS_BOUND_MIB = 32
-VIOLATIONS: list[str] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def netguard():
-    with pytest.MonkeyPatch.context() as mp:
-        guard_network(mp, VIOLATIONS)
-        yield
-    assert not VIOLATIONS
+pytestmark = pytest.mark.usefixtures("module_netguard")  # nothing leaves loopback
 
 
 def _png(size, color) -> str:

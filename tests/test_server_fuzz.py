@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -29,7 +28,6 @@ from test_server import MODEL, LiveServer  # noqa: E402
 from fastvlm.server.app import ServerConfig, create_app  # noqa: E402
 from fastvlm.server.serving import ServeLimits  # noqa: E402
 
-VIOLATIONS: list[str] = []
 CHAT = "/v1/chat/completions"
 SETTINGS = settings(
     max_examples=40,
@@ -40,12 +38,7 @@ SETTINGS = settings(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def netguard():
-    with pytest.MonkeyPatch.context() as mp:
-        guard_network(mp, VIOLATIONS)
-        yield
-    assert not VIOLATIONS, VIOLATIONS
+pytestmark = pytest.mark.usefixtures("module_netguard")  # nothing leaves loopback
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import guard_network
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -17,15 +16,9 @@ from test_server import LiveServer, body, image_msg  # noqa: E402
 from fastvlm.errors import ConfigError  # noqa: E402
 from fastvlm.server.app import ServerConfig, create_app  # noqa: E402
 
-VIOLATIONS: list[str] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def netguard():
-    with pytest.MonkeyPatch.context() as mp:
-        guard_network(mp, VIOLATIONS)
-        yield
-    assert not VIOLATIONS
+pytestmark = pytest.mark.usefixtures("module_netguard")  # nothing leaves loopback
 
 
 LOAD_FAILURES = [
