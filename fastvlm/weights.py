@@ -32,6 +32,7 @@ from .config import FastVLMConfig, VisionConfig, from_apple_dict, from_hf_dict
 from .config_format import config_to_format, preprocessor_config
 from .dtypes import dominant_dtype
 from .errors import CheckpointError, ConfigError
+from .mlx_format import MLX_INVERSE, MLX_RULES, is_mlx_layout, iter_mlx_tensors, save_mlx
 
 JUNK = (
     re.compile(r"(^|\.)num_batches_tracked$"),
@@ -103,7 +104,7 @@ class KeyMap:
     """Bidirectional key renaming for one checkpoint format and vision config."""
 
     def __init__(self, fmt: str, vc: VisionConfig) -> None:
-        if fmt not in ("apple", "hf", "fastvlm"):
+        if fmt not in ("apple", "hf", "fastvlm", "mlx"):
             raise ValueError(f"unknown format {fmt!r}")
         self.fmt = fmt
         self.net = network_index(vc)  # (part, stage) -> flat index
@@ -115,6 +116,8 @@ class KeyMap:
             key = _apply(APPLE_RULES, key)
         elif self.fmt == "hf":
             key = _apply(HF_RULES, key, self._stage)
+        elif self.fmt == "mlx":
+            key = _apply(MLX_RULES, key)
         if any(p.search(key) for p in JUNK):
             return None
         return key
@@ -124,6 +127,8 @@ class KeyMap:
             return _apply(APPLE_INVERSE, key)
         if self.fmt == "hf":
             return _apply(HF_INVERSE, key, self._network)
+        if self.fmt == "mlx":
+            return _apply(MLX_INVERSE, key)
         return key
 
     def _stage(self, m: re.Match) -> str:
@@ -260,7 +265,7 @@ def load_model(
     cfg = config or load_config(folder, image_size)
     files = weight_files(folder, trust_pickle)
     shapes = peek_keys_and_shapes(files)
-    keymap = KeyMap(cfg.format, cfg.vision)
+    keymap, tensors = _source(folder, files, shapes, cfg, _load_device(device))
     # The embedding row count is the checkpoint's (vocab rows are padded differently per format).
     for k, shape in shapes.items():
         if keymap.to_internal(k) == "language_model.embed_tokens.weight":
@@ -277,8 +282,7 @@ def load_model(
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
     unexpected, stored_head, numel_by_dtype = [], None, Counter()
-    dev = str(torch.device(device)) if str(device) != "mps" else "cpu"
-    for k, t in iter_tensors(files, dev):
+    for k, t in tensors:
         ik = keymap.to_internal(k)
         if ik is None:
             continue
@@ -321,6 +325,18 @@ def load_model(
     if cfg.quantization:  # repack the portable int8/int4 tensors for this device's kernel
         quant.finalize(model)
     return model.eval()
+
+
+def _load_device(device) -> str:
+    return str(torch.device(device)) if str(device) != "mps" else "cpu"
+
+
+def _source(folder: Path, files: list[Path], keys, cfg: FastVLMConfig, dev: str = "cpu"):
+    """(KeyMap, (key, tensor) iterator) for a folder: MLX-layout folders (mlx-vlm conversions,
+    `llava_qwen2` config) are dequantized and transposed to torch layout by mlx_format."""
+    if is_mlx_layout(keys):
+        return KeyMap("mlx", cfg.vision), iter_mlx_tensors(files, read_json(folder / "config.json"))
+    return KeyMap(cfg.format, cfg.vision), iter_tensors(files, dev)
 
 
 def _short(keys: list[str], n: int = 5) -> str:
@@ -383,21 +399,32 @@ TOKENIZER_FILES = (
 )
 
 
-def convert_checkpoint(src: Path, dst: Path, fmt: str, *, trust_pickle: bool = False) -> Path:
-    """Rewrite a checkpoint folder in another format, tensors bit-for-bit (no dtype change)."""
+def convert_checkpoint(
+    src: Path, dst: Path, fmt: str, *, trust_pickle: bool = False, q_bits: int | None = None
+) -> Path:
+    """Rewrite a checkpoint folder in another format, tensors bit-for-bit (no dtype change);
+    `fmt="mlx"` with `q_bits` also affine-quantizes the decoder (see mlx_format.py)."""
     import shutil
 
     from .model.fastvlm import FastVLMModel
 
     src, dst = Path(src), Path(dst)
-    if fmt not in ("apple", "hf", "fastvlm"):
-        raise ValueError(f"--to must be apple, hf or fastvlm, not {fmt!r}")
+    if fmt not in ("apple", "hf", "fastvlm", "mlx"):
+        raise ValueError(f"--to must be apple, hf, fastvlm or mlx, not {fmt!r}")
+    if q_bits is not None and fmt != "mlx":
+        raise ConfigError("--q-bits applies to --to mlx only (use `fastvlm quantize` otherwise)")
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new folder")
     cfg = load_config(src)
-    keymap = KeyMap(cfg.format, cfg.vision)
+    if cfg.quantization and fmt == "mlx":
+        raise ConfigError(
+            "this folder is quantized with fastvlm's int8/int4 scheme: convert the float "
+            "checkpoint to MLX (add --q-bits 4|8 for MLX quantization)"
+        )
+    files = weight_files(src, trust_pickle)
+    keymap, tensors = _source(src, files, peek_keys_and_shapes(files), cfg)
     state: dict[str, torch.Tensor] = {}
-    for k, t in iter_tensors(weight_files(src, trust_pickle)):
+    for k, t in tensors:
         ik = keymap.to_internal(k)
         if ik is not None:
             state[ik] = t
@@ -414,7 +441,10 @@ def convert_checkpoint(src: Path, dst: Path, fmt: str, *, trust_pickle: bool = F
             f"{src} does not match the FastVLM layout: missing {_short(sorted(expected - got))}, "
             f"unexpected {_short(sorted(got - expected))}"
         )
-    save_checkpoint(state, cfg, dst, fmt)
+    if fmt == "mlx":
+        save_mlx(state, cfg, dst, q_bits=q_bits)
+    else:
+        save_checkpoint(state, cfg, dst, fmt)
     for name in TOKENIZER_FILES:
         if (src / name).exists() and not (dst / name).exists():
             shutil.copy2(src / name, dst / name)
