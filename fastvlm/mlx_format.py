@@ -1,4 +1,4 @@
-"""MLX-layout checkpoints (mlx-vlm / mlx-community FastVLM folders): read into torch, write from torch.
+"""MLX-layout checkpoints (mlx-vlm / mlx-community FastVLM folders): read into torch, write them.
 
 The layout is what `mlx_vlm.convert` writes for Apple's `llava_qwen2` models: names
 `vision_tower.vision_model.*` (stem under `patch_embed.blocks.N`), `mm_projector.{0,2}.*`,
@@ -35,7 +35,7 @@ MLX_RULES: list[tuple[str, str]] = [
 ]
 MLX_INVERSE: list[tuple[str, str]] = [
     (r"^vision_tower\.", "vision_tower.vision_model."),
-    (r"^vision_tower\.vision_model\.patch_embed\.", "vision_tower.vision_model.patch_embed.blocks."),
+    (r"^(vision_tower\.vision_model\.patch_embed)\.", r"\1.blocks."),
     (r"^language_model\.", "language_model.model."),
     (r"^lm_head\.", "language_model.lm_head."),
 ]
@@ -82,11 +82,14 @@ def to_mlx_layout(internal_key: str, t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- reading
-def quantization_of(config: dict) -> dict | None:
-    """The folder's affine quantization ({"group_size", "bits"}) or None; other modes refused."""
+def quantization_of(config: dict, module: str | None = None) -> dict | None:
+    """Affine {"group_size", "bits"} of the folder (or of one module: mlx-vlm's mixed recipes
+    store per-module overrides keyed by path), None when float; other modes are refused."""
     q = config.get("quantization") or config.get("quantization_config")
     if not q:
         return None
+    if module is not None and isinstance(q.get(module), dict):
+        q = {**q, **q[module]}
     mode = q.get("mode", "affine")
     if mode != "affine":
         raise ConfigError(
@@ -97,6 +100,20 @@ def quantization_of(config: dict) -> dict | None:
     if bits not in SUPPORTED_BITS or group < 1:
         raise ConfigError(f"unsupported MLX quantization bits={bits} group_size={group}")
     return {"bits": bits, "group_size": group}
+
+
+def check_not_app_bundle(folder: Path, keys) -> None:
+    """Apple's MLX-app checkpoints (apple/FastVLM-*-fp16 / -int8 / -int4) hold the decoder and
+    projector in MLX layout but the vision tower only as a compiled Core ML package."""
+    folder = Path(folder)
+    if (folder / "fastvithd.mlpackage").exists() and not any("vision_tower" in k for k in keys):
+        raise ConfigError(
+            f"{folder} is Apple's MLX-app bundle: its vision tower ships only as a Core ML "
+            "package (fastvithd.mlpackage), which runs inside Apple's Swift app, not here. Use "
+            "the PyTorch checkpoint (apple/FastVLM-0.5B, -1.5B, -7B) on any backend, or an "
+            "MLX conversion with the vision tower (mlx-community/FastVLM-0.5B-bf16, or "
+            "`fastvlm convert SRC DST --to mlx --q-bits 8`)"
+        )
 
 
 def dequantize(
@@ -139,7 +156,7 @@ def iter_mlx_tensors(files: list[Path], config: dict) -> Iterator[tuple[str, tor
     """(MLX key, torch-layout tensor) pairs, quantized weights dequantized to the scales' dtype."""
     from safetensors import SafetensorError, safe_open
 
-    quant = quantization_of(config)
+    quantization_of(config)  # refuse unsupported modes before reading anything
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as h:
@@ -150,6 +167,7 @@ def iter_mlx_tensors(files: list[Path], config: dict) -> Iterator[tuple[str, tor
                     t = h.get_tensor(k)
                     base = k[: -len(".weight")] if k.endswith(".weight") else None
                     if base and f"{base}.scales" in keys:
+                        quant = quantization_of(config, base)
                         if quant is None:
                             raise CheckpointError(
                                 f"{k} is quantized but config.json has no 'quantization' entry"
@@ -225,7 +243,8 @@ def save_mlx(
             out[name] = to_mlx_layout(k, t).contiguous()
     head = "vision_tower.vision_model.head.proj"
     if head not in out:  # mlx-vlm loads strictly and always builds this (unused) head
-        out[head] = torch.zeros(cfg.vision.hidden_size, HEAD_PROJECTION_DIM, dtype=_float_dtype(out))
+        shape = (cfg.vision.hidden_size, HEAD_PROJECTION_DIM)
+        out[head] = torch.zeros(shape, dtype=_float_dtype(out))
     quant = {"group_size": group_size, "bits": q_bits} if q_bits is not None else None
     save_file(out, str(folder / "model.safetensors"), metadata={"format": "mlx"})
     config = mlx_config(cfg, out[head].shape[-1], quant)
@@ -243,7 +262,7 @@ def _mx_quantize(name: str, t: torch.Tensor, bits: int, group_size: int) -> dict
     try:
         import mlx.core as mx
     except ImportError as e:
-        raise ConfigError(f"--q-bits quantizes with MLX, which is not installed: {MLX_INSTALL}") from e
+        raise ConfigError(f"--q-bits quantizes with MLX, which is missing: {MLX_INSTALL}") from e
     base = name[: -len(".weight")]
     w = to_mx(t)
     q, s, b = mx.quantize(w, group_size=group_size, bits=bits)

@@ -32,7 +32,14 @@ from .config import FastVLMConfig, VisionConfig, from_apple_dict, from_hf_dict
 from .config_format import config_to_format, preprocessor_config
 from .dtypes import dominant_dtype
 from .errors import CheckpointError, ConfigError
-from .mlx_format import MLX_INVERSE, MLX_RULES, is_mlx_layout, iter_mlx_tensors, save_mlx
+from .mlx_format import (
+    MLX_INVERSE,
+    MLX_RULES,
+    check_not_app_bundle,
+    is_mlx_layout,
+    iter_mlx_tensors,
+    save_mlx,
+)
 
 JUNK = (
     re.compile(r"(^|\.)num_batches_tracked$"),
@@ -334,6 +341,7 @@ def _load_device(device) -> str:
 def _source(folder: Path, files: list[Path], keys, cfg: FastVLMConfig, dev: str = "cpu"):
     """(KeyMap, (key, tensor) iterator) for a folder: MLX-layout folders (mlx-vlm conversions,
     `llava_qwen2` config) are dequantized and transposed to torch layout by mlx_format."""
+    check_not_app_bundle(folder, keys)
     if is_mlx_layout(keys):
         return KeyMap("mlx", cfg.vision), iter_mlx_tensors(files, read_json(folder / "config.json"))
     return KeyMap(cfg.format, cfg.vision), iter_tensors(files, dev)

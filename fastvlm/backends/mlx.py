@@ -26,6 +26,7 @@ import torch
 from ..config import FastVLMConfig
 from ..engine.generate import Stats, decode_loop
 from ..engine.sampling import SamplingParams, make_generator
+from ..errors import ConfigError
 from ..model.fastvlm import check_tokens_per_image
 from .mlx_load import describe_dtype, load_mlx_model
 
@@ -90,6 +91,7 @@ class MlxBackend:
         eos_ids: list[int] | None = None,
         vocab_limit: int | None = None,
         source: str = "",
+        device: str | None = None,
     ) -> None:
         import mlx.core as mx
 
@@ -102,6 +104,9 @@ class MlxBackend:
         self._lock = threading.Lock()
         self._mx = mx
         self._pools: dict[tuple[int, int], Any] = {}
+        if device not in (None, "auto", "cpu", "gpu"):
+            raise ConfigError(f"the mlx backend runs on 'gpu' or 'cpu', not device {device!r}")
+        self._device = mx.default_device() if device in (None, "auto") else getattr(mx, device)
 
     @classmethod
     def from_folder(
@@ -109,11 +114,14 @@ class MlxBackend:
         folder: str | Path,
         *,
         dtype: str | None = None,
+        device: str | None = None,
         eos_ids: list[int] | None = None,
         vocab_limit: int | None = None,
     ) -> MlxBackend:
         model, cfg = load_mlx_model(Path(folder), dtype)
-        return cls(model, cfg, eos_ids=eos_ids, vocab_limit=vocab_limit, source=str(folder))
+        return cls(
+            model, cfg, eos_ids=eos_ids, vocab_limit=vocab_limit, source=str(folder), device=device
+        )
 
     # ------------------------------------------------------------------ protocol properties
     @property
@@ -122,7 +130,7 @@ class MlxBackend:
 
     @property
     def device(self) -> str:
-        return f"mlx:{self._mx.default_device().type.name}"
+        return f"mlx:{self._device.type.name}"
 
     @property
     def dtype(self) -> str:
@@ -179,7 +187,7 @@ class MlxBackend:
     def encode_images(
         self, pixels: torch.Tensor, tokens_per_image: int | None = None
     ) -> torch.Tensor:
-        with self._lock:
+        with self._lock, self._mx.stream(self._device):
             rows = self._image_rows(pixels, tokens_per_image)
             return torch.from_numpy(np.array(rows.astype(self._mx.float32)))
 
@@ -270,7 +278,7 @@ class MlxBackend:
 
         mx = self._mx
         lm = self.model.language_model
-        with self._lock:
+        with self._lock, mx.stream(self._device):
             cache = make_prompt_cache(lm)
             t0 = time.perf_counter()
             logits = self._prefill(ids, pixels, tokens_per_image, stats, cache)
@@ -278,7 +286,7 @@ class MlxBackend:
         gen = make_generator(params.seed, "cpu")
 
         def step(tok: torch.Tensor, i: int) -> torch.Tensor:
-            with self._lock:
+            with self._lock, mx.stream(self._device):
                 out = lm(mx.array([[int(tok)]], dtype=mx.int32), cache=cache)
                 return self._logits_row(out)
 

@@ -22,8 +22,14 @@ from pathlib import Path
 
 from ..config import FastVLMConfig
 from ..errors import CheckpointError, ConfigError
-from ..mlx_format import HEAD_PROJECTION_DIM, is_mlx_layout, read_config
-from ..weights import convert_checkpoint, load_config, weight_files
+from ..mlx_format import (
+    HEAD_PROJECTION_DIM,
+    MLX_INSTALL,
+    check_not_app_bundle,
+    is_mlx_layout,
+    read_config,
+)
+from ..weights import convert_checkpoint, load_config, peek_keys_and_shapes, weight_files
 
 UNSUPPORTED = "not supported on the mlx backend: "
 
@@ -111,13 +117,13 @@ def _fingerprint(folder: Path, files: list[Path]) -> str:
 
 def mlx_folder(folder: Path) -> Path:
     """`folder` itself when mlx-vlm reads it (MLX layout or Apple), else its cached conversion."""
-    from ..weights import peek_keys_and_shapes
-
     folder = Path(folder)
     files = weight_files(folder)
     cfg = load_config(folder)
     check_supported(cfg)
-    if cfg.format == "apple" or is_mlx_layout(peek_keys_and_shapes(files)):
+    keys = peek_keys_and_shapes(files)
+    check_not_app_bundle(folder, keys)
+    if cfg.format == "apple" or is_mlx_layout(keys):
         return folder
     dst = cache_root() / _fingerprint(folder, files)
     if (dst / "config.json").exists():
@@ -138,9 +144,12 @@ def mlx_folder(folder: Path) -> Path:
 
 def load_mlx_model(folder: Path, dtype: str | None = None):
     """(mlx-vlm FastVLM `Model`, our `FastVLMConfig`) for a checkpoint folder of any format."""
-    import mlx.core as mx
-    from mlx_vlm.models import fastvlm as mv
-    from mlx_vlm.utils import load_model_weights
+    try:
+        import mlx.core as mx
+        from mlx_vlm.models import fastvlm as mv
+        from mlx_vlm.utils import load_model_weights
+    except ImportError as e:
+        raise ConfigError(f"the mlx backend needs mlx and mlx-vlm ({e}): {MLX_INSTALL}") from e
 
     src = mlx_folder(Path(folder))
     cfg = load_config(src)
