@@ -43,7 +43,7 @@ QUANT_SUFFIXES = (".scales", ".biases")
 # mlx-vlm's vision model always has a CLIP projection head (unused by the VLM); its default width.
 HEAD_PROJECTION_DIM = 768
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
-MLX_INSTALL = 'pip install "fastvlm[mlx]" (Linux: mlx[cpu]; macOS on Apple silicon: mlx)'
+MLX_INSTALL = 'pip install "fastvlm[mlx]" (mlx + mlx-vlm)'
 
 
 def _rename(rules: list[tuple[str, str]], key: str) -> str:

@@ -24,8 +24,7 @@ BACKENDS = ("torch", "onnxruntime", "mlx")
 ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch"}
 ENV = "FASTVLM_BACKEND"
 INSTALL = {
-    "mlx": 'pip install "fastvlm[mlx]" (mlx + mlx-vlm; on Linux the CPU build: pip install '
-    '"mlx[cpu]" mlx-vlm)',
+    "mlx": 'pip install "fastvlm[mlx]" (mlx + mlx-vlm)',
     "onnxruntime": 'pip install "fastvlm[export]" (onnxruntime)',
     "torch": "pip install torch",
 }
