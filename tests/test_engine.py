@@ -13,7 +13,9 @@ from conftest import make_tiny_model
 from conftest import random_pixels as pixels
 from conftest import random_prompt as prompt
 
-from fastvlm.engine.engine import Engine, content_hash, stream_text
+from fastvlm.engine.engine import Engine
+from fastvlm.engine.request import stream_text
+from fastvlm.engine.runner import content_hash
 from fastvlm.engine.generate import generate_step, stream_generate
 from fastvlm.engine.sampling import SamplingParams
 
@@ -71,7 +73,7 @@ def test_staggered_concurrent_requests_match_reference(model):
         eng.step()
     hs.append(eng.submit(reqs[3][0], None, params(max_tokens=reqs[3][2])))
     eng.step()
-    assert sum(r is not None for r in eng._active) == 4  # all four decode together now
+    assert sum(r is not None for r in eng.scheduler.running) == 4  # all four decode together now
     eng.run_until_done()
     for (ids, px, n), h in zip(reqs, hs, strict=True):
         assert h.output_ids == ref(model, ids, px, max_tokens=n)
@@ -86,7 +88,7 @@ def test_more_requests_than_slots_queue_and_complete(model):
     eng = engine(model, slots=2)
     hs = [eng.submit(ids, None, params(max_tokens=n)) for ids, n in reqs]
     eng.step()
-    assert sum(not h.done for h in hs) == 7 and len(eng._waiting) == 5
+    assert sum(not h.done for h in hs) == 7 and len(eng.scheduler.waiting) == 5
     eng.run_until_done()
     for (ids, n), h in zip(reqs, hs, strict=True):
         assert h.output_ids == ref(model, ids, max_tokens=n)
