@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 from conftest import random_pixels as pixels
 from conftest import random_prompt as prompt
 
-from fastvlm.engine.engine import Engine
+from fastvlm.engine.engine import Engine, EngineConfig
 from fastvlm.engine.request import stream_text
 from fastvlm.engine.runner import content_hash
 from fastvlm.engine.generate import generate_step, stream_generate
@@ -432,3 +432,50 @@ def test_extreme_sampling_params_do_not_crash(kw):
     g = torch.Generator().manual_seed(0)
     out = sample(logits, SamplingParams(**kw), g)
     assert out.tolist() == [1]  # both settings collapse to the argmax
+
+
+# ---------------------------------------------------------------- config / handle boundary
+@pytest.mark.parametrize("slots,reuse", [(1, True), (2, False), (3, True)])
+def test_engine_config_equals_keyword_options(model, slots, reuse):
+    cfg = model.config
+    ids = [prompt(cfg, 4 + 3 * i, seed=90 + i) for i in range(3)]
+    opts = dict(slots=slots, max_len=MAX_LEN, eos_ids=[], prefix_reuse=reuse)
+    by_kw = Engine(model, **opts)
+    by_cfg = Engine(model, EngineConfig(**opts))
+    assert by_cfg.config == by_kw.config and by_cfg.slots == slots
+    a = [by_kw.submit(i, None, params(max_tokens=6)) for i in ids]
+    b = [by_cfg.submit(i, None, params(max_tokens=6)) for i in ids]
+    by_kw.run_until_done()
+    by_cfg.run_until_done()
+    assert [h.output_ids for h in a] == [h.output_ids for h in b]
+    assert b[0].output_ids == ref(model, ids[0], max_tokens=6)
+
+
+@pytest.mark.parametrize("bad", [{"slot": 2}, {"config": None, "nope": 1}])
+def test_engine_rejects_unknown_options(model, bad):
+    with pytest.raises(TypeError):
+        Engine(model, **bad)
+
+
+def test_engine_rejects_config_and_options_together(model):
+    with pytest.raises(TypeError, match="not both"):
+        Engine(model, EngineConfig(max_len=MAX_LEN), slots=2)
+
+
+@pytest.mark.parametrize("cancel_at", [None, 0, 2])
+def test_finished_requests_leave_no_engine_state(model, cancel_at):
+    """Finished, cancelled or not, a request is dropped by the engine; cancelling it afterwards
+    is a no-op and the handle keeps its result."""
+    eng = engine(model, slots=2)
+    h = eng.submit(prompt(model.config, 6, seed=95), None, params(max_tokens=5))
+    for _ in range(cancel_at or 0):
+        eng.step()
+    if cancel_at is not None:
+        h.cancel()
+    eng.run_until_done()
+    out, reason = list(h.output_ids), h.finish_reason
+    assert reason == ("length" if cancel_at is None else "cancelled")
+    assert not eng._live and not eng.has_work()
+    h.cancel()
+    eng.step()
+    assert h.output_ids == out and h.finish_reason == reason
