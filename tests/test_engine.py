@@ -14,9 +14,9 @@ from conftest import random_pixels as pixels
 from conftest import random_prompt as prompt
 
 from fastvlm.engine.engine import Engine, EngineConfig
+from fastvlm.engine.generate import generate_step, stream_generate
 from fastvlm.engine.request import stream_text
 from fastvlm.engine.runner import content_hash
-from fastvlm.engine.generate import generate_step, stream_generate
 from fastvlm.engine.sampling import SamplingParams
 
 MAX_LEN = 160

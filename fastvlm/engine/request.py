@@ -48,7 +48,12 @@ class RequestHandle:
     request lives in `sequence.Sequence`."""
 
     def __init__(
-        self, driver: Driver, rid: int, ids: list[int], params: SamplingParams, image_tokens: int = 0
+        self,
+        driver: Driver,
+        rid: int,
+        ids: list[int],
+        params: SamplingParams,
+        image_tokens: int = 0,
     ) -> None:
         self.id = rid
         self.input_ids = ids

@@ -200,9 +200,7 @@ class ModelRunner:
             px = seq.pixels[todo].to(self.device)
             self.counters["vision_calls"] += 1
             pooled = seq.tpi != self.model.config.num_image_tokens
-            embeds = (
-                self.model.embed_images(px, seq.tpi) if pooled else self.model.embed_images(px)
-            )
+            embeds = self.model.embed_images(px, seq.tpi) if pooled else self.model.embed_images(px)
             for i, e in zip(todo, embeds, strict=True):
                 found[seq.hashes[i]] = e
                 self.vision_cache.put(seq.hashes[i], e)
@@ -254,7 +252,9 @@ class ModelRunner:
             out[idx] = sample(logits[idx], _GREEDY, None, None, self.vocab_limit)
         for i, s in enumerate(seqs):
             if not s.greedy_fast:
-                out[i : i + 1] = sample(logits[i : i + 1], s.params, s.gen, s.seen, self.vocab_limit)
+                out[i : i + 1] = sample(
+                    logits[i : i + 1], s.params, s.gen, s.seen, self.vocab_limit
+                )
         return out
 
     @staticmethod

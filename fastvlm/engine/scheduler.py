@@ -200,8 +200,8 @@ class Scheduler:
                 toks.append(0)
                 wpos.append(min(n, self.max_len - 1))
                 mpos.append(0)
-        seqs = [self.running[s] for s in run]
-        return DecodeBatch(lo, hi, seqs, toks, wpos, mpos, [s - lo for s in run])  # type: ignore[arg-type]
+        seqs = [q for q in (self.running[s] for s in run) if q is not None]
+        return DecodeBatch(lo, hi, seqs, toks, wpos, mpos, [s - lo for s in run])
 
     def advance(self, batch: DecodeBatch) -> None:
         """The batch's pending tokens are in the KV now."""
