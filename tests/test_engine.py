@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -479,3 +480,15 @@ def test_finished_requests_leave_no_engine_state(model, cancel_at):
     h.cancel()
     eng.step()
     assert h.output_ids == out and h.finish_reason == reason
+
+
+@pytest.mark.parametrize("use_config", [False, True])
+def test_from_vlm_takes_eos_and_vocab_from_the_vlm_unless_given(model, use_config):
+    vlm = SimpleNamespace(model=model, eos_ids=[5, 6], vocab_limit=100)
+    mk = (lambda **o: Engine.from_vlm(vlm, EngineConfig(**o))) if use_config else (
+        lambda **o: Engine.from_vlm(vlm, **o)
+    )  # fmt: skip
+    e = mk(max_len=MAX_LEN)
+    assert e.eos_ids == {5, 6} and e.vocab_limit == 100
+    e = mk(max_len=MAX_LEN, eos_ids=[9], vocab_limit=50)
+    assert e.eos_ids == {9} and e.vocab_limit == 50
