@@ -306,7 +306,7 @@ TOOLS = {
     "train": "fastvlm.train.finetune",
     "eval": "fastvlm.train.evaluate",
     "lora": "fastvlm.train.lora",
-    "quantize": "fastvlm.quant",
+    "quantize": "fastvlm.quant.cli",
     "export": "fastvlm.export",
 }
 TOOL_HELP = {

@@ -32,6 +32,7 @@ from .config import FastVLMConfig, VisionConfig, from_apple_dict, from_hf_dict
 from .config_format import config_to_format, preprocessor_config
 from .dtypes import dominant_dtype
 from .errors import CheckpointError, ConfigError
+from .quant.apply import finalize, prepare_for_load
 
 JUNK = (
     re.compile(r"(^|\.)num_batches_tracked$"),
@@ -268,9 +269,7 @@ def load_model(
     with torch.device("meta"):
         model = FastVLMModel(cfg)
     if cfg.quantization:  # swap in empty quantized Linears so the key sets match
-        from . import quant
-
-        quant.prepare_for_load(model, cfg.quantization)
+        prepare_for_load(model, cfg.quantization)
     expected = dict(model.state_dict())
     tied = cfg.text.tie_word_embeddings
     if tied:
@@ -319,7 +318,7 @@ def load_model(
     model.tie_weights()
     model.source_dtype = dominant_dtype(numel_by_dtype)  # what `--save-dtype auto` writes
     if cfg.quantization:  # repack the portable int8/int4 tensors for this device's kernel
-        quant.finalize(model)
+        finalize(model)
     return model.eval()
 
 
