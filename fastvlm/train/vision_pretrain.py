@@ -91,7 +91,7 @@ def pretrain(a: argparse.Namespace) -> dict[str, float]:
     from ..config import FastVLMConfig
     from ..model.fastvlm import FastVLMModel
     from ..processing import Processor
-    from .finetune import lr_at
+    from .schedule import lr_at
 
     device = resolve_device(a.device)
     cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
