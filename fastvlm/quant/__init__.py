@@ -23,8 +23,8 @@ Kernels, in order of preference on CPU:
   layout (never written to disk; needs N % 16 == 0, K % group_size == 0, tinygemm convention
   w = (q - 8) * scale + zero). Their fp32 instantiations are slow, so they compute in
   `cpu_compute_dtype` (bf16, fp32 accumulation inside) and cast the output back.
-* Elsewhere (CUDA, MPS, float64 inputs) dequantize-then-`F.linear`: correct, saves memory, not
-  faster. Layers whose shapes int4 cannot take stay plain float `nn.Linear`s (listed in the
+* Elsewhere (CUDA, MPS, float64 inputs) dequantize-then-`F.linear`: correct, saves memory, no
+  speed-up. Layers whose shapes int4 cannot take stay plain float `nn.Linear`s (listed in the
   summary); int8 takes every shape.
 
 Files ("fastvlm" format only): config.json gets `"quantization": {"version": 1, "llm": "int4-g128",

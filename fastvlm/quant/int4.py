@@ -89,7 +89,7 @@ class Int4Linear(_QuantLinear):
     `act_quant` (class default True; set it on an instance or the class to compare): the
     kernel quantizes x to int8 in blocks of 8-32 columns and uses integer dot products
     (llama.cpp's Q4 x Q8, ORT MatMulNBits accuracy_level=4) instead of exact fp32 math; its
-    added error is ~10x below the int4 weight rounding (bound in
+    added error is well below the int4 weight rounding (bound in
     `kernels.linear_int4`).
     """
 

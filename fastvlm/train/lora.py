@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, FastVLMError
@@ -208,8 +209,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(folder: str | Path, model: nn.Module, config: LoRAConfig) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` into `folder`."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
@@ -233,8 +232,6 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig:
 
 def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
     """Load an adapter into `model` (applying LoRA first if it has none); strict on keys/shapes."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg = read_adapter_config(folder)
     if not lora_layers(model):
