@@ -602,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         return transformers_worker(a.transformers_worker)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from .api import load, resolve_device, resolve_dtype
+    from .api import load
+    from .device import prepare_for_device, resolve_device, resolve_dtype
     from .engine.allocator import tune_malloc
 
     malloc_tuned = tune_malloc()  # before any big allocation; transformers shares it (same run)
@@ -618,8 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if a.shape:
         base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev, dtype)
-        if dev.type == "cpu":
-            base.vision_tower.use_channels_last()  # as fastvlm.load does on CPU
+        prepare_for_device(base, dev)  # as fastvlm.load does
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:

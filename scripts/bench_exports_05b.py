@@ -43,14 +43,12 @@ def peak_rss_gb() -> float:
 def cmd_torch(a) -> dict:
     """fastvlm's own engine (`fastvlm bench`'s timing code) at one weight precision."""
     from fastvlm.bench import bench_engine, build_shape, measure_bandwidth
-    from fastvlm.engine.allocator import tune_malloc
+    from fastvlm.device import prepare_for_device
     from fastvlm.processing import Processor
     from fastvlm.quant import quantize_model
 
     torch.set_num_threads(a.threads)
-    tune_malloc()
-    model = build_shape("0.5b", 1024)
-    model.vision_tower.use_channels_last()  # as fastvlm.load does on CPU
+    model = prepare_for_device(build_shape("0.5b", 1024), "cpu")  # as fastvlm.load does
     if a.quant != "fp32":
         quantize_model(model, a.quant)
     args = argparse.Namespace(max_tokens=a.tokens, concurrency=[1], repeats=a.repeats)

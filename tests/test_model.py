@@ -258,29 +258,73 @@ def test_unknown_model_is_a_typed_error(monkeypatch):
 
 
 def test_channels_last_vision_tower_matches_contiguous():
-    """`use_channels_last` (what fastvlm.load does on CPU) changes only the memory layout."""
+    """`prepare_for_device(model, "cpu")` (what fastvlm.load does) changes only the memory layout
+    and the execution plan of the tower: same features, same parameters, same state dict."""
+    from fastvlm.device import CPUFastViTHD, prepare_for_device
+
     model = make_tiny_model(seed=4)
+    keys = list(model.state_dict())
     px = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model.encode_images(px)
-        model.vision_tower.use_channels_last()
+        assert prepare_for_device(model, "cpu") is model
+        assert type(model.vision_tower) is CPUFastViTHD
         assert model.vision_tower.patch_embed[0].reparam_conv.weight.is_contiguous(
             memory_format=torch.channels_last
         )
         got = model.encode_images(px)
+        prepare_for_device(model, torch.device("cpu"))  # idempotent
+        again = model.encode_images(px)
+    assert list(model.state_dict()) == keys
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
 
 
-def test_cpu_batched_vision_matches_one_image_at_a_time():
-    """On CPU a batch runs its high-resolution stages one image at a time and the low-resolution
-    tail (from the first attention stage's PatchEmbed on) batched: same features as encoding each
-    image alone, and the split sits right before that stage's downsampling."""
+@pytest.mark.parametrize("device", ["meta", "cuda", "mps"])
+def test_prepare_for_device_leaves_other_devices_alone(device):
+    """Only CPU has an execution policy: for other devices the model is returned untouched."""
+    from fastvlm.device import prepare_for_device
+
+    model = make_tiny_model(seed=4)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    assert prepare_for_device(model, device) is model
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert type(model.vision_tower) is FastViTHD
+
+
+def test_load_prepares_the_model_for_cpu(tiny_dir):
+    """fastvlm.load on CPU applies the CPU plan through prepare_for_device."""
+    from fastvlm import kernels
+    from fastvlm.device import CPUFastViTHD
+
+    vlm = fastvlm.load(str(tiny_dir), device="cpu")
+    assert type(vlm.model.vision_tower) is CPUFastViTHD
+    if kernels.available():
+        assert type(vlm.model.lm_head) is kernels.FastLinear
+
+
+def _cpu_tower(tower):
+    from fastvlm.device import prepare_cpu_vision_tower
+
+    return prepare_cpu_vision_tower(tower)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 0])
+def test_cpu_batched_vision_matches_one_image_at_a_time(micro_batch):
+    """On CPU a batch runs its high-resolution stages `micro_batch` images at a time and the
+    low-resolution tail (from the first attention stage's PatchEmbed on) batched: same features
+    as the device-blind tower and as encoding each image alone, and the split sits right before
+    that stage's downsampling."""
+    import copy
+
     from conftest import make_tiny_model
 
     from fastvlm.model.fastvithd import AttentionBlock, PatchEmbed
 
-    tower = make_tiny_model(seed=4).vision_tower.eval()
-    split = tower._tail_start()
+    plain = make_tiny_model(seed=4).vision_tower.eval()
+    tower = _cpu_tower(copy.deepcopy(plain))
+    tower.micro_batch = micro_batch
+    split = tower.tail_start()
     assert isinstance(tower.network[split], PatchEmbed)
     first_attn = next(
         i for i, m in enumerate(tower.network)
@@ -293,8 +337,10 @@ def test_cpu_batched_vision_matches_one_image_at_a_time():
     with torch.inference_mode():
         batched = tower(px)
         alone = torch.cat([tower(px[i : i + 1]) for i in range(3)])
-    assert batched.shape == alone.shape
+        blind = plain(px)
+    assert batched.shape == alone.shape == blind.shape
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, blind, rtol=1e-4, atol=1e-5)
     assert batched.abs().mean() > 0.01
 
 
@@ -305,11 +351,10 @@ def test_cpu_batched_vision_when_every_stage_is_attention():
 
     from conftest import randomize, tiny_config
 
-    from fastvlm.model.fastvithd import FastViTHD
 
     cfg = dataclasses.replace(tiny_config().vision, token_mixers=("attention",) * 5, head_dim=8)
-    tower = randomize(FastViTHD(cfg), seed=1).eval()
-    assert tower._tail_start() == 0
+    tower = _cpu_tower(randomize(FastViTHD(cfg), seed=1).eval())
+    assert tower.tail_start() == 0
     px = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         batched = tower(px)

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..dtypes import SAVE_DTYPE_CHOICES, SAVE_DTYPE_HELP, resolve_save_dtype, size_summary
 from ..errors import CheckpointError, FastVLMError
+from ..kernels import FastLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -127,7 +128,7 @@ def select_linears(
     """Names of the Linear layers `apply_lora` would adapt (see the module docstring)."""
     names = []
     for name, m in model.named_modules():
-        if type(m) is not nn.Linear:
+        if type(m) not in (nn.Linear, FastLinear):  # FastLinear: fastvlm.load's CPU swap
             continue
         if name.startswith("vision_tower."):
             ok = include_vision
@@ -161,7 +162,7 @@ def apply_lora(
     names = select_linears(model, tuple(targets), include_projector, include_vision)
     if not names:
         known = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear}
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in (nn.Linear, FastLinear)}
         )
         raise FastVLMError(
             f"no Linear layer matches the LoRA targets {list(targets)}; choose from {known}"
@@ -182,7 +183,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and swap plain `nn.Linear`s back (in place)."""
     for name, m in lora_layers(model).items():
         base = m.base
-        if type(base) is not nn.Linear:
+        if type(base) not in (nn.Linear, FastLinear):
             raise FastVLMError(
                 f"{name}: cannot merge into a quantized (QLoRA) base layer; merge the adapter "
                 "into the full-precision base: fastvlm lora merge BASE ADAPTER OUT"

@@ -87,7 +87,7 @@ def evaluate(tower, head, processor, device, n: int = 256, seed: int = 999) -> d
 def pretrain(a: argparse.Namespace) -> dict[str, float]:
     from tqdm import tqdm
 
-    from ..api import resolve_device
+    from ..device import resolve_device
     from ..config import FastVLMConfig
     from ..model.fastvlm import FastVLMModel
     from ..processing import Processor
