@@ -9,7 +9,7 @@ interrupted run resumes where it stopped. No weights are downloaded.
         --json benchmarks/exports-0.5b-DATE.json --txt benchmarks/exports-0.5b-DATE.txt
 
 ONNX (`scripts/export_05b.py`) and PyTorch use the same 280-token prompt (15 text tokens, 256
-image tokens, 9 text tokens; `fastvlm.bench.prompt_ids`) and one 1024² image. The LiteRT-LM
+image tokens, 9 text tokens; `fastvlm.bench.workload.prompt_ids`) and one 1024² image. The LiteRT-LM
 bundle is the 0.5B decoder with a small vision tower (the 1024-px encoder is not converted here),
 timed with `litert_lm.Benchmark` on a text prompt of the same length.
 """
@@ -42,7 +42,9 @@ def peak_rss_gb() -> float:
 # ---------------------------------------------------------------------- children
 def cmd_torch(a) -> dict:
     """fastvlm's own engine (`fastvlm bench`'s timing code) at one weight precision."""
-    from fastvlm.bench import bench_engine, build_shape, measure_bandwidth
+    from fastvlm.bench.measure import measure_bandwidth
+    from fastvlm.bench.torch_engine import bench_engine
+    from fastvlm.bench.workload import build_shape
     from fastvlm.device import prepare_for_device
     from fastvlm.processing import Processor
     from fastvlm.quant import quantize_model

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvlm.bench import prompt_ids  # noqa: E402
+from fastvlm.bench.workload import prompt_ids  # noqa: E402
 from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig  # noqa: E402
 
 
