@@ -361,3 +361,62 @@ def test_cpu_batched_vision_when_every_stage_is_attention():
         alone = torch.cat([tower(px[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
     assert batched.abs().mean() > 0.01
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_export_friendly_hooks_attention_and_norm_then_restores(kv_heads):
+    """`export_friendly` swaps the fused ops through the model's own hooks (no copied forward):
+    the modules keep their class and forward, the plain ops give the same logits for every GQA
+    ratio, and on exit the model is exactly as before (the hooks are gone, fused again)."""
+    import dataclasses
+
+    from fastvlm.export.wrappers import DecoderStep, export_friendly, plain_attention
+    from fastvlm.model.fastvlm import FastVLMModel
+    from fastvlm.model.qwen2 import Qwen2Attention, RMSNorm, sdpa_attention
+
+    cfg = tiny_config()
+    cfg.text = dataclasses.replace(cfg.text, num_attention_heads=4, num_key_value_heads=kv_heads)
+    model = randomize(FastVLMModel(cfg), seed=kv_heads).eval()
+    hooked = [m for m in model.modules() if isinstance(m, (RMSNorm, Qwen2Attention))]
+    classes = [type(m) for m in hooked]
+    step = DecoderStep(model)
+    d, n = cfg.text.hidden_size, cfg.text.num_hidden_layers
+    x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 0] = 0  # a padded row
+    pos = torch.arange(3, 8)[None].expand(2, 5)
+    hd = cfg.text.head_dim
+    past = [torch.randn(2, kv_heads, 3, hd) for _ in range(2 * n)]
+    with torch.no_grad():
+        want = step(x, mask, pos, *past)
+        with export_friendly(model):
+            assert [type(m) for m in hooked] == classes  # no class swap, no copied forward
+            attn = next(m for m in hooked if isinstance(m, Qwen2Attention))
+            assert attn.attention.func is plain_attention
+            assert attn.attention.keywords == {"rep": 4 // kv_heads}
+            got = step(x, mask, pos, *past)
+        after = step(x, mask, pos, *past)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(after, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all("attention" not in m.__dict__ and "normalize" not in m.__dict__ for m in hooked)
+    assert attn.attention is sdpa_attention
+
+
+def test_export_friendly_restores_a_custom_hook_even_on_error():
+    """A hook a user set on one layer survives an export (even a failed one)."""
+    from fastvlm.export.wrappers import export_friendly
+    from fastvlm.model.qwen2 import Qwen2Attention
+
+    model = make_tiny_model(seed=1)
+    attn = next(m for m in model.modules() if isinstance(m, Qwen2Attention))
+
+    def mine(q, k, v, mask):
+        raise AssertionError("not called")
+
+    attn.attention = mine
+    with pytest.raises(RuntimeError, match="boom"), export_friendly(model):
+        assert attn.attention is not mine
+        raise RuntimeError("boom")
+    assert attn.attention is mine
