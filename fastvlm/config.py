@@ -307,17 +307,26 @@ APPLE_VOCAB_ROWS = {"0.5b": 151936, "1.5b": 151936, "7b": 152064}
 TINY_VISION: dict[str, Any] = dict(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128))
 
 
-def shape(name: str, image_size: int = 1024, **text: Any) -> FastVLMConfig:
-    """The FastVLMConfig of a named shape ("0.5b", "1.5b", "7b", "tiny") at `image_size`;
-    `text` overrides TextConfig fields (e.g. `vocab_size=APPLE_VOCAB_ROWS["0.5b"]`)."""
+def shape(
+    name: str,
+    image_size: int = 1024,
+    *,
+    vision: dict[str, Any] | None = None,
+    chat_template: str = "hf",
+    **text: Any,
+) -> FastVLMConfig:
+    """The FastVLMConfig of a named shape ("0.5b", "1.5b", "7b", "tiny") at `image_size`.
+    `text` overrides TextConfig fields (e.g. `vocab_size=APPLE_VOCAB_ROWS["0.5b"]`), `vision`
+    VisionConfig fields (e.g. `vision=TINY_VISION` for a real decoder behind a toy tower)."""
     if name not in TEXT_SHAPES:
         raise ValueError(f"unknown shape {name!r}: choose from {sorted(TEXT_SHAPES)}")
     t = {**TEXT_SHAPES[name], **text}
     tiny = name == "tiny"
+    v = TINY_VISION if tiny and vision is None else vision or {}
     return FastVLMConfig(
-        vision=VisionConfig(image_size=image_size, **(TINY_VISION if tiny else {})),
+        vision=VisionConfig(image_size=image_size, **v),
         text=TextConfig(**t),
         image_token_id=t["vocab_size"] - 1 if tiny else QWEN2_IMAGE_TOKEN_ID,
         image_aspect_ratio="pad",
-        chat_template="hf",
+        chat_template=chat_template,
     )

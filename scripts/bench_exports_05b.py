@@ -70,16 +70,14 @@ def cmd_torch(a) -> dict:
 
 def litert_model(layers: int):
     """0.5B text shape (as `litertlm_shape_check.py`) with a small vision tower."""
-    from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig
+    from fastvlm.config import APPLE_VOCAB_ROWS, TINY_VISION, shape
     from fastvlm.model.fastvlm import FastVLMModel
 
-    vision = VisionConfig(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128), image_size=128)
-    text = TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                      num_hidden_layers=layers, num_attention_heads=14, num_key_value_heads=2,
-                      tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
-                      eos_token_id=151645)  # fmt: skip
+    cfg = shape("0.5b", 128, vision=TINY_VISION, chat_template="apple",
+                vocab_size=APPLE_VOCAB_ROWS["0.5b"], num_hidden_layers=layers,
+                eos_token_id=151645)  # fmt: skip
     torch.manual_seed(0)
-    model = FastVLMModel(FastVLMConfig(vision=vision, text=text, image_token_id=151646))
+    model = FastVLMModel(cfg)
     with torch.no_grad():  # non-trivial weights everywhere (default init leaves tiny scales)
         for name, w in model.named_parameters():
             scale = w[0].numel() ** 0.5 if w.ndim >= 2 else 10
