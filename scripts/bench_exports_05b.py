@@ -164,8 +164,12 @@ def cmd_run(a) -> dict:
     steps: dict[str, dict | None] = {}
     for p in a.presets.split(","):
         out = str(work / f"onnx-{p}")
-        steps[f"onnx-{p}-export"] = child(work, f"onnx-{p}-export", [
-            py, exp, "export", out, "--precision", p, "--no-parity", "--threads", "2"], log)
+        steps[f"onnx-{p}-export"] = child(
+            work,
+            f"onnx-{p}-export",
+            [py, exp, "export", out, "--precision", p, "--no-parity", "--threads", "2"],
+            log,
+        )
         steps[f"onnx-{p}-ort"] = child(work, f"onnx-{p}-ort", [
             py, exp, "bench", out, "--threads", str(a.threads), "--tokens", str(a.tokens),
             "--repeats", str(a.repeats)], log)  # fmt: skip
@@ -248,8 +252,10 @@ def versions(litert_python: str | None) -> dict:
         except md.PackageNotFoundError:
             v[name] = None
     if litert_python:
-        code = ("import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in "
-                "('litert-torch', 'ai-edge-litert', 'litert-lm-builder', 'litert-lm-api')}))")
+        code = (
+            "import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in "
+            "('litert-torch', 'ai-edge-litert', 'litert-lm-builder', 'litert-lm-api')}))"
+        )
         p = subprocess.run([litert_python, "-c", code], capture_output=True, text=True)
         v.update(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {})
     return v
