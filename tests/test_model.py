@@ -351,7 +351,6 @@ def test_cpu_batched_vision_when_every_stage_is_attention():
 
     from conftest import randomize, tiny_config
 
-
     cfg = dataclasses.replace(tiny_config().vision, token_mixers=("attention",) * 5, head_dim=8)
     tower = _cpu_tower(randomize(FastViTHD(cfg), seed=1).eval())
     assert tower.tail_start() == 0

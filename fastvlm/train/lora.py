@@ -161,9 +161,8 @@ def apply_lora(
         raise FastVLMError("this model already has LoRA layers; merge_lora() it first")
     names = select_linears(model, tuple(targets), include_projector, include_vision)
     if not names:
-        known = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in (nn.Linear, FastLinear)}
-        )
+        plain = (nn.Linear, FastLinear)
+        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in plain})
         raise FastVLMError(
             f"no Linear layer matches the LoRA targets {list(targets)}; choose from {known}"
         )

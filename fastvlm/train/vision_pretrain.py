@@ -87,8 +87,8 @@ def evaluate(tower, head, processor, device, n: int = 256, seed: int = 999) -> d
 def pretrain(a: argparse.Namespace) -> dict[str, float]:
     from tqdm import tqdm
 
-    from ..device import resolve_device
     from ..config import FastVLMConfig
+    from ..device import resolve_device
     from ..model.fastvlm import FastVLMModel
     from ..processing import Processor
     from .finetune import lr_at
