@@ -9,7 +9,9 @@ Two forms of the same network:
 Names follow Apple's `mci.py` so Apple checkpoints load by prefix stripping; the transformers
 (timm) names are handled by one rename table in `weights.py`.
 
-Input (B, 3, S, S) in [0, 1] → output (B, 3072, S/64, S/64) from `conv_exp`.
+Input (B, 3, S, S) in [0, 1] → output (B, 3072, S/64, S/64) from `conv_exp`. The forward is
+device-blind; how it runs on a CPU (channels_last, micro-batches) is `fastvlm/device.py`'s
+`CPUFastViTHD`, which splits it with `tail_start()` / `run_stages()`.
 """
 
 from __future__ import annotations
