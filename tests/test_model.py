@@ -419,3 +419,31 @@ def test_export_friendly_restores_a_custom_hook_even_on_error():
         assert attn.attention is not mine
         raise RuntimeError("boom")
     assert attn.attention is mine
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_prepare_for_device_keeps_decode_logits(seed):
+    """The CPU plan swaps the decoder's Linears for the fast kernels (when they build) and keeps
+    the logits of a prefill + one decode step, with tied weights still tied."""
+    from fastvlm import kernels
+    from fastvlm.device import prepare_for_device
+    from fastvlm.engine.kv_cache import KVCache
+
+    model = make_tiny_model(seed=seed)
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(seed))
+
+    def logits():
+        cache = KVCache.for_model(model, 1, 16)
+        with torch.no_grad():
+            a = model(ids, positions=torch.arange(7)[None], cache=cache)
+            b = model(ids[:, -1:], positions=torch.tensor([[7]]), cache=cache)
+        return torch.cat([a[:, -1], b[:, -1]])
+
+    want = logits()
+    prepare_for_device(model, "cpu")
+    if kernels.available():
+        assert type(model.lm_head) is kernels.FastLinear
+        assert type(model.language_model.layers[0].mlp.down_proj) is kernels.FastLinear
+    if model.config.text.tie_word_embeddings:
+        assert model.lm_head.weight is model.language_model.embed_tokens.weight
+    torch.testing.assert_close(logits(), want, rtol=1e-4, atol=1e-4)
