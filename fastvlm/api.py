@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from . import hub
-from .engine.allocator import tune_malloc
+from .device import prepare_for_device, resolve_device, resolve_dtype
 from .engine.engine import Engine
 from .engine.generate import Chunk, Stats, generate_step, stream_generate
 from .engine.request import stream_text
@@ -35,51 +34,6 @@ from .images import ImageInput
 from .processing import Processor
 from .tokenization import STOP_TOKENS, load_tokenizer
 from .weights import load_config, load_model
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available")
-    if dev.type == "mps" and not (torch.backends.mps.is_available()):
-        raise ValueError("device='mps' was asked for but MPS is not available")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        out = dtype
-    elif dtype in (None, "auto"):
-        out = {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
-    elif str(dtype).lower() in DTYPES:
-        out = DTYPES[str(dtype).lower()]
-    else:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    if device.type == "cpu" and out != torch.float32:
-        warnings.warn(
-            f"{out} on CPU is very slow on most CPUs (no native bf16/fp16 matmul); "
-            "float32 is recommended",
-            stacklevel=3,
-        )
-    return out
-
 
 SAMPLING_KEYS = {f for f in SamplingParams.__slots__}
 ENGINES = ("fast", "reference")
@@ -376,12 +330,9 @@ def load(
         return vlm
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if dev.type == "cpu":
-        tune_malloc()  # big activations: reuse heap memory instead of mmap + page faults
     cfg = load_config(folder, image_size)
     net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
-    if dev.type == "cpu":
-        net.vision_tower.use_channels_last()
+    prepare_for_device(net, dev)
     tok = load_tokenizer(folder)
     proc = Processor(net.config, tok)
     return FastVLM(net, proc, tok, folder, engine=engine, engine_options=engine_options)
