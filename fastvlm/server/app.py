@@ -138,6 +138,15 @@ def _strict_json_route():
     return StrictJSONRoute, BodyError
 
 
+def log_ready(svc: ChatService) -> None:
+    card = svc.model_card()
+    log.info(
+        "model %s loaded on %s (device %s, dtype %s); requests %s; ready",
+        card["id"], card["backend"], card["device"], card["dtype"],
+        "serialised (one at a time)" if card["requests_serialized"] else "batched concurrently",
+    )  # fmt: skip
+
+
 def create_app(cfg: ServerConfig | None = None, vlm=None):
     """The ASGI app. `vlm` = an already loaded FastVLM (tests); otherwise loaded at start-up."""
     from fastapi import FastAPI, Request
@@ -176,7 +185,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
                 engine_options={"slots": cfg.slots} if cfg.slots else None,
             )
             state["service"] = make_service(model)
-            log.info("model %s loaded; ready", cfg.model_name)
+            log_ready(state["service"])
         except Exception as e:  # reported by /health and every request, logged as one line
             state["error"] = load_error_message(e)
             log.error("model failed to load: %s", state["error"])
@@ -188,6 +197,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
         task = None
         if vlm is not None:
             state["service"] = make_service(vlm)
+            log_ready(state["service"])
         else:
             task = asyncio.create_task(load())
         yield
@@ -270,7 +280,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models():
         service()
-        return {"object": "list", "data": [{"id": cfg.model_name, "created": 0}]}
+        return {"object": "list", "data": [service().model_card()]}
 
     @app.post(
         "/v1/chat/completions",
