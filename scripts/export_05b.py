@@ -85,9 +85,9 @@ def cmd_export(a) -> dict:
 
 
 def cmd_bench(a) -> dict:
-    from fastvlm.export.ort_backend import load_onnx
+    import fastvlm
 
-    vlm = load_onnx(a.out, intra_op_threads=a.threads)
+    vlm = fastvlm.load(a.out, backend="onnxruntime", backend_options={"intra_op_threads": a.threads})
     cfg = vlm.config
     g = torch.Generator().manual_seed(0)
     s = cfg.vision.image_size
