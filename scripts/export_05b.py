@@ -101,7 +101,7 @@ def cmd_bench(a) -> dict:
     st = sorted(runs, key=lambda r: r.decode_tps)[len(runs) // 2]  # the median-decode run
     return {
         "out": str(a.out),
-        "precision": vlm.precision,
+        "precision": vlm.backend.precision,
         "threads": a.threads,
         "prompt_tokens": st.prompt_tokens,
         "generation_tokens": st.generation_tokens,

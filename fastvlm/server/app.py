@@ -138,8 +138,22 @@ def _strict_json_route():
     return StrictJSONRoute, BodyError
 
 
+def model_card(svc: ChatService) -> dict[str, Any]:
+    """`/v1/models` entry: the served name plus what serves it."""
+    be = svc.vlm.backend
+    return {
+        "id": svc.model_name,
+        "created": 0,
+        "backend": be.name,
+        "device": str(be.device),
+        "dtype": str(be.dtype),
+        "requests_serialized": svc.gen_lock is not None,
+        "max_model_len": svc.context_len,
+    }
+
+
 def log_ready(svc: ChatService) -> None:
-    card = svc.model_card()
+    card = model_card(svc)
     log.info(
         "model %s loaded on %s (device %s, dtype %s); requests %s; ready",
         card["id"], card["backend"], card["device"], card["dtype"],
@@ -280,7 +294,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models():
         service()
-        return {"object": "list", "data": [service().model_card()]}
+        return {"object": "list", "data": [model_card(service())]}
 
     @app.post(
         "/v1/chat/completions",

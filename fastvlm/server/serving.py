@@ -120,19 +120,6 @@ class ChatService:
     def _release(self) -> None:
         self.admitted -= 1
 
-    def model_card(self) -> dict[str, Any]:
-        """`/v1/models` entry: the served name plus what serves it."""
-        be = self.vlm.backend
-        return {
-            "id": self.model_name,
-            "created": 0,
-            "backend": be.name,
-            "device": str(be.device),
-            "dtype": str(be.dtype),
-            "requests_serialized": self.gen_lock is not None,
-            "max_model_len": self.context_len,
-        }
-
     def cancel_all(self) -> None:
         for r in list(self.runs):
             r.cancel()
