@@ -87,7 +87,8 @@ def cmd_export(a) -> dict:
 def cmd_bench(a) -> dict:
     import fastvlm
 
-    vlm = fastvlm.load(a.out, backend="onnxruntime", backend_options={"intra_op_threads": a.threads})
+    opts = {"intra_op_threads": a.threads}
+    vlm = fastvlm.load(a.out, backend="onnxruntime", backend_options=opts)
     cfg = vlm.config
     g = torch.Generator().manual_seed(0)
     s = cfg.vision.image_size

@@ -181,6 +181,9 @@ def test_fake_backend_conforms_and_runs_the_whole_api(fake_registry):
         vlm.model
     ids, px = vlm.encode(msgs)
     assert vlm.generate_ids(ids, px, max_tokens=16) == [*be._reply, be.eos_ids[0]]
+    gen = vlm.submit(ids, px, tokens_per_image=None, max_tokens=3)
+    assert "".join(c.text for c in vlm.text_chunks(gen)) == vlm.tokenizer.decode(be._reply[:3])
+    assert gen.finish_reason == "stop" and be.calls[-1]["max_tokens"] == 3
 
 
 def test_unknown_backend_lists_every_registered_choice(fake_registry):
