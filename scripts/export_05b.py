@@ -71,9 +71,10 @@ def cmd_export(a) -> dict:
 
 
 def cmd_bench(a) -> dict:
-    from fastvlm.export.ort_backend import load_onnx
+    import fastvlm
 
-    vlm = load_onnx(a.out, intra_op_threads=a.threads)
+    opts = {"intra_op_threads": a.threads}
+    vlm = fastvlm.load(a.out, backend="onnxruntime", backend_options=opts)
     cfg = vlm.config
     g = torch.Generator().manual_seed(0)
     s = cfg.vision.image_size
@@ -87,7 +88,7 @@ def cmd_bench(a) -> dict:
     st = sorted(runs, key=lambda r: r.decode_tps)[len(runs) // 2]  # the median-decode run
     return {
         "out": str(a.out),
-        "precision": vlm.precision,
+        "precision": vlm.backend.precision,
         "threads": a.threads,
         "prompt_tokens": st.prompt_tokens,
         "generation_tokens": st.generation_tokens,

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"shape {a.shape} (random weights)"
     else:
         vlm = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None)
-        if getattr(vlm, "backend", "torch") != "torch":  # bench loads the torch weights itself
+        if vlm.backend.name != "torch":  # bench loads the torch weights itself
             raise ConfigError(
                 f"{vlm.path} is an ONNX export: `fastvlm bench` measures a PyTorch checkpoint "
                 "(give the source model; --backend onnxruntime exports and times ONNX itself)"

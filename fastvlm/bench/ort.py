@@ -18,7 +18,7 @@ def bench_onnxruntime(model, processor, args, quant: str, bandwidth: float) -> d
     from ..engine.generate import Stats
     from ..engine.sampling import SamplingParams
     from ..export.onnx import export_onnx
-    from ..export.ort_backend import OrtModel, ort_generate_step
+    from ..backends.ort import OrtModel, ort_generate_step
 
     llm = {"fp32": "fp32", "none": "fp32", "float32": "fp32"}.get(quant, quant)
     out: dict[str, Any] = {"name": f"onnxruntime {llm}"}

@@ -138,6 +138,29 @@ def _strict_json_route():
     return StrictJSONRoute, BodyError
 
 
+def model_card(svc: ChatService) -> dict[str, Any]:
+    """`/v1/models` entry: the served name plus what serves it."""
+    be = svc.vlm.backend
+    return {
+        "id": svc.model_name,
+        "created": 0,
+        "backend": be.name,
+        "device": str(be.device),
+        "dtype": str(be.dtype),
+        "requests_serialized": svc.gen_lock is not None,
+        "max_model_len": svc.context_len,
+    }
+
+
+def log_ready(svc: ChatService) -> None:
+    card = model_card(svc)
+    log.info(
+        "model %s loaded on %s (device %s, dtype %s); requests %s; ready",
+        card["id"], card["backend"], card["device"], card["dtype"],
+        "serialised (one at a time)" if card["requests_serialized"] else "batched concurrently",
+    )  # fmt: skip
+
+
 def create_app(cfg: ServerConfig | None = None, vlm=None):
     """The ASGI app. `vlm` = an already loaded FastVLM (tests); otherwise loaded at start-up."""
     from fastapi import FastAPI, Request
@@ -176,7 +199,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
                 engine_options={"slots": cfg.slots} if cfg.slots else None,
             )
             state["service"] = make_service(model)
-            log.info("model %s loaded; ready", cfg.model_name)
+            log_ready(state["service"])
         except Exception as e:  # reported by /health and every request, logged as one line
             state["error"] = load_error_message(e)
             log.error("model failed to load: %s", state["error"])
@@ -188,6 +211,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
         task = None
         if vlm is not None:
             state["service"] = make_service(vlm)
+            log_ready(state["service"])
         else:
             task = asyncio.create_task(load())
         yield
@@ -270,7 +294,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models():
         service()
-        return {"object": "list", "data": [{"id": cfg.model_name, "created": 0}]}
+        return {"object": "list", "data": [model_card(service())]}
 
     @app.post(
         "/v1/chat/completions",
