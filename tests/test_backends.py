@@ -75,6 +75,8 @@ class FakeGeneration:
                     return
                 time.sleep(self._delay)
                 self.stats.generation_tokens = i + 1
+                if tok == self._eos:  # as the engine: the reason is set before EOS is seen
+                    self.finish_reason = "stop"
                 yield tok
             self.finish_reason = "stop"
         finally:
@@ -315,6 +317,16 @@ def test_step_generation_finish_reasons():
     next(it)
     it.close()  # the consumer went away
     assert g.finish_reason == "cancelled"
+    # a consumer that stops reading at EOS (as text_chunks does) still sees "stop"
+    for closer in ("close", "drop"):
+        g = StepGeneration(tokens([5, 2, 9]), {2})
+        it = iter(g)
+        assert [next(it), next(it)] == [5, 2]
+        if closer == "close":
+            it.close()
+        else:
+            del it
+        assert g.finish_reason == "stop"
 
 
 @needs_ort

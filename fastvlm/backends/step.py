@@ -30,12 +30,14 @@ class StepGeneration:
         last = None
         try:
             for last in self._tokens:
+                if last in self._eos:  # a consumer stops reading at EOS: say why first
+                    self.finish_reason = "stop"
                 yield last
                 if self._cancelled:
                     self.finish_reason = "cancelled"
                     return
         except GeneratorExit:  # the consumer stopped reading
-            self.finish_reason = "cancelled"
+            self.finish_reason = self.finish_reason or "cancelled"
             raise
         except BaseException:
             self.finish_reason = "error"
