@@ -367,9 +367,6 @@ def test_python_m_fastvlm_and_the_console_script_entry_point():
 
     assert getattr(importlib.import_module(mod), func) is main
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "fastvlm", "--version"], capture_output=True,
-                       text=True, env=env, timeout=120)  # fmt: skip
-    assert r.returncode == 0 and r.stdout.startswith("fastvlm "), r.stderr
     r = subprocess.run([sys.executable, "-m", "fastvlm", "describe", "-h"], capture_output=True,
                        text=True, env=env, timeout=120)  # fmt: skip
     assert r.returncode == 0 and "--backend" in r.stdout and "FASTVLM_BACKEND" in r.stdout
