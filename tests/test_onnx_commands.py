@@ -190,7 +190,7 @@ def test_serve_app_on_onnx_export(exports, demo):
 # ---------------------------------------------------------------------- pooling, numerically
 @pytest.mark.parametrize("k", [1, 4, 9, 16])
 def test_onnx_pooling_matches_torch(exports, demo, k):
-    from fastvlm.export.ort_backend import OrtModel
+    from fastvlm.backends.ort import OrtModel
 
     ort = OrtModel(exports["quality"], intra_op_threads=1)
     px = torch.stack([demo.preprocess(str(p))[0] for p in EXAMPLES[:2]])

@@ -13,11 +13,12 @@ import os
 from typing import Any
 
 from ..api import load
+from ..backends import BACKENDS as RUNTIMES
 from ..errors import ConfigError
 from ..options import check_media
 from ..video import is_video
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", *RUNTIMES)  # the registry's runtimes: a new backend gets the flag too
 BACKEND_ENV = "FASTVLM_BACKEND"
 
 
@@ -64,7 +65,7 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
         default=default_backend(),
         type=str.lower,
         help="auto (an ONNX export folder runs on ONNX Runtime, anything else on PyTorch) | "
-        f"torch | onnxruntime (default: ${BACKEND_ENV} or auto)",
+        f"{' | '.join(RUNTIMES)} (default: ${BACKEND_ENV} or auto)",
     )
 
 

@@ -61,7 +61,7 @@ class ServerConfig:
     image_size: int | None = None
     trust_pickle: bool = False
     engine: str = "fast"  # "fast" = continuous batching, "reference" = the slow oracle decoder
-    backend: str = "auto"  # "auto" | "torch" | "onnxruntime" (fastvlm.load's backend)
+    backend: str = "auto"  # fastvlm.load's backend: auto or a name in backends.BACKENDS
     slots: int | None = None  # requests the engine decodes together (None: its default)
     served_model_name: str | None = None
     host: str = "127.0.0.1"
@@ -140,6 +140,29 @@ def _strict_json_route():
     return StrictJSONRoute, BodyError
 
 
+def model_card(svc: ChatService) -> dict[str, Any]:
+    """`/v1/models` entry: the served name plus what serves it."""
+    be = svc.vlm.backend
+    return {
+        "id": svc.model_name,
+        "created": 0,
+        "backend": be.name,
+        "device": str(be.device),
+        "dtype": str(be.dtype),
+        "requests_serialized": svc.gen_lock is not None,
+        "max_model_len": svc.context_len,
+    }
+
+
+def log_ready(svc: ChatService) -> None:
+    card = model_card(svc)
+    log.info(
+        "model %s loaded on %s (device %s, dtype %s); requests %s; ready",
+        card["id"], card["backend"], card["device"], card["dtype"],
+        "serialised (one at a time)" if card["requests_serialized"] else "batched concurrently",
+    )  # fmt: skip
+
+
 def create_app(cfg: ServerConfig | None = None, vlm=None):
     """The ASGI app. `vlm` = an already loaded FastVLM (tests); otherwise loaded at start-up."""
     from fastapi import FastAPI, Request
@@ -179,7 +202,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
                 backend=cfg.backend,
             )
             state["service"] = make_service(model)
-            log.info("model %s loaded; ready", cfg.model_name)
+            log_ready(state["service"])
         except Exception as e:  # reported by /health and every request, logged as one line
             state["error"] = load_error_message(e)
             log.error("model failed to load: %s", state["error"])
@@ -191,6 +214,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
         task = None
         if vlm is not None:
             state["service"] = make_service(vlm)
+            log_ready(state["service"])
         else:
             task = asyncio.create_task(load())
         yield
@@ -273,7 +297,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models():
         service()
-        return {"object": "list", "data": [{"id": cfg.model_name, "created": 0}]}
+        return {"object": "list", "data": [model_card(service())]}
 
     @app.post(
         "/v1/chat/completions",
