@@ -51,7 +51,7 @@ def onnx_dir(tmp_path):
         (dict(apple=True, mlx=True, mps=True), "auto", "mps", Route("torch", "mps")),
         # explicit choices
         (dict(apple=True, mlx=True, mps=True), "torch", None, Route("torch", "mps")),
-        (dict(cuda=True), "pytorch", "cuda:1", Route("torch", "cuda:1")),
+        (dict(cuda=True), "torch", "cuda:1", Route("torch", "cuda:1")),
         (dict(mlx=True), "mlx", None, Route("mlx", "cpu")),
         (dict(apple=True, mlx=True), "MLX", None, Route("mlx", "gpu")),
         (dict(apple=True, mlx=True), "mlx", "cpu", Route("mlx", "cpu")),
@@ -65,7 +65,7 @@ def test_routing_table(platform, probes, requested, device, expected, tmp_path):
 def test_onnx_export_routes_to_onnxruntime(platform, onnx_dir):
     platform(apple=True, mlx=True, cuda=True)
     assert choose_backend("auto", onnx_dir) == Route("onnxruntime", "cpu")
-    assert choose_backend("ort", onnx_dir).backend == "onnxruntime"
+    assert choose_backend("onnxruntime", onnx_dir).backend == "onnxruntime"
     for name in ("torch", "mlx"):
         with pytest.raises(ConfigError, match="ONNX export"):
             choose_backend(name, onnx_dir)
@@ -93,7 +93,7 @@ def test_env_default_and_argument_precedence(platform, monkeypatch, tmp_path):
         choose_backend(None, tmp_path)
 
 
-@pytest.mark.parametrize("bad", ["cuda", "tpu", "mlx-vlm", "0"])
+@pytest.mark.parametrize("bad", ["cuda", "tpu", "mlx-vlm", "0", "ort", "pytorch"])
 def test_unknown_backend_names(platform, bad):
     platform()
     with pytest.raises(ConfigError, match="unknown backend"):

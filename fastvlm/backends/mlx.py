@@ -27,8 +27,11 @@ from ..config import FastVLMConfig
 from ..engine.generate import Stats, decode_loop
 from ..engine.sampling import SamplingParams, make_generator
 from ..errors import ConfigError
+from ..mlx_format import MLX_INSTALL
 from ..model.fastvlm import check_tokens_per_image
-from .mlx_load import describe_dtype, load_mlx_model
+from ..tokenization import generation_limits
+from .mlx_load import UNSUPPORTED, describe_dtype, load_mlx_model
+from .step import StepGeneration
 
 PREFILL_CHUNK = 2048  # prompt tokens per prefill forward (bounds the attention activations)
 
@@ -41,41 +44,6 @@ def pool_matrix(size: int, out: int) -> np.ndarray:
         a, b = (i * size) // out, -((-(i + 1) * size) // out)
         m[i, a:b] = 1.0 / (b - a)
     return m
-
-
-class MlxGeneration:
-    """One request; tokens are computed as the caller iterates (batch 1, serialised)."""
-
-    def __init__(self, tokens: Iterator[int], stats: Stats, eos: set[int], max_tokens: int):
-        self.stats = stats
-        self.finish_reason: str | None = None
-        self._tokens, self._eos, self._max = tokens, eos, max_tokens
-        self._cancel = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    def __iter__(self) -> Iterator[int]:
-        n = 0
-        try:
-            for tok in self._tokens:
-                if self._cancel.is_set():
-                    self.finish_reason = "cancelled"
-                    return
-                n += 1
-                yield tok
-                if tok in self._eos:
-                    self.finish_reason = "stop"
-                    return
-                if self._cancel.is_set():
-                    self.finish_reason = "cancelled"
-                    return
-            self.finish_reason = "length" if n >= self._max else "stop"
-        except BaseException:
-            self.finish_reason = "error"
-            raise
-        finally:
-            self._tokens.close()
 
 
 class MlxBackend:
@@ -105,7 +73,7 @@ class MlxBackend:
         self._mx = mx
         self._pools: dict[tuple[int, int], Any] = {}
         if device not in (None, "auto", "cpu", "gpu"):
-            raise ConfigError(f"the mlx backend runs on 'gpu' or 'cpu', not device {device!r}")
+            raise ConfigError(f"{UNSUPPORTED}device {device!r} (use auto, gpu or cpu)")
         self._device = mx.default_device() if device in (None, "auto") else getattr(mx, device)
 
     @classmethod
@@ -117,8 +85,12 @@ class MlxBackend:
         device: str | None = None,
         eos_ids: list[int] | None = None,
         vocab_limit: int | None = None,
+        image_size: int | None = None,
+        trust_pickle: bool = False,
     ) -> MlxBackend:
-        model, cfg = load_mlx_model(Path(folder), dtype)
+        model, cfg = load_mlx_model(
+            Path(folder), dtype, image_size=image_size, trust_pickle=trust_pickle
+        )
         return cls(
             model, cfg, eos_ids=eos_ids, vocab_limit=vocab_limit, source=str(folder), device=device
         )
@@ -144,7 +116,7 @@ class MlxBackend:
         import mlx_vlm
 
         return {
-            "name": self.name,
+            "backend": self.name,
             "device": self.device,
             "dtype": self.dtype,
             "batches_concurrently": False,
@@ -246,7 +218,7 @@ class MlxBackend:
         params: SamplingParams,
         *,
         tokens_per_image: int | None = None,
-    ) -> MlxGeneration:
+    ) -> StepGeneration:
         if self.model is None:
             raise RuntimeError("this mlx backend was closed")
         params.validate()
@@ -265,13 +237,13 @@ class MlxBackend:
             raise ValueError(
                 f"{n_slots} image placeholder tokens but {n_images} image(s) x {k} tokens each"
             )
-        stats = Stats(
-            prompt_tokens=len(ids),
-            image_tokens=n_slots,
-        )
         eos = set() if params.ignore_eos else set(self.eos_ids)
-        tokens = self._run(ids, pixels, params, tokens_per_image, stats, eos)
-        return MlxGeneration(tokens, stats, eos, params.max_tokens)
+
+        def start(stats: Stats) -> Iterator[int]:
+            stats.prompt_tokens, stats.image_tokens = len(ids), n_slots
+            return self._run(ids, pixels, params, tokens_per_image, stats, eos)
+
+        return StepGeneration(start, eos)
 
     def _run(self, ids, pixels, params, tokens_per_image, stats, eos) -> Iterator[int]:
         from mlx_vlm.models.cache import make_prompt_cache
@@ -294,3 +266,46 @@ class MlxBackend:
             logits, step, seen, params, gen, eos, self.vocab_limit,
             self.config.image_token_id, stats, t0,
         )  # fmt: skip
+
+
+def open_mlx(
+    folder: Path,
+    *,
+    tokenizer=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_pickle: bool = False,
+    image_size: int | None = None,
+    engine: str = "fast",
+    engine_options: dict[str, Any] | None = None,
+) -> MlxBackend:
+    """A checkpoint folder (any format) on MLX. `dtype="auto"` keeps the stored precision on
+    the GPU and computes float32 on MLX's CPU build (low-precision CPU matmuls are slow), as the
+    torch backend does on CPU. The engine options have no MLX counterpart and are refused."""
+    try:
+        import mlx.core as mx
+    except ImportError as e:
+        raise ConfigError(f"the mlx backend needs mlx and mlx-vlm ({e}): {MLX_INSTALL}") from e
+
+    dev = str(device)
+    if dev not in ("auto", "gpu", "cpu"):
+        raise ConfigError(f"{UNSUPPORTED}device {dev!r} (use auto, gpu or cpu)")
+    if engine not in ("fast", "reference"):
+        raise ValueError(f"engine must be fast or reference, got {engine!r}")
+    if engine_options:
+        raise ConfigError(
+            f"{UNSUPPORTED}engine options {sorted(engine_options)} (it runs one request at a "
+            "time: no slots, compile, vision cache or prefix reuse)"
+        )
+    on = "cpu" if dev == "cpu" or mx.default_device().type.name == "cpu" else "gpu"
+    dt = str(dtype).removeprefix("torch.")
+    if dt == "auto" and on == "cpu":
+        dt = "float32"
+    model, cfg = load_mlx_model(
+        Path(folder), None if dt == "auto" else dt, image_size=image_size,
+        trust_pickle=trust_pickle,
+    )  # fmt: skip
+    eos_ids, vocab_limit = generation_limits(cfg.text.eos_token_id, tokenizer)
+    return MlxBackend(
+        model, cfg, eos_ids=eos_ids, vocab_limit=vocab_limit, source=str(folder), device=on
+    )

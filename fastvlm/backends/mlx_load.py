@@ -115,15 +115,16 @@ def _fingerprint(folder: Path, files: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
-def mlx_folder(folder: Path) -> Path:
+def mlx_folder(folder: Path, trust_pickle: bool = False) -> Path:
     """`folder` itself when mlx-vlm reads it (MLX layout or Apple), else its cached conversion."""
     folder = Path(folder)
-    files = weight_files(folder)
+    files = weight_files(folder, trust_pickle)
     cfg = load_config(folder)
     check_supported(cfg)
     keys = peek_keys_and_shapes(files)
     check_not_app_bundle(folder, keys)
-    if cfg.format == "apple" or is_mlx_layout(keys):
+    pickled = any(f.suffix != ".safetensors" for f in files)
+    if (cfg.format == "apple" and not pickled) or is_mlx_layout(keys):
         return folder
     dst = cache_root() / _fingerprint(folder, files)
     if (dst / "config.json").exists():
@@ -132,7 +133,7 @@ def mlx_folder(folder: Path) -> Path:
     # Convert beside the final place and rename: a concurrent or killed load never sees half.
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dst.parent))
     try:
-        convert_checkpoint(folder, tmp / "m", "mlx")
+        convert_checkpoint(folder, tmp / "m", "mlx", trust_pickle=trust_pickle)
         os.replace(tmp / "m", dst)
     except OSError:
         if not (dst / "config.json").exists():
@@ -142,7 +143,10 @@ def mlx_folder(folder: Path) -> Path:
     return dst
 
 
-def load_mlx_model(folder: Path, dtype: str | None = None):
+def load_mlx_model(
+    folder: Path, dtype: str | None = None, *, image_size: int | None = None,
+    trust_pickle: bool = False,
+):  # fmt: skip
     """(mlx-vlm FastVLM `Model`, our `FastVLMConfig`) for a checkpoint folder of any format."""
     try:
         import mlx.core as mx
@@ -151,8 +155,8 @@ def load_mlx_model(folder: Path, dtype: str | None = None):
     except ImportError as e:
         raise ConfigError(f"the mlx backend needs mlx and mlx-vlm ({e}): {MLX_INSTALL}") from e
 
-    src = mlx_folder(Path(folder))
-    cfg = load_config(src)
+    src = mlx_folder(Path(folder), trust_pickle)
+    cfg = load_config(src, image_size)
     config = read_config(src)
     weights: dict = {}
     for f in weight_files(src):

@@ -21,7 +21,6 @@ from typing import NamedTuple
 from ..errors import ConfigError
 
 BACKENDS = ("torch", "onnxruntime", "mlx")
-ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "pytorch": "torch"}
 ENV = "FASTVLM_BACKEND"
 INSTALL = {
     "mlx": 'pip install "fastvlm[mlx]" (mlx + mlx-vlm)',
@@ -72,7 +71,7 @@ def is_onnx_export(folder: str | Path | None) -> bool:
 def normalize(requested: str | None) -> str:
     """'auto' | a backend name, from the argument or $FASTVLM_BACKEND."""
     name = requested if requested not in (None, "") else os.environ.get(ENV) or "auto"
-    name = ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    name = str(name).strip().lower()
     if name != "auto" and name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}: choose auto, {', '.join(BACKENDS)}")
     return name
