@@ -274,7 +274,7 @@ def load(
     download: bool = True,
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
-    backend: str = "auto",
+    backend: str | None = None,
     backend_options: dict[str, Any] | None = None,
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
@@ -284,8 +284,9 @@ def load(
     `engine="reference"` uses the slow reference decoder; `engine_options` go to `Engine`
     (slots, max_len, vision_cache_size, prefix_reuse, compile).
     `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
-    anything else on PyTorch), or a name of `fastvlm.backends.BACKENDS` ("torch",
-    "onnxruntime"); `backend_options` go to that backend's opener (e.g. intra_op_threads).
+    Apple silicon with mlx + mlx-vlm installed runs on MLX, anything else on PyTorch), or a name
+    of `fastvlm.backends.BACKENDS` ("torch", "onnxruntime", "mlx"); None (default) reads
+    $FASTVLM_BACKEND, else auto. `backend_options` go to that backend's opener.
     """
     folder = hub.resolve(model, download=download)
     tok = load_tokenizer(folder)

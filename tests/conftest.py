@@ -74,6 +74,17 @@ def random_pixels(seed: int) -> torch.Tensor:
     return torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlx_cache(tmp_path_factory):
+    """The mlx backend's converted folders go to a session temp dir, never ~/.cache (child
+    processes such as `fastvlm serve` inherit it)."""
+    import os
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTVLM_MLX_CACHE", str(tmp_path_factory.mktemp("mlx-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from fastvlm.train.tokenizer_build import build_tokenizer

@@ -190,7 +190,7 @@ def test_fake_backend_conforms_and_runs_the_whole_api(fake_registry):
 
 def test_unknown_backend_lists_every_registered_choice(fake_registry):
     for bad in ("onnx", "Torch", "", "mlx-gpu"):
-        with pytest.raises(ConfigError, match="use auto, fake, onnxruntime, torch"):
+        with pytest.raises(ConfigError, match="use auto, fake, mlx, onnxruntime, torch"):
             fastvlm.load(None, backend=bad)
 
 

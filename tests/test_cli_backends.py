@@ -27,7 +27,8 @@ from fastvlm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = sorted((ROOT / "examples").glob("shapes*.png"))[:2]
-BACKENDS = ["torch", "onnxruntime"]
+# mlx: mlx-vlm's network on MLX's CPU build here (the test extra installs it)
+BACKENDS = ["torch", "onnxruntime"] + (["mlx"] if has_module("mlx_vlm") else [])
 TOKENS = 8
 pytestmark = pytest.mark.skipif(
     not (has_module("onnx") and has_module("onnxruntime")), reason="onnx/onnxruntime missing"
@@ -37,7 +38,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def models(demo_onnx_export):
     """backend → the model folder it runs: the demo checkpoint, or its ONNX export."""
-    return {"torch": str(hub.resolve(None)), "onnxruntime": str(demo_onnx_export("quality"))}
+    demo = str(hub.resolve(None))
+    return {"torch": demo, "onnxruntime": str(demo_onnx_export("quality")), "mlx": demo}
 
 
 @pytest.fixture(scope="module")

@@ -74,12 +74,6 @@ def test_onnx_export_routes_to_onnxruntime(platform, onnx_dir):
         choose_backend("auto", onnx_dir)
 
 
-def test_onnxruntime_on_a_checkpoint_folder_is_explained(platform, tmp_path):
-    platform()
-    with pytest.raises(ConfigError, match="checkpoint folder"):
-        choose_backend("onnxruntime", tmp_path)
-
-
 def test_env_default_and_argument_precedence(platform, monkeypatch, tmp_path):
     platform(apple=True, mlx=True)
     monkeypatch.setenv(routing.ENV, "torch")

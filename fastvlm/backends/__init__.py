@@ -8,6 +8,7 @@ plus one line in `BACKENDS`; heavy dependencies are imported inside its opener.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,16 @@ def refuse_foreign_export(folder: Path) -> None:
 
 def choose_backend(folder: Path, backend: str | None = "auto", device: Any = "auto") -> str:
     """The registry name `open_backend` uses for `folder` (routing.py has the table): "auto" →
-    an export folder (it has fastvlm_export.json) runs on ONNX Runtime; Apple silicon with mlx +
-    mlx-vlm → mlx; else PyTorch. None → $FASTVLM_BACKEND or auto. Names outside the registry
-    (a test's fake runtime included) are taken as they are."""
+    an export folder (it has fastvlm_export.json) runs on ONNX Runtime, Apple silicon with mlx
+    + mlx-vlm on mlx, anything else on PyTorch. None → $FASTVLM_BACKEND, else auto."""
+    if backend is None:
+        backend = os.environ.get(routing.ENV, "").strip() or "auto"
+    if backend != "auto" and backend not in BACKENDS:
+        raise ConfigError(
+            f"unknown backend {backend!r}: use auto, {', '.join(sorted(BACKENDS))}"
+        )
     refuse_foreign_export(folder)
-    if backend in BACKENDS and backend not in routing.BACKENDS:  # registered at run time
+    if backend not in routing.BACKENDS and backend != "auto":  # registered at run time
         return backend
     dev = None if device in (None, "auto") else str(device)
     return routing.choose_backend(backend, folder, dev).backend

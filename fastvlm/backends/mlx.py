@@ -74,7 +74,9 @@ class MlxBackend:
         self._pools: dict[tuple[int, int], Any] = {}
         if device not in (None, "auto", "cpu", "gpu"):
             raise ConfigError(f"{UNSUPPORTED}device {device!r} (use auto, gpu or cpu)")
-        self._device = mx.default_device() if device in (None, "auto") else getattr(mx, device)
+        self._device = (
+            mx.default_device() if device in (None, "auto") else mx.Device(getattr(mx, device))
+        )
 
     @classmethod
     def from_folder(

@@ -122,11 +122,6 @@ def choose_backend(
         raise ConfigError(
             f"{folder} is an ONNX export: it runs on backend 'onnxruntime', not {name!r}"
         )
-    if name == "onnxruntime" and folder is not None and Path(folder).is_dir() and not onnx:
-        raise ConfigError(
-            f"backend 'onnxruntime' runs ONNX exports (fastvlm export onnx); {folder} is a "
-            "checkpoint folder: use backend 'torch' or 'mlx', or export it first"
-        )
     if name == "torch":
         return Route("torch", _torch_device(device))
     if name == "mlx":

@@ -87,10 +87,11 @@ def run(a: argparse.Namespace) -> int:
             print(flush=True)
         if a.verbose and last is not None:
             s = last.stats
+            be = vlm.backend  # which runtime `auto` chose, where, at what precision
             print(
                 f"[{s.prompt_tokens} prompt tokens ({s.image_tokens} image), "
                 f"{s.generation_tokens} generated, TTFT {s.ttft_s:.2f}s, "
-                f"{s.decode_tps:.1f} tok/s]",
+                f"{s.decode_tps:.1f} tok/s; backend {be.name} on {be.device}, {be.dtype}]",
                 file=sys.stderr,
             )
     return 1 if failures else 0
