@@ -324,3 +324,57 @@ def test_converted_folder_is_cached_and_refreshed(tmp_path, mlx_cache):
     assert np.abs(torch_logits(m2, ids, None) - mlx_logits(b, ids, None)).max() <= TOL
     assert not [p for p in mlx_cache.iterdir() if p.name.startswith(".tmp")]
     assert os.environ["FASTVLM_MLX_CACHE"] == str(mlx_cache)
+
+
+# ---------------------------------------------------------------------- through fastvlm.load
+def test_load_backend_mlx_api(monkeypatch):
+    """`fastvlm.load(backend="mlx")` and $FASTVLM_BACKEND: the same captions as torch, multi-image
+    and token reduction through the shared API, refusals worded 'not supported on the mlx
+    backend'."""
+    import fastvlm
+
+    torch_vlm = fastvlm.load(backend="torch")
+    vlm = fastvlm.load(backend="mlx")
+    assert vlm.backend.name == "mlx" and vlm.backend.info()["batches_concurrently"] is False
+    assert vlm.backend.dtype == "float32"  # stored fp16, computed fp32 on MLX's CPU build
+    imgs = sorted(str(p) for p in (ROOT / "examples").glob("*.png"))
+    for img in imgs:
+        assert vlm.describe(img) == torch_vlm.describe(img)
+    two = dict(images=imgs[:2], max_tokens=12)
+    assert vlm.describe(**two) == torch_vlm.describe(**two)
+    pooled = dict(max_tokens=12, tokens_per_image=4)
+    assert vlm.describe(imgs[0], **pooled) == torch_vlm.describe(imgs[0], **pooled)
+    seeded = dict(max_tokens=12, temperature=0.9, top_p=0.9, seed=5, stop=["."])
+    assert vlm.describe(imgs[1], **seeded) == torch_vlm.describe(imgs[1], **seeded)
+    monkeypatch.setenv("FASTVLM_BACKEND", "mlx")
+    assert fastvlm.load().backend.name == "mlx"
+    for kw, msg in [
+        (dict(device="cuda"), "device 'cuda'"),
+        (dict(engine_options={"slots": 4}), "engine options"),
+    ]:
+        with pytest.raises(ConfigError, match=f"not supported on the mlx backend: {msg}"):
+            fastvlm.load(backend="mlx", **kw)
+
+
+def test_bench_mlx_rows_and_mlx_vlm_compare(capsys):
+    import json
+
+    from fastvlm import bench
+
+    rc = bench.main(
+        ["--shape", "tiny", "--image-size", "64", "--quant", "fp32,int4", "--max-tokens", "4",
+         "--backend", "torch,mlx", "--compare", "mlx-vlm", "--vision-batch", "1",
+         "--concurrency", "1", "--repeats", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    names = [r["name"] for r in result["runs"]]
+    assert {"fastvlm fp32", "mlx fp32", "mlx int4"} <= set(names)
+    ref = result["transformers"][0]  # the reference rows of the table (here mlx-vlm's)
+    assert ref["name"] == "mlx-vlm" and ref["decode_tok_s"] > 0 and ref["tokens"] >= 2
+    for r in result["runs"]:
+        if r["name"].startswith("mlx"):
+            assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["device"] == "mlx:cpu"
+    assert "mlx fp32 decode / mlx-vlm best decode" in result["ratios"]
+    assert "mlx-vlm" in out.splitlines()[2]  # a column of the same table

@@ -96,7 +96,7 @@ def test_unknown_backend_names(platform, bad):
 
 def test_mlx_device_must_be_gpu_or_cpu(platform):
     platform(apple=True, mlx=True)
-    with pytest.raises(ConfigError, match="'gpu' or 'cpu'"):
+    with pytest.raises(ConfigError, match="not supported on the mlx backend: device 'cuda'"):
         choose_backend("mlx", None, "cuda")
 
 

@@ -126,7 +126,9 @@ def choose_backend(
         return Route("torch", _torch_device(device))
     if name == "mlx":
         if device not in (None, "auto", "gpu", "cpu"):
-            raise ConfigError(f"the mlx backend runs on 'gpu' or 'cpu', not device {device!r}")
+            raise ConfigError(
+                f"not supported on the mlx backend: device {device!r} (use auto, gpu or cpu)"
+            )
         if device in ("gpu", "cpu"):
             return Route("mlx", device)
         return Route("mlx", "gpu" if is_apple_silicon() else "cpu")

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..processing import Processor
 from .hf import bench_transformers, transformers_worker
 from .measure import measure_bandwidth
+from .mlx import bench_mlx, bench_mlx_vlm, mlx_vlm_worker
 from .ort import bench_onnxruntime
 from .report import ratios, report
 from .torch_engine import bench_engine, bench_vision_batches, greedy_agreement
@@ -57,18 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--concurrency", default="1,4", help="comma list of concurrent streams")
     p.add_argument("--vision-batch", default="1,8", help="comma list of vision batch sizes")
-    p.add_argument("--compare", choices=["transformers"], default=None)
+    p.add_argument(
+        "--compare",
+        choices=["transformers", "mlx-vlm"],
+        default=None,
+        help="also time transformers' FastVLM, or mlx-vlm's own stream_generate (child process)",
+    )
     p.add_argument(
         "--transformers-python",
         default=None,
         help="interpreter for the transformers runs (e.g. a venv with timm + torchvision)",
     )
     p.add_argument("--transformers-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--mlx-vlm-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--backend",
         default="torch",
-        help="comma list: torch (our engine) and/or onnxruntime (exported graphs, same "
-        "weights, each --quant precision for the decoder)",
+        help="comma list: torch (our engine), onnxruntime (exported graphs) and/or mlx (the mlx "
+        "backend on an MLX copy); same weights, each --quant precision for the decoder",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--device", default="auto")
@@ -94,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_export(model: str | None) -> bool:
+    from ..backends.routing import is_onnx_export
+
+    return model is not None and is_onnx_export(model)
+
+
 def _quant_list(text: str) -> list[str]:
     sep = ";" if ";" in text or "=" in text else ","
     return [q.strip() for q in text.split(sep) if q.strip()]
@@ -108,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.transformers_worker:
         return transformers_worker(a.transformers_worker)
+    if a.mlx_vlm_worker:
+        return mlx_vlm_worker(a.mlx_vlm_worker)
     if a.threads:
         torch.set_num_threads(a.threads)
     from ..quant import quantize_model
@@ -127,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:
-        vlm = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None)
+        # the torch weights (auto could pick mlx on a Mac); an export folder still routes to ORT
+        vlm = load(
+            a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
+            backend="onnxruntime" if _is_export(a.model) else "torch",
+        )  # fmt: skip
         if vlm.backend.name != "torch":  # bench loads the torch weights itself
             raise ConfigError(
                 f"{vlm.path} is an ONNX export: `fastvlm bench` measures a PyTorch checkpoint "
@@ -156,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     quants = _quant_list(a.quant)
     backends = [b.strip() for b in a.backend.split(",") if b.strip()]
-    if set(backends) - {"torch", "onnxruntime"}:
-        raise SystemExit(f"unknown backend in {a.backend!r}: use torch and/or onnxruntime")
+    if set(backends) - {"torch", "onnxruntime", "mlx"}:
+        raise SystemExit(f"unknown backend in {a.backend!r}: use torch, onnxruntime and/or mlx")
     for q in quants if "torch" in backends else []:
         if q in ("fp32", "none", "float32", prec):
             model, label = base, f"fastvlm {prec}"
@@ -185,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] onnxruntime {q} (export + run) ...", file=sys.stderr, flush=True)
         runs.append(bench_onnxruntime(base, processor, a, q, bw))
         gc.collect()
+    for q in quants if "mlx" in backends else []:
+        print(f"[bench] mlx {q} (MLX copy + run) ...", file=sys.stderr, flush=True)
+        runs.append(bench_mlx(base, processor, a, q))
+        gc.collect()
     for size in sizes[1:]:  # the same weights at another resolution: fewer image tokens
         model = at_resolution(base, size)
         print(f"[bench] fastvlm {prec} @{size}px ...", file=sys.stderr, flush=True)
@@ -200,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # still report our own numbers, then fail
             failed = str(e)
             info["transformers_error"] = failed[-2000:]
+            print(failed, file=sys.stderr)
+    if a.compare == "mlx-vlm":
+        print("[bench] mlx-vlm stream_generate (child process) ...", file=sys.stderr, flush=True)
+        try:
+            refs = bench_mlx_vlm(base, a, None if a.shape else vlm.path)
+        except SystemExit as e:
+            failed = str(e)
+            info["mlx_vlm_error"] = failed[-2000:]
             print(failed, file=sys.stderr)
     report(info, runs, refs)
     result = {"info": info, "runs": runs, "transformers": refs, "ratios": ratios(runs, refs)}

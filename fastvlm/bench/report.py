@@ -36,10 +36,11 @@ def ratios(runs: list[dict], refs: list[dict]) -> dict[str, float]:
             if r["name"].startswith("onnxruntime"):
                 continue
             out[f"{r['name']} ttft / {t} default ttft"] = r["ttft_s"] / ref["ttft_s"]
-            best = max(ref["decode_tok_s"], ref["decode_static_tok_s"])
-            out[f"{r['name']} decode / {t} best decode"] = r["decode_tok_s"] / best
+            best = max(ref["decode_tok_s"], ref.get("decode_static_tok_s", 0.0))
+            if best > 0:
+                out[f"{r['name']} decode / {t} best decode"] = r["decode_tok_s"] / best
             out[f"{r['name']} vision / {t} vision (time)"] = (
-                r["vision_s"] + r["projector_s"]
+                r["vision_s"] + r.get("projector_s", 0.0)
             ) / ref["vision_s"]
     return out
 
