@@ -217,3 +217,19 @@ def test_convert_q_bits_errors(tmp_path, tiny_dir):
         convert_checkpoint(tiny_dir, tmp_path / "a", "hf", q_bits=4)
     with pytest.raises(ConfigError, match="q-bits"):
         convert_checkpoint(tiny_dir, tmp_path / "b", "mlx", q_bits=7)
+
+
+def test_cli_convert_to_mlx_and_back(tmp_path, tiny_dir, capsys):
+    from fastvlm.cli import main
+
+    assert main(["convert", str(tiny_dir), str(tmp_path / "m"), "--to", "mlx"]) == 0
+    assert main(["convert", str(tiny_dir), str(tmp_path / "q"), "--to", "mlx", "--q-bits", "8"]) == 0
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == 8 and (tmp_path / "q" / "tokenizer.json").exists()
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "back"), "--to", "fastvlm"]) == 0
+    want, got = state_of(load_model(tiny_dir)), state_of(load_model(tmp_path / "back"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    capsys.readouterr()
+    rc = main(["convert", str(tiny_dir), str(tmp_path / "h"), "--to", "hf", "--q-bits", "4"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and "--to mlx only" in err

@@ -20,7 +20,14 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between formats (lossless)")
     p.add_argument("src", help="source folder or repo id")
     p.add_argument("dst", help="new output folder")
-    p.add_argument("--to", required=True, choices=["hf", "apple", "fastvlm"])
+    p.add_argument("--to", required=True, choices=["hf", "apple", "fastvlm", "mlx"])
+    p.add_argument(
+        "--q-bits",
+        type=int,
+        choices=[4, 8],
+        default=None,
+        help="--to mlx: affine-quantize the decoder to 4 or 8 bits (mlx-vlm's scheme; needs mlx)",
+    )
     p.add_argument("--trust-pickle", action="store_true")
     p.set_defaults(func=convert)
 
@@ -39,7 +46,9 @@ def download(a: argparse.Namespace) -> int:
 
 def convert(a: argparse.Namespace) -> int:
     try:
-        dst = convert_checkpoint(hub.resolve(a.src), a.dst, a.to, trust_pickle=a.trust_pickle)
+        dst = convert_checkpoint(
+            hub.resolve(a.src), a.dst, a.to, trust_pickle=a.trust_pickle, q_bits=a.q_bits
+        )
     except FileExistsError as e:  # its own message, not the OSError "name: strerror" form
         print(f"error: {e}", file=sys.stderr)
         return 1
