@@ -223,7 +223,8 @@ def test_cli_convert_to_mlx_and_back(tmp_path, tiny_dir, capsys):
     from fastvlm.cli import main
 
     assert main(["convert", str(tiny_dir), str(tmp_path / "m"), "--to", "mlx"]) == 0
-    assert main(["convert", str(tiny_dir), str(tmp_path / "q"), "--to", "mlx", "--q-bits", "8"]) == 0
+    q8 = ["convert", str(tiny_dir), str(tmp_path / "q"), "--to", "mlx", "--q-bits", "8"]
+    assert main(q8) == 0
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization"]["bits"] == 8 and (tmp_path / "q" / "tokenizer.json").exists()
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "back"), "--to", "fastvlm"]) == 0
