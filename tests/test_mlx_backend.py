@@ -378,3 +378,53 @@ def test_bench_mlx_rows_and_mlx_vlm_compare(capsys):
             assert r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["device"] == "mlx:cpu"
     assert "mlx fp32 decode / mlx-vlm best decode" in result["ratios"]
     assert "mlx-vlm" in out.splitlines()[2]  # a column of the same table
+
+
+def test_server_on_mlx_serialises_and_says_so():
+    """The OpenAI server on the mlx backend: /v1/models says requests are serialised, and
+    concurrent chats all succeed with the torch backend's answer."""
+    import base64
+    import threading
+
+    import httpx
+    from server_harness import Server
+
+    import fastvlm
+    from fastvlm.server.app import ServerConfig, create_app
+
+    img = ROOT / "examples" / "shapes1.png"
+    want = fastvlm.load(backend="torch").describe(str(img), max_tokens=12)
+    srv = Server(create_app(ServerConfig(), vlm=fastvlm.load(backend="mlx")))
+    try:
+        card = httpx.get(srv.url + "/v1/models").json()["data"][0]
+        assert card["backend"] == "mlx" and card["requests_serialized"] is True
+        assert card["device"] == "mlx:cpu" and card["dtype"] == "float32"
+        url = "data:image/png;base64," + base64.b64encode(img.read_bytes()).decode()
+        body = {"model": card["id"], "max_tokens": 12, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "Describe this image."}]}]}  # fmt: skip
+        replies: list = []
+
+        def chat():
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+            replies.append((r.status_code, r.json()["choices"][0]["message"]["content"]))
+
+        threads = [threading.Thread(target=chat) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert replies == [(200, want)] * 3
+    finally:
+        srv.stop()
+
+
+def test_describe_verbose_prints_the_chosen_backend(capsys, monkeypatch):
+    from fastvlm.cli import main
+
+    img = str(ROOT / "examples" / "shapes1.png")
+    monkeypatch.setenv("FASTVLM_BACKEND", "mlx")
+    assert main(["describe", img, "-v", "--max-tokens", "4"]) == 0
+    assert "backend mlx on mlx:cpu, float32]" in capsys.readouterr().err
+    assert main(["describe", img, "-v", "--max-tokens", "4", "--backend", "torch"]) == 0
+    assert "backend torch on cpu, float32]" in capsys.readouterr().err
