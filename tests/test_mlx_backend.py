@@ -264,6 +264,8 @@ def test_submit_refuses_bad_requests(tmp_path, tiny_untied):
     b.close()
     with pytest.raises(RuntimeError, match="closed"):
         b.submit(ids, px, SamplingParams(max_tokens=1))
+    with pytest.raises(RuntimeError, match="closed"):
+        b.encode_images(px)
 
 
 @pytest.mark.parametrize(

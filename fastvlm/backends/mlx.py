@@ -137,6 +137,8 @@ class MlxBackend:
     def _image_rows(self, pixels: torch.Tensor, tokens_per_image: int | None):
         """(N, 3, S, S) torch pixels → projected rows mx (N, K, D)."""
         mx = self._mx
+        if self.model is None:
+            raise RuntimeError("this mlx backend was closed")
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be (N, 3, S, S), got {tuple(pixels.shape)}")
         m = self.model
