@@ -112,6 +112,66 @@ def test_cycle_detector_sees_function_local_imports(tmp_path):
     assert cycles(import_graph(mods), list(mods)) == [["p.a", "p.b"]]
 
 
+# The layers of docs/architecture.md, lowest first: a module may import its own layer and the
+# ones below, never one above. Keyed by the first name under fastvlm/ ("__init__": the package).
+LAYERS: list[tuple[str, set[str]]] = [
+    ("foundations", {"errors", "options", "hub", "images", "video", "tokenization", "config",
+                     "config_format", "dtypes", "model_card", "manifest", "reaper"}),
+    ("model", {"model"}),
+    ("model side", {"weights", "quant", "kernels", "processing"}),
+    ("engine", {"engine", "device"}),
+    ("runtimes", {"backends"}),
+    ("API", {"api", "__init__"}),
+    ("edges", {"cli", "server", "batch", "batch_ray", "batch_worker", "bench", "train", "export",
+               "__main__"}),
+]
+# Upward imports allowed, each with its reason.
+UPWARD_OK: dict[tuple[str, str], str] = {
+    ("fastvlm.backends.ort", "fastvlm.export.onnx_community"):
+        "the exported folder's file and input names are defined once, by the exporter",
+    ("fastvlm.backends.ort", "fastvlm.export.wrappers"): "the KV input names (kv_names), same",
+}
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    for i, (_, tops) in enumerate(LAYERS):
+        if top in tops:
+            return i
+    raise KeyError(f"{module}: not in any layer of LAYERS (add it, and to docs/architecture.md)")
+
+
+def upward_imports(edges: dict[str, set[str]], allowed=UPWARD_OK) -> list[str]:
+    return sorted(
+        f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]})"
+        for a, bs in edges.items() for b in bs
+        if layer_of(b) > layer_of(a) and (a, b) not in allowed
+    )
+
+
+def test_every_module_has_a_layer():
+    for name in _modules():
+        layer_of(name)
+
+
+def test_no_import_goes_up_a_layer():
+    found = upward_imports(import_graph(_modules()))
+    assert not found, "imports against the layering of docs/architecture.md:\n" + "\n".join(found)
+
+
+def test_layer_check_sees_upward_imports(tmp_path):
+    (tmp_path / "engine.py").write_text("def f():\n    from .api import load\n")
+    (tmp_path / "api.py").write_text("from .engine import f\n")
+    (tmp_path / "errors.py").write_text("from . import config\n")
+    (tmp_path / "config.py").write_text("")
+    mods = {f"fastvlm.{n}": tmp_path / f"{n}.py" for n in ("engine", "api", "errors", "config")}
+    assert upward_imports(import_graph(mods)) == [
+        "fastvlm.engine (engine) imports fastvlm.api (API)"]
+    with pytest.raises(KeyError):
+        layer_of("fastvlm.newthing")
+
+
 def test_files_within_size_rule():
     long = {
         str(p.relative_to(ROOT)): n
