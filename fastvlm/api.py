@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from . import hub
+from . import fast_cpu, hub
 from .engine.allocator import tune_malloc
 from .engine.engine import Engine
 from .engine.generate import Chunk, Stats, generate_step, stream_generate
@@ -348,6 +348,8 @@ def load(
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
     backend: str = "auto",
+    vision_dtype: str = "fp32",
+    prefill_dtype: str | None = None,
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
@@ -357,7 +359,14 @@ def load(
     (slots, max_len, vision_cache_size, prefix_reuse, compile).
     `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
     anything else on PyTorch), "torch" or "onnxruntime".
+    `vision_dtype` / `prefill_dtype` ("fp32", "bf16" or "auto" = bf16 where the CPU has native
+    bf16): the compute dtype of the vision tower / the prefill GEMMs of an fp32 model on CPU
+    (`fastvlm.fast_cpu.prepare_cpu`); fp32 keeps exact outputs. `prefill_dtype=None`: fp32 for
+    float layers, bf16 (where native) for int8 / int4 layers.
     """
+    fast_cpu.resolve(vision_dtype, "vision_dtype")  # a bad name fails on every backend
+    if prefill_dtype is not None:
+        fast_cpu.resolve(prefill_dtype, "prefill_dtype")
     folder = hub.resolve(model, download=download)
     _refuse_foreign_export(folder)
     if backend not in ("auto", "torch", "onnxruntime"):
@@ -382,6 +391,7 @@ def load(
     net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
     if dev.type == "cpu":
         net.vision_tower.use_channels_last()
+        fast_cpu.prepare_cpu(net, vision_dtype, prefill_dtype)
     tok = load_tokenizer(folder)
     proc = Processor(net.config, tok)
     return FastVLM(net, proc, tok, folder, engine=engine, engine_options=engine_options)

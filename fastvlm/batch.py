@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampling_args(p)
     p.set_defaults(max_tokens=128)
     a = p.parse_args(argv)
-    load_kwargs = {"device": a.device, "dtype": a.dtype, "image_size": a.image_size}
+    load_kwargs = {"device": a.device, "dtype": a.dtype, "image_size": a.image_size,
+                   "vision_dtype": a.vision_dtype, "prefill_dtype": a.prefill_dtype}  # fmt: skip
     load_kwargs["engine"] = a.engine
     if a.compile:
         load_kwargs["engine_options"] = {"compile": True}

@@ -563,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
         "weights, each --quant precision for the decoder)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    for part, default in (("vision", "fp32"), ("prefill", None)):
+        p.add_argument(
+            f"--{part}-dtype", default=default, choices=["fp32", "bf16", "auto"],
+            help=f"CPU compute dtype of the {part} (see fastvlm.fast_cpu)",
+        )  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--dtype",
@@ -607,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
 
     malloc_tuned = tune_malloc()  # before any big allocation; transformers shares it (same run)
     from .processing import Processor
+    from .fast_cpu import describe, prepare_cpu
     from .quant import quantize_model
 
     dev = resolve_device(a.device)
@@ -620,10 +626,14 @@ def main(argv: list[str] | None = None) -> int:
         base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev, dtype)
         if dev.type == "cpu":
             base.vision_tower.use_channels_last()  # as fastvlm.load does on CPU
+            prepare_cpu(base, a.vision_dtype, a.prefill_dtype)
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:
-        vlm = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None)
+        vlm = load(
+            a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
+            vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype,
+        )  # fmt: skip
         if getattr(vlm, "backend", "torch") != "torch":  # bench loads the torch weights itself
             from .errors import ConfigError
 
@@ -648,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "load_s": load_s,
         "malloc_tuned": malloc_tuned,
+        "compute_dtypes": describe(base) if dev.type == "cpu" else None,
     }
     bw = measure_bandwidth(dev)
     info["bandwidth_gb_s"] = bw
@@ -662,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = copy.deepcopy(base)
             quantize_model(model, q)
+            if dev.type == "cpu":
+                prepare_cpu(model, a.vision_dtype, a.prefill_dtype)  # the new layers too
             label = f"fastvlm {q}"
         print(f"[bench] {label} ...", file=sys.stderr, flush=True)
         r = bench_engine(model, processor, a, label, bw)

@@ -40,6 +40,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="fast: the batching engine (default); reference: the slow oracle decoder",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step")
+    for part, default in (("vision", "fp32"), ("prefill", None)):
+        p.add_argument(
+            f"--{part}-dtype", default=default, choices=["fp32", "bf16", "auto"],
+            help=f"CPU compute dtype of the {part} (bf16: faster on CPUs with AVX512-BF16 / AMX; "
+            "auto: bf16 where the CPU has it; default: "
+            + ("fp32" if default else "fp32, bf16 for int8/int4 layers where native") + ")",
+        )  # fmt: skip
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -108,6 +115,8 @@ def _load(a: argparse.Namespace):
         image_size=a.image_size,
         engine=a.engine,
         engine_options={"compile": True} if a.compile else None,
+        vision_dtype=a.vision_dtype,
+        prefill_dtype=a.prefill_dtype,
     )
     check_media(
         vlm.config,

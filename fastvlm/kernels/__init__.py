@@ -82,6 +82,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import prefill
+
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 OPENMP_FLAGS = ["-fopenmp"]
@@ -439,6 +441,13 @@ def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int
     return y
 
 
+def _prefill_rows(x: torch.Tensor, k: int) -> bool:
+    """A prefill-shaped CPU call (≥ prefill.MIN_ROWS rows) outside autograd and graph capture."""
+    if not x.is_cpu or x.numel() < prefill.MIN_ROWS * k:
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad) and not graph_capture()
+
+
 def _fp32_param(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous())
 
@@ -450,9 +459,13 @@ class FastLinear(nn.Linear):
 
     _fvk_key: tuple = ()
     _fvk_ok = False
+    prefill_dtype = torch.float32  # bf16: prefill-shaped calls as a bf16 GEMM (fast_cpu.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
+        grad_w = w.requires_grad and torch.is_grad_enabled()
+        if self.prefill_dtype is not torch.float32 and not grad_w and _prefill_rows(x, w.shape[1]):
+            return prefill.dense_matmul(x, w, b, self.prefill_dtype)
         m = rows_for_kernel(x, self.in_features)
         if m and not (w.requires_grad and torch.is_grad_enabled()):
             wp, bp = w.data_ptr(), None if b is None else b.data_ptr()
@@ -473,6 +486,8 @@ class FastLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias  # a Parameter or None, registered either way
         new.train(linear.training)
+        if "prefill_dtype" in linear.__dict__:
+            new.prefill_dtype = linear.prefill_dtype
         return new
 
 
