@@ -36,9 +36,11 @@ Design decisions:
   weight payload). `use_vnni(False)` forces the AVX2 code everywhere (tests run both).
 * **Software prefetch** 12-16 KB ahead in the int8/int4 weight streams: with a compute-light
   inner loop the hardware prefetcher alone left ~30% of the bandwidth unused.
-* **Where they are used**: `FastLinear` for M ≤ `MAX_M` (prefill keeps MKL, which wins there);
-  `Int8Linear` / `Int4Linear` for every M (rows go in blocks of 8, re-reading W per block from
-  cache): even at M = 64..256 that beats torch's int8/int4 CPU kernels (see fastvlm/quant.py).
+* **Where they are used**: `FastLinear` for M ≤ `MAX_M` (prefill keeps MKL, which wins there,
+  or a bf16 GEMM with `prefill_dtype`); `Int8Linear` / `Int4Linear` below `prefill.MIN_ROWS`
+  rows (rows go in blocks of 8, re-reading W per block). Prompt-sized calls take
+  `kernels/prefill.py` (chunked dequantize + one GEMM): one parallel region per 8 rows made
+  prefill fragile whenever a thread is descheduled (shared machines).
 * **Per-call cost**: decode makes ~170 Linear calls per token, so modules validate their weights
   once per storage and call the unchecked `_run_*` helpers (≈ 3 µs of ctypes + one torch.empty);
   the public `linear_*` functions check everything and raise ValueError on misuse.

@@ -115,7 +115,7 @@ def int4_matmul(
         p = qweight[a:b]
         q = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(b - a, k // group_size, group_size)
         s, z = scales[a:b].float()[..., None], zeros[a:b].float()[..., None]
-        w = q.float().sub_(8).mul_(s).add_(z).reshape(b - a, k)
+        w = q.float().mul_(s).add_(z - 8 * s).reshape(b - a, k)  # (q - 8) * s + z
         parts.append(F.linear(xd, w.to(dtype)))
     y = (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).float()
     return y if bias is None else y.add_(bias.float())
