@@ -6,7 +6,8 @@ in bf16 (oneDNN; AVX512-BF16 / AMX where the CPU has them), applied by one funct
   the memory) and its forward runs under `torch.autocast("cpu", bfloat16)`: convolutions,
   linears and attention in bf16, everything autocast keeps in fp32 (norms, softmax statistics,
   the layer-scale residual adds, which see fp32 parameters) stays fp32; the output is fp32.
-  Done as a class swap (`BF16FastViTHD`), so the state dict and module names do not change.
+  Done as class swaps (`BF16FastViTHD`; conv → GELU pairs as one oneDNN conv with the GELU
+  fused, `_FusedConvFFN` / `_FusedMobileOne`), so the state dict and module names do not change.
 * `prefill_dtype="bf16"`: every decoder / lm_head Linear runs prefill-shaped calls (at least
   `kernels.prefill.MIN_ROWS` rows) as a bf16 GEMM (`kernels.prefill`); decode is untouched.
   Quantized layers already default to bf16 there when the CPU has native bf16 (their decode
@@ -26,7 +27,7 @@ from torch import nn
 from .errors import ConfigError
 from .kernels import FastLinear, prefill, use_fast_linears
 from .kernels.prefill import native_bf16
-from .model.fastvithd import FastViTHD
+from .model.fastvithd import ConvFFN, FastViTHD, MobileOneBlock
 
 CHOICES = ("auto", "fp32", "bf16")
 _NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -47,6 +48,45 @@ def resolve(value: str | torch.dtype | None, what: str = "dtype") -> torch.dtype
     return _NAMES[v]
 
 
+def _conv_gelu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """GELU(conv(x)) as one oneDNN call (the activation applied in the conv's epilogue, not as
+    a second pass over the map), in the conv weight's dtype."""
+    x = x.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
+    return _CONV_POINTWISE(
+        x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+        conv.groups, "gelu", [], "none",
+    )  # fmt: skip
+
+
+_CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+
+
+class _FusedConvFFN(ConvFFN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(_conv_gelu(self.fc1, self.conv(x)))
+
+
+class _FusedMobileOne(MobileOneBlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv_gelu(self.reparam_conv, x)
+
+
+def _fusable(m: nn.Module) -> bool:
+    """Blocks whose conv → GELU can run as one oneDNN call (plain GELU, no SE in between)."""
+    if _CONV_POINTWISE is None:
+        return False
+    if type(m) is ConvFFN:
+        return type(m.act) is nn.GELU and m.act.approximate == "none"
+    if type(m) is MobileOneBlock and hasattr(m, "reparam_conv"):
+        act = m.activation
+        return type(m.se) is nn.Identity and type(act) is nn.GELU and act.approximate == "none"
+    return False
+
+
+_FUSED = {ConvFFN: _FusedConvFFN, MobileOneBlock: _FusedMobileOne}
+_UNFUSED = {v: k for k, v in _FUSED.items()}
+
+
 class BF16FastViTHD(FastViTHD):
     """FastViTHD whose forward runs under bf16 autocast (conv / linear weights stored in bf16);
     fp32 in, fp32 out. Swapped in by `prepare_cpu`; `to_fp32()` swaps back."""
@@ -60,6 +100,8 @@ class BF16FastViTHD(FastViTHD):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.float()
+            if type(m) in _UNFUSED:
+                m.__class__ = _UNFUSED[type(m)]
         self.__class__ = FastViTHD
         return self
 
@@ -69,6 +111,9 @@ def _vision(tower: FastViTHD, dtype: torch.dtype) -> None:
         for m in tower.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):  # quantized vision Linears keep theirs
                 m.to(torch.bfloat16)
+        for m in tower.modules():
+            if _fusable(m):
+                m.__class__ = _FUSED[type(m)]
         tower.__class__ = BF16FastViTHD
     elif dtype == torch.float32 and isinstance(tower, BF16FastViTHD):
         tower.to_fp32()

@@ -207,3 +207,19 @@ def test_quantized_bf16_prefill_agrees_with_exact_prefill():
         fast_cpu.prepare_cpu(vlm.model, "fp32", dt)
     assert fast_cpu.describe(fast.model)["prefill"] == "bf16"
     assert greedy_agreement(exact.model, fast.model, exact.processor, 20, 32) >= 0.98
+
+
+def test_bf16_tower_fuses_conv_gelu_and_swaps_back(demo_pair):
+    """conv → GELU pairs run fused in the bf16 tower; `to_fp32` restores the plain classes."""
+    from fastvlm.model.fastvithd import ConvFFN, MobileOneBlock
+
+    b = demo_pair[1]
+    kinds = {type(m).__name__ for m in b.model.vision_tower.modules()}
+    assert {"_FusedConvFFN", "_FusedMobileOne"} <= kinds
+    tower = fastvlm.load(vision_dtype="bf16").model.vision_tower
+    tower.to_fp32()
+    assert type(tower) is FastViTHD
+    for m in tower.modules():
+        assert type(m).__name__ not in ("_FusedConvFFN", "_FusedMobileOne")
+        if isinstance(m, (ConvFFN, MobileOneBlock)):
+            assert all(p.dtype == torch.float32 for p in m.parameters())
