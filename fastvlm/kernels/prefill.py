@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_ROWS = 16
-CHUNK_ELEMS = 1 << 22
+CHUNK_ELEMS = 1 << 23
 DTYPES = (torch.float32, torch.bfloat16)
 
 
