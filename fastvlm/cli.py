@@ -312,10 +312,10 @@ TOOLS = {
     "bench": "fastvlm.bench",
     "batch": "fastvlm.batch",
     "watch": "fastvlm.video",
-    "train": "fastvlm.train.finetune",
+    "train": "fastvlm.train.loop",
     "eval": "fastvlm.train.evaluate",
-    "lora": "fastvlm.train.lora",
-    "quantize": "fastvlm.quant",
+    "lora": "fastvlm.train.merge",
+    "quantize": "fastvlm.quant.cli",
     "export": "fastvlm.export",
 }
 TOOL_HELP = {

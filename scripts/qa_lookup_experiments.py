@@ -55,7 +55,8 @@ from torch import nn
 import fastvlm
 from fastvlm.model.qwen2 import rope_cos_sin, rotate_half
 from fastvlm.train.data import Record, collate, encode_record
-from fastvlm.train.finetune import lm_loss, save_model
+from fastvlm.train.checkpoint import save_model
+from fastvlm.train.loop import lm_loss
 from fastvlm.train.shapes import (
     COLORS,
     DESCRIBE_PROMPT,
