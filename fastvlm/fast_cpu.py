@@ -132,7 +132,7 @@ def prepare_cpu(
     pd = None if prefill_dtype is None else resolve(prefill_dtype, "prefill dtype")
     ref = model.lm_head.weight
     if ref.device.type != "cpu" or ref.dtype != torch.float32:
-        return {"vision": "model dtype", "prefill": "model dtype"}
+        return describe(model)
     _vision(model.vision_tower, vd)
     use_fast_linears(model)  # decoder Linears → FastLinear (the Engine would do it anyway)
     for name, m in model.named_modules():
@@ -148,6 +148,10 @@ def prepare_cpu(
 
 def describe(model: nn.Module) -> dict[str, str]:
     """The compute dtypes a model currently runs with on CPU (for logs and the bench)."""
+    dt = model.lm_head.weight.dtype
+    if dt != torch.float32:  # a bf16 / fp16 model computes in its own dtype throughout
+        name = str(dt).replace("torch.", "")
+        return {"vision": name, "prefill": name}
     vision = "bf16" if isinstance(model.vision_tower, BF16FastViTHD) else "fp32"
     dts = {
         prefill.compute_dtype(m) for m in model.modules()

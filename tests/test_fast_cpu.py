@@ -223,3 +223,10 @@ def test_bf16_tower_fuses_conv_gelu_and_swaps_back(demo_pair):
         assert type(m).__name__ not in ("_FusedConvFFN", "_FusedMobileOne")
         if isinstance(m, (ConvFFN, MobileOneBlock)):
             assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
+def test_prepare_leaves_a_bf16_model_alone():
+    vlm = fastvlm.load(dtype="bfloat16", vision_dtype="bf16", prefill_dtype="bf16")
+    assert fast_cpu.describe(vlm.model) == {"vision": "bfloat16", "prefill": "bfloat16"}
+    assert type(vlm.model.vision_tower) is FastViTHD
+    assert vlm.describe(_scenes(1)[0], max_tokens=4)  # still runs
