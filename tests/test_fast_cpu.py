@@ -18,14 +18,15 @@ from fastvlm.quant import Int4Linear, Int8Linear, Scheme
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="fastvlm kernels unavailable")
 
 
-def _layer(kind: str, n: int, k: int, seed: int = 0) -> nn.Module:
+def _layer(kind: str, n: int, k: int, seed: int = 0, repack: bool = True) -> nn.Module:
     torch.manual_seed(seed)
     lin = nn.Linear(k, n)
     if kind == "int8":
         m = Int8Linear.from_linear(lin)
     else:
         m = Int4Linear.from_linear(lin, Scheme(bits=4, group_size=64))
-    m.repack()
+    if repack:  # without the C kernels an Int4Linear repacks into torch's layout
+        m.repack()
     return m
 
 
@@ -80,7 +81,7 @@ def test_decode_shaped_quant_call_keeps_the_decode_kernels(monkeypatch, kind, ro
 def test_prefill_gemm_dequantizes_in_bounded_chunks(monkeypatch, kind):
     """No float copy of a whole layer: at most CHUNK_ELEMS weight elements at a time, and the
     chunked result equals the one-chunk result."""
-    m = _layer(kind, 96, 128, seed=2)
+    m = _layer(kind, 96, 128, seed=2, repack=False)  # the portable form, kernels or not
     x = torch.randn(40, 128)
     m.prefill_dtype = torch.float32
     with torch.no_grad():
