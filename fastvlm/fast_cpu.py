@@ -1,12 +1,13 @@
 """Reduced-precision CPU compute for time to first token: the vision tower and the prefill GEMMs
 in bf16 (oneDNN; AVX512-BF16 / AMX where the CPU has them), applied by one function,
-`prepare_cpu(model, vision_dtype=..., prefill_dtype=...)`, which `fastvlm.load` calls on CPU.
+`prepare_cpu(model, vision_dtype=..., prefill_dtype=...)`, which `device.prepare_for_device`
+calls on CPU (so `fastvlm.load` and the torch backend apply it).
 
 * `vision_dtype="bf16"`: the FastViTHD tower's conv / linear weights are cast to bf16 once (half
   the memory) and its forward runs under `torch.autocast("cpu", bfloat16)`: convolutions,
   linears and attention in bf16, everything autocast keeps in fp32 (norms, softmax statistics,
   the layer-scale residual adds, which see fp32 parameters) stays fp32; the output is fp32.
-  Done as class swaps (`BF16FastViTHD`; conv → GELU pairs as one oneDNN conv with the GELU
+  Done as class swaps (`BF16Tower` over the tower's class; conv → GELU pairs as one oneDNN conv with the GELU
   fused, `_FusedConvFFN` / `_FusedMobileOne`), so the state dict and module names do not change.
 * `prefill_dtype="bf16"`: every decoder / lm_head Linear runs prefill-shaped calls (at least
   `kernels.prefill.MIN_ROWS` rows) as a bf16 GEMM (`kernels.prefill`); decode is untouched.
@@ -20,6 +21,8 @@ in bf16 (oneDNN; AVX512-BF16 / AMX where the CPU has them), applied by one funct
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -87,9 +90,12 @@ _FUSED = {ConvFFN: _FusedConvFFN, MobileOneBlock: _FusedMobileOne}
 _UNFUSED = {v: k for k, v in _FUSED.items()}
 
 
-class BF16FastViTHD(FastViTHD):
-    """FastViTHD whose forward runs under bf16 autocast (conv / linear weights stored in bf16);
-    fp32 in, fp32 out. Swapped in by `prepare_cpu`; `to_fp32()` swaps back."""
+class BF16Tower:
+    """Mixin for a FastViTHD class (plain or `device.CPUFastViTHD`): its forward runs under bf16
+    autocast (conv / linear weights stored in bf16); fp32 in, fp32 out. Swapped in by
+    `prepare_cpu` (`_bf16_class`); `to_fp32()` swaps back."""
+
+    _fp32_class: type = FastViTHD
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = pixel_values.dtype
@@ -102,20 +108,25 @@ class BF16FastViTHD(FastViTHD):
                 m.float()
             if type(m) in _UNFUSED:
                 m.__class__ = _UNFUSED[type(m)]
-        self.__class__ = FastViTHD
+        self.__class__ = self._fp32_class
         return self
 
 
+@functools.cache
+def _bf16_class(cls: type) -> type:
+    return type(f"BF16{cls.__name__}", (BF16Tower, cls), {"_fp32_class": cls})
+
+
 def _vision(tower: FastViTHD, dtype: torch.dtype) -> None:
-    if dtype == torch.bfloat16 and type(tower) is FastViTHD:
+    if dtype == torch.bfloat16 and not isinstance(tower, BF16Tower):
         for m in tower.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):  # quantized vision Linears keep theirs
                 m.to(torch.bfloat16)
         for m in tower.modules():
             if _fusable(m):
                 m.__class__ = _FUSED[type(m)]
-        tower.__class__ = BF16FastViTHD
-    elif dtype == torch.float32 and isinstance(tower, BF16FastViTHD):
+        tower.__class__ = _bf16_class(type(tower))
+    elif dtype == torch.float32 and isinstance(tower, BF16Tower):
         tower.to_fp32()
 
 
@@ -134,7 +145,8 @@ def prepare_cpu(
     if ref.device.type != "cpu" or ref.dtype != torch.float32:
         return describe(model)
     _vision(model.vision_tower, vd)
-    use_fast_linears(model)  # decoder Linears → FastLinear (the Engine would do it anyway)
+    if pd is not None:
+        use_fast_linears(model)  # decoder Linears → FastLinear, which read prefill_dtype
     for name, m in model.named_modules():
         if not (name.startswith("language_model.layers.") or name == "lm_head"):
             continue
@@ -152,7 +164,7 @@ def describe(model: nn.Module) -> dict[str, str]:
     if dt != torch.float32:  # a bf16 / fp16 model computes in its own dtype throughout
         name = str(dt).replace("torch.", "")
         return {"vision": name, "prefill": name}
-    vision = "bf16" if isinstance(model.vision_tower, BF16FastViTHD) else "fp32"
+    vision = "bf16" if isinstance(model.vision_tower, BF16Tower) else "fp32"
     dts = {
         prefill.compute_dtype(m) for m in model.modules()
         if isinstance(m, FastLinear) or hasattr(m, "qweight")

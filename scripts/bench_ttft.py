@@ -23,8 +23,9 @@ import time
 import torch
 
 from fastvlm import fast_cpu, quant
-from fastvlm.bench import at_resolution, build_shape, prompt_ids, random_image
-from fastvlm.kernels import FastLinear, prefill, use_fast_linears
+from fastvlm.bench.workload import at_resolution, build_shape, prompt_ids, random_image
+from fastvlm.device import prepare_for_device
+from fastvlm.kernels import FastLinear, prefill
 from fastvlm.processing import Processor
 
 
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     sizes = [int(s) for s in a.sizes.split(",")]
     base = build_shape("0.5b", sizes[0])
-    base.vision_tower.use_channels_last()
-    use_fast_linears(base)
+    prepare_for_device(base, "cpu")  # channels_last tower, FastLinear decoder, as load() does
     vt32 = base.vision_tower
     vt16 = copy.deepcopy(vt32)
     fast_cpu._vision(vt16, torch.bfloat16)

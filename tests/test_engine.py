@@ -383,7 +383,7 @@ def test_api_default_engine_matches_reference_and_batches_threads(tiny_dir):
         slow.chat(_msgs(im, p), max_tokens=10 + 3 * i)
         for i, (im, p) in enumerate(zip(images, prompts, strict=True))
     ]
-    assert slow._engine is None  # the reference path never builds an engine
+    assert slow.backend._engine is None  # the reference path never builds an engine
     assert fast.chat(_msgs(images[0], prompts[0]), max_tokens=10) == want[0]
     got: dict[int, str] = {}
     steps0 = fast.engine.counters["steps"]

@@ -111,9 +111,9 @@ def test_quant_prefill_default_dtype_follows_the_cpu(monkeypatch):
 
 def test_graph_capture_keeps_the_module_path(monkeypatch):
     m = _layer("int8", 32, 64)
-    monkeypatch.setattr(kernels, "graph_capture", lambda: True)
+    monkeypatch.setattr(prefill.capture, "graph_capture", lambda: True)
     assert not prefill.takes_gemm(m, torch.randn(64, 64))
-    monkeypatch.setattr(kernels, "graph_capture", lambda: False)
+    monkeypatch.setattr(prefill.capture, "graph_capture", lambda: False)
     assert prefill.takes_gemm(m, torch.randn(64, 64))
     assert not prefill.takes_gemm(m, torch.randn(prefill.MIN_ROWS - 1, 64))
 
@@ -161,7 +161,7 @@ def test_prepare_is_a_swap_not_a_rewrite(demo_pair):
     a, b = demo_pair
     assert fast_cpu.describe(a.model) == {"vision": "fp32", "prefill": "fp32"}
     assert fast_cpu.describe(b.model) == {"vision": "bf16", "prefill": "bf16"}
-    assert isinstance(b.model.vision_tower, FastViTHD)
+    assert isinstance(b.model.vision_tower, (FastViTHD, fast_cpu.BF16Tower))
     assert list(a.model.state_dict()) == list(b.model.state_dict())  # same names and keys
     convs = [m for m in b.model.vision_tower.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.dtype == torch.bfloat16 for c in convs)
@@ -192,7 +192,7 @@ def test_bf16_vision_embeddings_match_fp32(demo_pair):
 
 
 def test_bf16_greedy_agreement_on_held_out_scenes(demo_pair):
-    from fastvlm.bench import greedy_agreement
+    from fastvlm.bench.torch_engine import greedy_agreement
 
     a, b = demo_pair
     assert greedy_agreement(a.model, b.model, a.processor, 20, 32) >= 0.98
@@ -200,7 +200,7 @@ def test_bf16_greedy_agreement_on_held_out_scenes(demo_pair):
 
 def test_quantized_bf16_prefill_agrees_with_exact_prefill():
     """int8 decoder: the bf16 GEMM prefill vs exact fp32 prefill, greedy on held-out scenes."""
-    from fastvlm.bench import greedy_agreement
+    from fastvlm.bench.torch_engine import greedy_agreement
 
     exact, fast = fastvlm.load(), fastvlm.load()
     for vlm, dt in ((exact, "fp32"), (fast, "bf16")):
@@ -218,8 +218,9 @@ def test_bf16_tower_fuses_conv_gelu_and_swaps_back(demo_pair):
     kinds = {type(m).__name__ for m in b.model.vision_tower.modules()}
     assert {"_FusedConvFFN", "_FusedMobileOne"} <= kinds
     tower = fastvlm.load(vision_dtype="bf16").model.vision_tower
+    plain = type(fastvlm.load().model.vision_tower)  # device.CPUFastViTHD on CPU
     tower.to_fp32()
-    assert type(tower) is FastViTHD
+    assert type(tower) is plain
     for m in tower.modules():
         assert type(m).__name__ not in ("_FusedConvFFN", "_FusedMobileOne")
         if isinstance(m, (ConvFFN, MobileOneBlock)):
@@ -229,5 +230,5 @@ def test_bf16_tower_fuses_conv_gelu_and_swaps_back(demo_pair):
 def test_prepare_leaves_a_bf16_model_alone():
     vlm = fastvlm.load(dtype="bfloat16", vision_dtype="bf16", prefill_dtype="bf16")
     assert fast_cpu.describe(vlm.model) == {"vision": "bfloat16", "prefill": "bfloat16"}
-    assert type(vlm.model.vision_tower) is FastViTHD
+    assert not isinstance(vlm.model.vision_tower, fast_cpu.BF16Tower)
     assert vlm.describe(_scenes(1)[0], max_tokens=4)  # still runs

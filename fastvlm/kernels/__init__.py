@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import prefill
+from .capture import graph_capture
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
@@ -402,17 +403,6 @@ def rows_for_kernel(x: torch.Tensor, k: int, max_m: int | None = MAX_M) -> int:
     if graph_capture() or (_lib if _tried else _load()) is None:
         return 0
     return m
-
-
-def graph_capture() -> bool:
-    """True while torch.compile / torch.export / TorchScript tracing (ONNX export) records the
-    model: a ctypes call is invisible to them (a trace would keep an uninitialised `empty`)."""
-    return (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-    )
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import capture
+
 MIN_ROWS = 16
 CHUNK_ELEMS = 1 << 23
 DTYPES = (torch.float32, torch.bfloat16)
@@ -70,9 +72,7 @@ def takes_gemm(module: torch.nn.Module, x: torch.Tensor) -> bool:
     q = module.qweight
     if not (q.numel() and q.is_cpu and q.is_contiguous()):
         return False  # e.g. an Int4Linear holding only torch's packed layout
-    from . import graph_capture  # the package imports this module lazily: no cycle
-
-    return not graph_capture()
+    return not capture.graph_capture()
 
 
 def _chunks(n: int, k: int):

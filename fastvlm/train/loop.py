@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..api import resolve_device
+from ..device import resolve_device
 from ..dtypes import resolve_save_dtype, size_summary
 from ..errors import FastVLMError
 from . import distributed

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, FastVLMError
+from ..kernels import FastLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,7 +126,7 @@ def select_linears(
     """Names of the Linear layers `apply_lora` would adapt (see the module docstring)."""
     names = []
     for name, m in model.named_modules():
-        if type(m) is not nn.Linear:
+        if type(m) not in (nn.Linear, FastLinear):  # FastLinear: fastvlm.load's CPU swap
             continue
         if name.startswith("vision_tower."):
             ok = include_vision
@@ -158,9 +159,8 @@ def apply_lora(
         raise FastVLMError("this model already has LoRA layers; merge_lora() it first")
     names = select_linears(model, tuple(targets), include_projector, include_vision)
     if not names:
-        known = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear}
-        )
+        plain = (nn.Linear, FastLinear)
+        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in plain})
         raise FastVLMError(
             f"no Linear layer matches the LoRA targets {list(targets)}; choose from {known}"
         )
@@ -180,7 +180,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and swap plain `nn.Linear`s back (in place)."""
     for name, m in lora_layers(model).items():
         base = m.base
-        if type(base) is not nn.Linear:
+        if type(base) not in (nn.Linear, FastLinear):
             raise FastVLMError(
                 f"{name}: cannot merge into a quantized (QLoRA) base layer; merge the adapter "
                 "into the full-precision base: fastvlm lora merge BASE ADAPTER OUT"

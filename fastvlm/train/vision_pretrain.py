@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from ..api import resolve_device
+from ..device import resolve_device
 from ..config import FastVLMConfig
 from ..model.fastvlm import FastVLMModel
 from ..processing import Processor
