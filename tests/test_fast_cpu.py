@@ -232,3 +232,25 @@ def test_prepare_leaves_a_bf16_model_alone():
     assert fast_cpu.describe(vlm.model) == {"vision": "bfloat16", "prefill": "bfloat16"}
     assert not isinstance(vlm.model.vision_tower, fast_cpu.BF16Tower)
     assert vlm.describe(_scenes(1)[0], max_tokens=4)  # still runs
+
+
+@pytest.mark.parametrize("argv", [[], ["--vision-dtype", "bf16"], ["--prefill-dtype", "auto"],
+                                  ["--vision-dtype", "auto", "--prefill-dtype", "fp32"]])  # fmt: skip
+def test_every_front_end_passes_the_compute_dtypes(argv):
+    """The CLI's load kwargs, `fastvlm serve`'s config and `fastvlm bench` all carry the flags
+    (a flag that parses but is dropped would silently run fp32)."""
+    from fastvlm.bench.cli import build_parser as bench_parser
+    from fastvlm.cli.args import load_kwargs
+    from fastvlm.server.app import build_parser as serve_parser
+    from fastvlm.server.app import config_from_args
+
+    want = {"vision_dtype": "fp32", "prefill_dtype": None}
+    for i in range(0, len(argv), 2):
+        want[argv[i][2:].replace("-", "_")] = argv[i + 1]
+    kw = load_kwargs(fastvlm.cli.build_parser().parse_args(["describe", "x.png", *argv]))
+    assert kw.get("vision_dtype") == want["vision_dtype"]
+    assert kw.get("prefill_dtype") == want["prefill_dtype"]
+    cfg = config_from_args(serve_parser().parse_args(argv))
+    assert (cfg.vision_dtype, cfg.prefill_dtype) == (want["vision_dtype"], want["prefill_dtype"])
+    b = bench_parser().parse_args(argv)
+    assert (b.vision_dtype, b.prefill_dtype) == (want["vision_dtype"], want["prefill_dtype"])
