@@ -254,3 +254,14 @@ def test_every_front_end_passes_the_compute_dtypes(argv):
     assert (cfg.vision_dtype, cfg.prefill_dtype) == (want["vision_dtype"], want["prefill_dtype"])
     b = bench_parser().parse_args(argv)
     assert (b.vision_dtype, b.prefill_dtype) == (want["vision_dtype"], want["prefill_dtype"])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_prefill_gemm_keeps_gradients_exact(kind):
+    """Through a frozen quantized layer (LoRA-style training), x's gradient is exact fp32."""
+    m = _layer(kind, 48, 128, seed=3, repack=False)
+    m.prefill_dtype = torch.bfloat16
+    x = torch.randn(32, 128, requires_grad=True)
+    m(x).sum().backward()
+    want = m.dequantized_weight().sum(0).expand(32, -1)
+    torch.testing.assert_close(x.grad, want, rtol=1e-5, atol=1e-5)

@@ -137,7 +137,8 @@ def quant_matmul(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A prefill-shaped call of an Int8Linear / Int4Linear (x (..., K) on CPU; check with
     `takes_gemm` first) → (..., N) in x's dtype."""
     x2 = x.reshape(-1, module.in_features)
-    dt = compute_dtype(module)
+    grad = torch.is_grad_enabled() and x.requires_grad
+    dt = torch.float32 if grad else compute_dtype(module)  # gradients: exact math
     if hasattr(module, "group_size"):
         y = int4_matmul(
             x2, module.qweight, module.scales, module.zeros, module.group_size,
