@@ -353,6 +353,8 @@ def test_load_backend_mlx_api(monkeypatch):
     for kw, msg in [
         (dict(device="cuda"), "device 'cuda'"),
         (dict(engine_options={"slots": 4}), "engine options"),
+        (dict(vision_dtype="bf16"), "vision_dtype='bf16'"),
+        (dict(prefill_dtype="fp32"), "vision_dtype='fp32' / prefill_dtype='fp32'"),
     ]:
         with pytest.raises(ConfigError, match=f"not supported on the mlx backend: {msg}"):
             fastvlm.load(backend="mlx", **kw)

@@ -282,10 +282,14 @@ def open_mlx(
     image_size: int | None = None,
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
+    vision_dtype: str = "fp32",
+    prefill_dtype: str | None = None,
 ) -> MlxBackend:
     """A checkpoint folder (any format) on MLX. `dtype="auto"` keeps the stored precision on
     the GPU and computes float32 on MLX's CPU build (low-precision CPU matmuls are slow), as the
-    torch backend does on CPU. The engine options have no MLX counterpart and are refused."""
+    torch backend does on CPU. The engine options and the torch CPU compute dtypes
+    (vision_dtype / prefill_dtype) have no MLX counterpart: anything but their defaults is
+    refused rather than ignored."""
     try:
         import mlx.core as mx
     except ImportError as e:
@@ -300,6 +304,11 @@ def open_mlx(
         raise ConfigError(
             f"{UNSUPPORTED}engine options {sorted(engine_options)} (it runs one request at a "
             "time: no slots, compile, vision cache or prefix reuse)"
+        )
+    if str(vision_dtype) not in ("fp32", "float32") or prefill_dtype is not None:
+        raise ConfigError(
+            f"{UNSUPPORTED}vision_dtype={vision_dtype!r} / prefill_dtype={prefill_dtype!r} "
+            "(torch CPU compute dtypes; use --dtype for the mlx weights' precision)"
         )
     on = "cpu" if dev == "cpu" or mx.default_device().type.name == "cpu" else "gpu"
     dt = str(dtype).removeprefix("torch.")
