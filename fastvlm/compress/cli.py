@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,6 +29,7 @@ from .distill import DistillConfig, distill, list_images, write_targets
 from .importance import METHODS, compute_scores
 from .optimize import SearchSpace, build, keep_planner, search, table
 from .prune import Ratios, parameter_count, plan, prune_model
+from .qat import apply_qat, strip_qat
 
 
 def _load(model: str | None, device: str = "cpu"):
@@ -157,6 +159,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.9, help="KD weight (0 = no teacher)")
     p.add_argument("--hidden-weight", type=float, default=0.0)
     p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--qat", default=None, help="train the student quantization-aware (a --quant "
+                   "spec, e.g. int4 or llm=int4-g64); the saved student is float")  # fmt: skip
     p.add_argument("--log-every", type=int, default=0)
     _common(p)
     a = p.parse_args(argv)
@@ -184,6 +188,8 @@ def distill_main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(torch.device(device))
     teacher = _load(None if a.teacher == "demo" else a.teacher, device)
     student = _student(a, teacher, device)
+    if a.qat:
+        apply_qat(student, a.qat)
     rows_data = a.data
     if a.images:
         cache = Path(a.targets or out.with_name(out.name + "-targets.jsonl"))
@@ -198,10 +204,12 @@ def distill_main(argv: list[str] | None = None) -> int:
     records = cdata.load_rows(rows_data, a.image_dir, a.shapes, a.data_seed, size)
     model = distill(teacher.model, student, records, teacher.processor, cfg,
                     pad_id=cdata.pad_id_of(teacher.tokenizer))  # fmt: skip
+    strip_qat(model)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_model(out, model, teacher.tokenizer, Path(a.student) if a.student else teacher.path,
-                   torch.float16)  # fmt: skip
+        src = teacher.path if a.student in (None, "demo") else Path(a.student)
+        # QAT: fp32, so `fastvlm quantize` rounds exactly the weights training fake-quantized
+        save_model(out, model, teacher.tokenizer, src, torch.float32 if a.qat else None)
         t, s = parameter_count(teacher.model), parameter_count(model)
         msg = f"student {s / 1e6:.2f} M parameters (teacher {t / 1e6:.2f} M, {t / s:.1f}x)"
         print(f"{msg} → {out}", file=sys.stderr)
@@ -213,7 +221,7 @@ def distill_main(argv: list[str] | None = None) -> int:
 
 def _student(a, teacher, device):
     if a.student:
-        return _load(a.student, device).model.train()
+        return _load(None if a.student == "demo" else a.student, device).model.train()
     try:
         cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
         cfg.validate()
@@ -237,10 +245,12 @@ def optimize_main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-shapes", type=int, default=50, help="else N held-out shapes scenes")
     p.add_argument("--eval-seed", type=int, default=1000)
     p.add_argument("--prefer", choices=("size", "speed"), default="size")
-    p.add_argument("--llm", nargs="+", default=list(SearchSpace.llm))
-    p.add_argument("--projector", nargs="+", default=list(SearchSpace.projector))
-    p.add_argument("--vision", nargs="+", default=list(SearchSpace.vision))
-    p.add_argument("--prune", nargs="+", type=float, default=list(SearchSpace.prune))
+    space = SearchSpace()
+    p.add_argument("--llm", nargs="+", default=list(space.llm), help="LLM schemes to try")
+    p.add_argument("--projector", nargs="+", default=list(space.projector))
+    p.add_argument("--vision", nargs="+", default=list(space.vision))
+    p.add_argument("--prune", nargs="+", type=float, default=list(space.prune),
+                   help="MLP + KV-group pruning ratios to try")  # fmt: skip
     p.add_argument("--tokens", nargs="+", type=int, default=[])
     p.add_argument("--max-candidates", type=int, default=12)
     p.add_argument("--state", default=None, help="resume file (default OUT.optimize-state.json)")
@@ -253,6 +263,9 @@ def optimize_main(argv: list[str] | None = None) -> int:
         Scheme.parse(s)  # a bad scheme fails before any work
     for r in a.prune:
         Ratios(mlp=r).check()
+    for k in a.tokens:  # the model's own limit is checked once it is loaded
+        if k < 1 or math.isqrt(k) ** 2 != k:
+            raise FastVLMError(f"--tokens {k}: image-token budgets are perfect squares (16, 64)")
     out = Path(a.out)
     _check_out(out, a.overwrite)
     ns = argparse.Namespace(
