@@ -13,7 +13,9 @@ Design decisions:
   prompt) as the teacher writes them, so an interrupted run resumes where it stopped and the
   file is ordinary training data for `fastvlm train` as well.
 * Data parallel exactly like `fastvlm train` (torchrun, gloo/nccl, one gradient all-reduce
-  per step, the teacher replicated on every rank).
+  per step, the teacher replicated on every rank). The student's BatchNorm layers stay in eval
+  mode: their running statistics are weights the teacher's features were made with, and
+  per-micro-batch statistics would make the result depend on how a batch is split.
 """
 
 from __future__ import annotations
@@ -140,6 +142,9 @@ def distill(
     device = student.lm_head.weight.device
     teacher.eval().requires_grad_(False)
     student.train()
+    for m in student.modules():  # BN statistics are part of the weights: no per-batch drift
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
     proj = None
     if cfg.hidden_weight > 0 and teacher.config.text.hidden_size != student.config.text.hidden_size:
         torch.manual_seed(cfg.seed)
