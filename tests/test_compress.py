@@ -522,3 +522,21 @@ def test_distill_under_torchrun_matches_one_process(tmp_path, tiny_dir):
     moved = max((a[k].float() - base[k].float()).abs().max().item() for k in a)
     gap = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert moved > 1e-4 and gap < 1e-2 * moved  # Adam amplifies float summation order
+
+
+def test_distill_trains_weights_but_keeps_batchnorm_statistics(tokenizer):
+    from fastvlm.processing import Processor
+    from fastvlm.train.shapes_data import shapes_records
+
+    teacher = make_tiny_model(seed=1, vocab_size=tokenizer.get_vocab_size())
+    student = make_tiny_model(seed=2, vocab_size=tokenizer.get_vocab_size())
+    stats = {k: v.clone() for k, v in student.state_dict().items() if "running_" in k}
+    w = student.language_model.layers[0].mlp.up_proj.weight.clone()
+    assert stats
+    rows = shapes_records(4, 0, teacher.config.vision.image_size)
+    cfg = DistillConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, quiet=True)
+    distill(teacher, student, rows, Processor(student.config, tokenizer), cfg)
+    for k, v in student.state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k
+    assert not torch.equal(student.language_model.layers[0].mlp.up_proj.weight, w)
