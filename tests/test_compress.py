@@ -466,6 +466,8 @@ def test_commands_refuse_a_non_empty_output(tiny_dir, tmp_path):
         (["--teacher", "demo", "--student", "a", "--init-config", "b", "-o", "X", "--shapes", "4"],
          "student"),
         (["--teacher", "demo", "--student", "demo", "-o", "X"], "one data source"),
+        (["--teacher", "demo", "--student", "demo", "--copy-vision", "-o", "X", "--shapes", "4"],
+         "copy-vision"),
         (["--teacher", "demo", "--student", "demo", "-o", "X", "--shapes", "4", "--alpha", "2"],
          "alpha"),
         (["--teacher", "demo", "--student", "demo", "-o", "X", "--shapes", "4",

@@ -145,6 +145,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", required=True, help="model id or folder ('demo' = embedded)")
     p.add_argument("--student", default=None, help="a student folder (e.g. a pruned teacher)")
     p.add_argument("--init-config", default=None, help="or a fresh student from config.json")
+    p.add_argument("--copy-vision", action="store_true", help="with --init-config: start from "
+                   "the teacher's vision tower (same vision config) and keep it frozen")  # fmt: skip
     p.add_argument("--output", "-o", required=True)
     p.add_argument("--shapes", type=int, default=0, help="generated shapes rows (demo model)")
     p.add_argument("--images", default=None, help="unlabelled images: the teacher writes answers")
@@ -166,6 +168,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if (a.student is None) == (a.init_config is None):
         raise FastVLMError("give the student as --student FOLDER or --init-config CONFIG")
+    if a.copy_vision and not a.init_config:
+        raise FastVLMError("--copy-vision goes with --init-config (a --student has its own tower)")
     if sum(x is not None and x != 0 for x in (a.data, a.images, a.shapes or None)) != 1:
         raise FastVLMError("give one data source: --data FILE, --images DIR or --shapes N")
     cfg = DistillConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
@@ -231,6 +235,11 @@ def _student(a, teacher, device):
     torch.manual_seed(a.seed)
     model = FastVLMModel(cfg).to(device)
     model.init_weights()
+    if a.copy_vision:
+        if cfg.vision != teacher.config.vision:
+            raise FastVLMError("--copy-vision needs the teacher's vision config in --init-config")
+        model.vision_tower.load_state_dict(teacher.model.vision_tower.state_dict())
+        model.vision_tower.requires_grad_(False)
     return model.train()
 
 
