@@ -1,23 +1,15 @@
 """The Python API: `fastvlm.load()` → `FastVLM` with describe / chat / stream.
 
-`FastVLM` glues the three parts that must agree on a checkpoint — model, processor (pixels +
-chat template + image placeholders) and tokenizer — and picks device and dtype sensibly:
-CUDA > MPS > CPU, bf16 on CUDA, fp16 on MPS, fp32 on CPU (bf16 matmuls on AVX2 CPUs run about
-150x slower than fp32).
-
-Generation goes through one lazily built `Engine` per `FastVLM` (`vlm.engine`): calls from several
-threads are batched together (continuous batching), a repeated image is encoded once (vision
-cache) and a follow-up chat turn reuses the KV of its history (prefix reuse). `engine="reference"`
-keeps the slow, obviously-correct decoder of `engine/generate.py` (the oracle the engine is tested
-against); a request longer than the engine's `max_len` also falls back to it.
+`FastVLM` glues what must agree on a checkpoint — processor (pixels + chat template + image
+placeholders) and tokenizer — to a runtime behind the `Backend` protocol (fastvlm/backends/):
+PyTorch (the continuous-batching engine, or the reference decoder) or ONNX Runtime for an
+exported folder. Everything above token ids (templates, images, detokenizing, stop strings) is
+shared by every backend.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,110 +17,79 @@ from typing import Any
 import torch
 
 from . import hub
-from .engine.allocator import tune_malloc
-from .engine.engine import Engine
-from .engine.generate import Chunk, Stats, generate_step, stream_generate
-from .engine.request import stream_text
+from .backends import open_backend
+from .backends.base import Backend, Generation
+from .backends.torch import ENGINES
+from .device import DTYPES, resolve_device, resolve_dtype
+from .engine.generate import Chunk, Stats, text_chunks
 from .engine.sampling import SamplingParams
-from .errors import ConfigError
 from .images import ImageInput
 from .processing import Processor
-from .tokenization import STOP_TOKENS, load_tokenizer
-from .weights import load_config, load_model
+from .tokenization import load_tokenizer
+from .video import is_video  # video paths become video parts (sampled frames)
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available")
-    if dev.type == "mps" and not (torch.backends.mps.is_available()):
-        raise ValueError("device='mps' was asked for but MPS is not available")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        out = dtype
-    elif dtype in (None, "auto"):
-        out = {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
-    elif str(dtype).lower() in DTYPES:
-        out = DTYPES[str(dtype).lower()]
-    else:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
-    if device.type == "cpu" and out != torch.float32:
-        warnings.warn(
-            f"{out} on CPU is very slow on most CPUs (no native bf16/fp16 matmul); "
-            "float32 is recommended",
-            stacklevel=3,
-        )
-    return out
-
+__all__ = ["DTYPES", "ENGINES", "FastVLM", "load", "resolve_device", "resolve_dtype"]
 
 SAMPLING_KEYS = {f for f in SamplingParams.__slots__}
-ENGINES = ("fast", "reference")
 
 
 class FastVLM:
     """A loaded FastVLM: `describe(image)`, `chat(messages)`, `stream(...)`."""
 
-    # batch-1 token generator over `self.model` (the ONNX Runtime backend plugs in its own)
-    step_fn = staticmethod(generate_step)
-
     def __init__(
-        self,
-        model,
-        processor: Processor,
-        tokenizer,
-        path: Path | None = None,
-        *,
-        engine: str = "fast",
-        engine_options: dict[str, Any] | None = None,
+        self, backend: Backend, processor: Processor, tokenizer, path: Path | None = None
     ) -> None:
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        self.engine_kind = engine
-        self.engine_options = dict(engine_options or {})
-        self._engine: Engine | None = None
-        self._engine_lock = threading.Lock()
-        self.model = model
+        self.backend = backend
         self.processor = processor
         self.tokenizer = tokenizer
         self.path = path
-        self.config = model.config
+        self.config = backend.config
         self.last_stats: Stats | None = None
-        eos = self.config.text.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer is not None:
-            ids |= {i for t in STOP_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
-        self.eos_ids = sorted(ids)
-        # Ids past the tokenizer's vocabulary are padding rows: never sample them.
-        self.vocab_limit = tokenizer.get_vocab_size(with_added_tokens=True) if tokenizer else None
 
     # ------------------------------------------------------------------ properties
     @property
+    def eos_ids(self) -> list[int]:
+        return self.backend.eos_ids
+
+    @property
+    def vocab_limit(self) -> int | None:
+        return getattr(self.backend, "vocab_limit", None)
+
+    @property
+    def model(self):
+        """The backend's model object (a torch `FastVLMModel`, or an ONNX Runtime `OrtModel`)."""
+        try:
+            return self.backend.model
+        except AttributeError:
+            raise AttributeError(
+                f"the {self.backend.name} backend has no model object (vlm.model)"
+            ) from None
+
+    @property
+    def engine(self):
+        """The torch backend's shared continuous-batching engine (built on first use)."""
+        try:
+            return self.backend.engine
+        except AttributeError:
+            raise AttributeError(
+                f"the {self.backend.name} backend has no continuous-batching engine (vlm.engine);"
+                " requests run one at a time"
+            ) from None
+
+    @property
+    def engine_kind(self) -> str:
+        return getattr(self.backend, "engine_kind", "reference")
+
+    @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        dev = getattr(self.backend, "torch_device", None)
+        return dev if dev is not None else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        """The torch dtype of the weights, or float32 (the dtype at the backend's boundary)."""
+        dt = getattr(self.backend, "torch_dtype", None)
+        return dt if dt is not None else torch.float32
 
     @property
     def image_token_id(self) -> int:
@@ -142,29 +103,11 @@ class FastVLM:
     def image_size(self) -> int:
         return self.config.vision.image_size
 
-    @property
-    def engine(self) -> Engine:
-        """The shared continuous-batching engine (built on first use; thread-safe)."""
-        if self._engine is None:
-            with self._engine_lock:
-                if self._engine is None:
-                    opts = {
-                        "slots": 8,
-                        "max_len": min(self.config.text.max_position_embeddings, 4096),
-                    }
-                    opts.update(self.engine_options)
-                    self._engine = Engine.from_vlm(self, **opts)
-        return self._engine
-
-    def _use_engine(self, n_ids: int, params: SamplingParams) -> bool:
-        if self.engine_kind == "reference":
-            return False
-        return n_ids + params.max_tokens <= self.engine.max_len
-
     def __repr__(self) -> str:
         return (
             f"FastVLM(path={str(self.path)!r}, format={self.config.format!r}, "
-            f"device={self.device}, dtype={self.dtype}, image_size={self.image_size})"
+            f"backend={self.backend.name!r}, device={self.backend.device}, "
+            f"dtype={self.backend.dtype}, image_size={self.image_size})"
         )
 
     # ------------------------------------------------------------------ inputs
@@ -205,8 +148,6 @@ class FastVLM:
 
     @staticmethod
     def describe_messages(images: list[ImageInput], prompt: str) -> list[dict]:
-        from .video import is_video  # video paths become video parts (sampled frames)
-
         content: list[dict] = [
             {"type": "video", "video": im} if is_video(im) else {"type": "image", "image": im}
             for im in images
@@ -215,6 +156,41 @@ class FastVLM:
         return [{"role": "user", "content": content}]
 
     # ------------------------------------------------------------------ generation
+    def submit(
+        self,
+        ids: list[int],
+        pixels: torch.Tensor | None = None,
+        *,
+        tokens_per_image: int | None = None,
+        **sampling,
+    ) -> Generation:
+        """Start generating for already-encoded ids (see `encode`); read it with `text_chunks`.
+        On a backend that batches, several submitted generations decode together."""
+        params = self._params(sampling)
+        return self.backend.submit(ids, pixels, params, tokens_per_image=tokens_per_image)
+
+    def text_chunks(
+        self, gen: Generation, params: SamplingParams | None = None, preprocess_s: float = 0.0
+    ) -> Iterator[Chunk]:
+        """Text-delta chunks of a generation: EOS and stop strings as the reference decoder;
+        stopping early (a stop string, the consumer going away) cancels it."""
+        params = params or getattr(gen, "params", None) or SamplingParams()
+        eos = set() if params.ignore_eos else set(self.backend.eos_ids)
+        try:
+            for chunk in text_chunks(
+                gen,
+                self.tokenizer,
+                params.stop,
+                eos,
+                gen.stats,
+                end_reason=lambda: gen.finish_reason or "length",
+            ):
+                chunk.stats.preprocess_s = preprocess_s
+                self.last_stats = chunk.stats
+                yield chunk
+        finally:
+            gen.cancel()
+
     def stream_chunks(
         self,
         messages: list[dict],
@@ -228,37 +204,15 @@ class FastVLM:
         (a perfect square ≤ `num_image_tokens`), `max_images` caps images + video frames."""
         t_call = time.perf_counter()  # TTFT counts from here: decoding a big image is user wait
         params = self._params(sampling)
-        tpi = tokens_per_image
         ids, pixels = self.encode(
             messages,
-            tokens_per_image=tpi,
+            tokens_per_image=tokens_per_image,
             max_images=max_images,
             allow_special_tokens=allow_special_tokens,
         )
-        if self._use_engine(len(ids), params):
-            handle = self.engine.submit(ids, pixels, params, tokens_per_image=tpi)
-            pre = handle._submitted - t_call  # the engine's prefill_s counts from submit on
-            for chunk in stream_text(handle, self.tokenizer):
-                chunk.stats.preprocess_s = pre
-                self.last_stats = chunk.stats
-                yield chunk
-            return
-        if pixels is not None:
-            pixels = pixels.to(self.device)
-        pre = time.perf_counter() - t_call
-        for chunk in stream_generate(
-            self.model,
-            self.tokenizer,
-            ids,
-            pixels,
-            params,
-            eos_ids=self.eos_ids,
-            vocab_limit=self.vocab_limit,
-            tokens_per_image=tpi,
-        ):
-            chunk.stats.preprocess_s = pre
-            self.last_stats = chunk.stats
-            yield chunk
+        pre = time.perf_counter() - t_call  # the backend's prefill_s counts from submit on
+        gen = self.backend.submit(ids, pixels, params, tokens_per_image=tokens_per_image)
+        yield from self.text_chunks(gen, params, pre)
 
     def stream_chat(self, messages: list[dict], **sampling) -> Iterator[str]:
         for chunk in self.stream_chunks(messages, **sampling):
@@ -302,39 +256,12 @@ class FastVLM:
         self, input_ids: list[int], pixel_values: torch.Tensor | None = None, **sampling
     ) -> list[int]:
         """Token ids in, generated ids out (EOS included; stops at EOS unless ignore_eos)."""
-        params = self._params(sampling)
-        if self._use_engine(len(input_ids), params):
-            handle = self.engine.submit(input_ids, pixel_values, params)
-            out = handle.result()
-            self.last_stats = handle.stats
-            if handle.finish_reason == "error":
-                raise RuntimeError(f"generation failed for request {handle.id}")
-            return out
-        px = None if pixel_values is None else pixel_values.to(self.device)
-        return list(
-            generate_step(
-                self.model,
-                input_ids,
-                px,
-                params,
-                eos_ids=self.eos_ids,
-                vocab_limit=self.vocab_limit,
-            )
-        )
-
-
-def _refuse_foreign_export(folder: Path) -> None:
-    """A Core ML export has a fastvlm_export.json too, but no runtime here runs it: say so,
-    instead of failing later as a broken ONNX folder."""
-    try:
-        fmt = json.loads((folder / "fastvlm_export.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return  # no manifest (a checkpoint), or one the ONNX backend will report on
-    if fmt not in ("onnx", "tflite"):
-        raise ConfigError(
-            f"{folder} is a {fmt} export (see its fastvlm_export.json): fastvlm runs checkpoints "
-            "and ONNX exports; run Core ML packages with Core ML on macOS (see its README.md)"
-        )
+        gen = self.backend.submit(input_ids, pixel_values, self._params(sampling))
+        out = list(gen)
+        self.last_stats = gen.stats
+        if gen.finish_reason == "error":
+            raise RuntimeError(f"generation failed on the {self.backend.name} backend")
+        return out
 
 
 def load(
@@ -348,6 +275,7 @@ def load(
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
     backend: str = "auto",
+    backend_options: dict[str, Any] | None = None,
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
@@ -356,32 +284,21 @@ def load(
     `engine="reference"` uses the slow reference decoder; `engine_options` go to `Engine`
     (slots, max_len, vision_cache_size, prefix_reuse, compile).
     `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
-    anything else on PyTorch), "torch" or "onnxruntime".
+    anything else on PyTorch), or a name of `fastvlm.backends.BACKENDS` ("torch",
+    "onnxruntime"); `backend_options` go to that backend's opener (e.g. intra_op_threads).
     """
     folder = hub.resolve(model, download=download)
-    _refuse_foreign_export(folder)
-    if backend not in ("auto", "torch", "onnxruntime"):
-        raise ValueError(f"unknown backend {backend!r}: use auto, torch or onnxruntime")
-    exported = (folder / "fastvlm_export.json").exists()
-    if backend == "onnxruntime" or (backend == "auto" and exported):
-        from .export.ort_backend import load_onnx
-
-        vlm = load_onnx(folder)
-        if image_size not in (None, vlm.image_size):
-            raise ConfigError(
-                f"{folder} is an ONNX export fixed at {vlm.image_size} px: image_size="
-                f"{image_size} needs a new export (fastvlm export onnx MODEL OUT --image-size "
-                f"{image_size})"
-            )
-        return vlm
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    if dev.type == "cpu":
-        tune_malloc()  # big activations: reuse heap memory instead of mmap + page faults
-    cfg = load_config(folder, image_size)
-    net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
-    if dev.type == "cpu":
-        net.vision_tower.use_channels_last()
     tok = load_tokenizer(folder)
-    proc = Processor(net.config, tok)
-    return FastVLM(net, proc, tok, folder, engine=engine, engine_options=engine_options)
+    be = open_backend(
+        folder,
+        backend,
+        tokenizer=tok,
+        device=device,
+        dtype=dtype,
+        trust_pickle=trust_pickle,
+        image_size=image_size,
+        engine=engine,
+        engine_options=engine_options,
+        **(backend_options or {}),
+    )
+    return FastVLM(be, Processor(be.config, tok), tok, folder)

@@ -16,21 +16,19 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .engine.sampling import SamplingParams
 from .errors import FastVLMError
 
 
 def caption_items(vlm, items: list[dict], options: dict[str, Any]) -> list[dict]:
     """Caption a batch of items with one loaded model; never raises for a bad item.
 
-    All readable items are submitted to the model's engine at once so they decode together."""
-    from .engine.request import stream_text
-    from .engine.sampling import SamplingParams
-
+    All readable items are submitted at once: a backend that batches (the torch engine) decodes
+    them together; the others run each generation lazily, one at a time, as it is read."""
     tpi = options.get("tokens_per_image")
     sampling = options.get("sampling", {})
     params = SamplingParams(**sampling)
     params.validate()
-    fast = getattr(vlm, "engine_kind", "reference") != "reference"
     rows, pending = [], []
     for it in items:
         base = {"id": it["id"], "image": it.get("image")}
@@ -39,18 +37,13 @@ def caption_items(vlm, items: list[dict], options: dict[str, Any]) -> list[dict]
             src = bytes(data) if isinstance(data, (bytes, bytearray)) else it["image"]
             messages = vlm.describe_messages([src], it["prompt"])
             ids, px = vlm.encode(messages, tokens_per_image=tpi)
-            handle = None
-            if fast and len(ids) + params.max_tokens <= vlm.engine.max_len:
-                handle = vlm.engine.submit(ids, px, params, tokens_per_image=tpi)
-            pending.append((base, messages, handle, time.perf_counter()))
+            gen = vlm.backend.submit(ids, px, params, tokens_per_image=tpi)
+            pending.append((base, gen, time.perf_counter()))
         except (FastVLMError, ValueError, OSError) as e:
             rows.append({**base, "error": f"{type(e).__name__}: {e}"})
-    for base, messages, handle, t0 in pending:
+    for base, gen, t0 in pending:
         try:
-            if handle is None:  # reference engine, or too long for the engine: one at a time
-                chunks = list(vlm.stream_chunks(messages, tokens_per_image=tpi, **sampling))
-            else:
-                chunks = list(stream_text(handle, vlm.tokenizer))
+            chunks = list(vlm.text_chunks(gen, params))
             s, last = chunks[-1].stats, chunks[-1]
             rows.append(
                 {

@@ -283,3 +283,58 @@ def _with_extras(cfg: FastVLMConfig, d: dict[str, Any]) -> FastVLMConfig:
         if k in ("image_aspect_ratio", "chat_template", "system_prompt"):
             setattr(cfg, k, v)
     return cfg
+
+
+# ---------------------------------------------------------------------- model shapes
+# The released decoder shapes (FASTVLM_REFERENCE §3) with the converted checkpoints' vocabulary
+# rows (the Apple rows + `<image>`, padded to a multiple of 64); "tiny" runs tests in seconds.
+# Every tool that builds a random-weight model of a real size takes its shape from here.
+_QWEN2 = dict(rope_theta=1e6, max_position_embeddings=32768)
+TEXT_SHAPES: dict[str, dict[str, Any]] = {
+    "0.5b": dict(
+        vocab_size=152000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, **_QWEN2,
+    ),
+    "1.5b": dict(
+        vocab_size=152000, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, **_QWEN2,
+    ),
+    "7b": dict(
+        vocab_size=152128, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, **_QWEN2,
+    ),
+    "tiny": dict(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_theta=1e6, max_position_embeddings=2048,
+    ),
+}  # fmt: skip
+# Rows of the original Apple checkpoints (before `<image>` and the padding): 0.5B / 1.5B / 7B.
+APPLE_VOCAB_ROWS = {"0.5b": 151936, "1.5b": 151936, "7b": 152064}
+# The vision tower of "tiny": every stage one block, narrow (FastViTHD's released tower otherwise).
+TINY_VISION: dict[str, Any] = dict(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128))
+
+
+def shape(
+    name: str,
+    image_size: int = 1024,
+    *,
+    vision: dict[str, Any] | None = None,
+    chat_template: str = "hf",
+    **text: Any,
+) -> FastVLMConfig:
+    """The FastVLMConfig of a named shape ("0.5b", "1.5b", "7b", "tiny") at `image_size`.
+    `text` overrides TextConfig fields (e.g. `vocab_size=APPLE_VOCAB_ROWS["0.5b"]`), `vision`
+    VisionConfig fields (e.g. `vision=TINY_VISION` for a real decoder behind a toy tower)."""
+    if name not in TEXT_SHAPES:
+        raise ValueError(f"unknown shape {name!r}: choose from {sorted(TEXT_SHAPES)}")
+    t = {**TEXT_SHAPES[name], **text}
+    tiny = name == "tiny"
+    v = TINY_VISION if tiny and vision is None else vision or {}
+    return FastVLMConfig(
+        vision=VisionConfig(image_size=image_size, **v),
+        text=TextConfig(**t),
+        image_token_id=t["vocab_size"] - 1 if tiny else QWEN2_IMAGE_TOKEN_ID,
+        image_aspect_ratio="pad",
+        chat_template=chat_template,
+    )

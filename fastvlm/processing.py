@@ -26,6 +26,7 @@ from .errors import ImageError, PromptError, TokenizerError
 from .images import ImageInput, load_image, preprocess_image
 from .model.fastvlm import check_tokens_per_image
 from .tokenization import text_tokenizer
+from .video import read_frames
 
 IMAGE_MARKER = "<image>"
 DEFAULT_MAX_IMAGES = 64  # per request, video frames included
@@ -76,8 +77,6 @@ def _video_part(p: dict) -> dict:
         if len(times) != len(images):
             raise ValueError("a video part needs one timestamp per frame")
     else:
-        from .video import read_frames
-
         src = p.get("video", p.get("video_url", p.get("url")))
         if isinstance(src, dict):
             src = src.get("url")

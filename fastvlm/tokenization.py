@@ -30,6 +30,17 @@ QWEN2_PATTERN = (
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
+def generation_limits(eos_token_id, tokenizer) -> tuple[list[int], int | None]:
+    """(ids that end a generation, vocabulary limit): the config's EOS plus the chat stop
+    tokens; ids past the tokenizer's vocabulary are padding rows that must never be sampled."""
+    ids = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+    ids.discard(None)
+    if tokenizer is None:
+        return sorted(ids), None
+    ids |= {i for t in STOP_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
+    return sorted(ids), tokenizer.get_vocab_size(with_added_tokens=True)
+
+
 def load_tokenizer(folder: Path):
     """Return a `tokenizers.Tokenizer` or None when the folder has no tokenizer files."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers

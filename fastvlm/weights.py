@@ -21,17 +21,22 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import FastVLMConfig, VisionConfig, from_apple_dict, from_hf_dict
 from .config_format import config_to_format, preprocessor_config
 from .dtypes import dominant_dtype
 from .errors import CheckpointError, ConfigError
+from .model.fastvlm import FastVLMModel
+from .quant.apply import finalize, prepare_for_load
 
 JUNK = (
     re.compile(r"(^|\.)num_batches_tracked$"),
@@ -209,12 +214,15 @@ def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
         )
     if pickles:
         return pickles
+    if (folder / "fastvlm_export.json").exists():  # its weights live inside the ONNX graphs
+        raise CheckpointError(
+            f"{folder} is an ONNX export, not a PyTorch checkpoint: run it with --backend "
+            "onnxruntime (or auto); quantize, train, convert or export the checkpoint it came from"
+        )
     raise CheckpointError(f"{folder} has no weights (*.safetensors)")
 
 
 def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     for f in files:
         if f.suffix != ".safetensors":
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -229,8 +237,6 @@ def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, 
 
 
 def peek_keys_and_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import SafetensorError, safe_open
-
     out = {}
     for f in files:
         if f.suffix != ".safetensors":
@@ -254,8 +260,6 @@ def load_model(
     config: FastVLMConfig | None = None,
 ):
     """Build a FastVLMModel from a checkpoint folder: meta init, strict key check, assign."""
-    from .model.fastvlm import FastVLMModel
-
     folder = Path(folder)
     cfg = config or load_config(folder, image_size)
     files = weight_files(folder, trust_pickle)
@@ -268,9 +272,7 @@ def load_model(
     with torch.device("meta"):
         model = FastVLMModel(cfg)
     if cfg.quantization:  # swap in empty quantized Linears so the key sets match
-        from . import quant
-
-        quant.prepare_for_load(model, cfg.quantization)
+        prepare_for_load(model, cfg.quantization)
     expected = dict(model.state_dict())
     tied = cfg.text.tie_word_embeddings
     if tied:
@@ -319,7 +321,7 @@ def load_model(
     model.tie_weights()
     model.source_dtype = dominant_dtype(numel_by_dtype)  # what `--save-dtype auto` writes
     if cfg.quantization:  # repack the portable int8/int4 tensors for this device's kernel
-        quant.finalize(model)
+        finalize(model)
     return model.eval()
 
 
@@ -337,8 +339,6 @@ def save_checkpoint(
 ) -> None:
     """Write internal-named tensors + config in `fmt` to `folder` (tied lm_head not stored);
     `dtype` casts the float tensors (integer / quantized ones are kept as they are)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     keymap = KeyMap(fmt, cfg.vision)
@@ -385,10 +385,6 @@ TOKENIZER_FILES = (
 
 def convert_checkpoint(src: Path, dst: Path, fmt: str, *, trust_pickle: bool = False) -> Path:
     """Rewrite a checkpoint folder in another format, tensors bit-for-bit (no dtype change)."""
-    import shutil
-
-    from .model.fastvlm import FastVLMModel
-
     src, dst = Path(src), Path(dst)
     if fmt not in ("apple", "hf", "fastvlm"):
         raise ValueError(f"--to must be apple, hf or fastvlm, not {fmt!r}")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 def main(argv: list[str] | None = None) -> int:
     from fastvlm import kernels
-    from fastvlm.bench import build_shape, prompt_ids
+    from fastvlm.bench.workload import build_shape, prompt_ids
     from fastvlm.engine.engine import Engine
     from fastvlm.engine.sampling import SamplingParams
     from fastvlm.quant import quantize_model

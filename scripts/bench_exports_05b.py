@@ -9,7 +9,7 @@ interrupted run resumes where it stopped. No weights are downloaded.
         --json benchmarks/exports-0.5b-DATE.json --txt benchmarks/exports-0.5b-DATE.txt
 
 ONNX (`scripts/export_05b.py`) and PyTorch use the same 280-token prompt (15 text tokens, 256
-image tokens, 9 text tokens; `fastvlm.bench.prompt_ids`) and one 1024² image. The LiteRT-LM
+image tokens, 9 text tokens; `fastvlm.bench.workload.prompt_ids`) and one 1024² image. The LiteRT-LM
 bundle is the 0.5B decoder with a small vision tower (the 1024-px encoder is not converted here),
 timed with `litert_lm.Benchmark` on a text prompt of the same length.
 """
@@ -42,15 +42,15 @@ def peak_rss_gb() -> float:
 # ---------------------------------------------------------------------- children
 def cmd_torch(a) -> dict:
     """fastvlm's own engine (`fastvlm bench`'s timing code) at one weight precision."""
-    from fastvlm.bench import bench_engine, build_shape, measure_bandwidth
-    from fastvlm.engine.allocator import tune_malloc
+    from fastvlm.bench.measure import measure_bandwidth
+    from fastvlm.bench.torch_engine import bench_engine
+    from fastvlm.bench.workload import build_shape
+    from fastvlm.device import prepare_for_device
     from fastvlm.processing import Processor
     from fastvlm.quant import quantize_model
 
     torch.set_num_threads(a.threads)
-    tune_malloc()
-    model = build_shape("0.5b", 1024)
-    model.vision_tower.use_channels_last()  # as fastvlm.load does on CPU
+    model = prepare_for_device(build_shape("0.5b", 1024), "cpu")  # as fastvlm.load does
     if a.quant != "fp32":
         quantize_model(model, a.quant)
     args = argparse.Namespace(max_tokens=a.tokens, concurrency=[1], repeats=a.repeats)
@@ -70,16 +70,14 @@ def cmd_torch(a) -> dict:
 
 def litert_model(layers: int):
     """0.5B text shape (as `litertlm_shape_check.py`) with a small vision tower."""
-    from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig
+    from fastvlm.config import APPLE_VOCAB_ROWS, TINY_VISION, shape
     from fastvlm.model.fastvlm import FastVLMModel
 
-    vision = VisionConfig(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128), image_size=128)
-    text = TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                      num_hidden_layers=layers, num_attention_heads=14, num_key_value_heads=2,
-                      tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
-                      eos_token_id=151645)  # fmt: skip
+    cfg = shape("0.5b", 128, vision=TINY_VISION, chat_template="apple",
+                vocab_size=APPLE_VOCAB_ROWS["0.5b"], num_hidden_layers=layers,
+                eos_token_id=151645)  # fmt: skip
     torch.manual_seed(0)
-    model = FastVLMModel(FastVLMConfig(vision=vision, text=text, image_token_id=151646))
+    model = FastVLMModel(cfg)
     with torch.no_grad():  # non-trivial weights everywhere (default init leaves tiny scales)
         for name, w in model.named_parameters():
             scale = w[0].numel() ** 0.5 if w.ndim >= 2 else 10
@@ -166,8 +164,12 @@ def cmd_run(a) -> dict:
     steps: dict[str, dict | None] = {}
     for p in a.presets.split(","):
         out = str(work / f"onnx-{p}")
-        steps[f"onnx-{p}-export"] = child(work, f"onnx-{p}-export", [
-            py, exp, "export", out, "--precision", p, "--no-parity", "--threads", "2"], log)
+        steps[f"onnx-{p}-export"] = child(
+            work,
+            f"onnx-{p}-export",
+            [py, exp, "export", out, "--precision", p, "--no-parity", "--threads", "2"],
+            log,
+        )
         steps[f"onnx-{p}-ort"] = child(work, f"onnx-{p}-ort", [
             py, exp, "bench", out, "--threads", str(a.threads), "--tokens", str(a.tokens),
             "--repeats", str(a.repeats)], log)  # fmt: skip
@@ -250,8 +252,10 @@ def versions(litert_python: str | None) -> dict:
         except md.PackageNotFoundError:
             v[name] = None
     if litert_python:
-        code = ("import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in "
-                "('litert-torch', 'ai-edge-litert', 'litert-lm-builder', 'litert-lm-api')}))")
+        code = (
+            "import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in "
+            "('litert-torch', 'ai-edge-litert', 'litert-lm-builder', 'litert-lm-api')}))"
+        )
         p = subprocess.run([litert_python, "-c", code], capture_output=True, text=True)
         v.update(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {})
     return v

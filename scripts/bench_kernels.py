@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from fastvlm.config import APPLE_VOCAB_ROWS, TEXT_SHAPES, shape  # noqa: E402
+
 
 def best_per_call(fn, mats, x, rounds_out: list[float]) -> None:
     t0 = time.perf_counter()
@@ -47,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--ms", default="1,2,4,8", help="comma-separated row counts")
     p.add_argument("--kinds", default="fp32,int8,int4-g128", help="fp32,int8,int4-gG,...")
-    p.add_argument("--n", type=int, default=4864)
-    p.add_argument("--k", type=int, default=896)
+    p.add_argument("--n", type=int, default=TEXT_SHAPES["0.5b"]["intermediate_size"])
+    p.add_argument("--k", type=int, default=TEXT_SHAPES["0.5b"]["hidden_size"])
     p.add_argument(
         "--mats",
         type=int,
@@ -56,16 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct weight matrices (raised so each kind spans >= 128 MB)",
     )
     p.add_argument("--rounds", type=int, default=15, help="timed rounds; best is kept")
-    p.add_argument("--shapes", default="", help="NxK,NxK,... or 0.5b (overrides --n/--k)")
+    p.add_argument(
+        "--shapes", default="", help="NxK,NxK,... or 0.5b / 1.5b / 7b (overrides --n/--k)"
+    )
     p.add_argument("--exact", action="store_true", help="int8/int4: exact fp32 kernel path")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if not kernels.available():
         print(f"kernels not available: {kernels.unavailable_reason()}", file=sys.stderr)
         return 1
-    if a.shapes:
-        text = SHAPES.get(a.shapes, a.shapes)
-        shapes = [tuple(int(v) for v in t.lower().split("x")) for t in text.split(",")]
+    if a.shapes in TEXT_SHAPES:
+        shapes = linear_shapes(a.shapes)
+    elif a.shapes:
+        shapes = [tuple(int(v) for v in t.lower().split("x")) for t in a.shapes.split(",")]
     else:
         shapes = [(a.n, a.k)]
     results = []
@@ -75,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SHAPES = {"0.5b": "896x896,128x896,4864x896,896x4864,151936x896"}
+def linear_shapes(name: str) -> list[tuple[int, int]]:
+    """(N, K) of a decoder shape's Linears (q/o, k/v, gate/up, down, lm_head over the Apple
+    vocabulary rows) from `fastvlm.config`'s shape table."""
+    t = shape(name).text
+    h, kv = t.hidden_size, t.num_key_value_heads * t.head_dim
+    inter = t.intermediate_size
+    return [(h, h), (kv, h), (inter, h), (h, inter), (APPLE_VOCAB_ROWS[name], h)]
 
 
 def run_shape(a, n: int, k: int) -> list[dict]:

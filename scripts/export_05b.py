@@ -29,26 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastvlm.bench import prompt_ids  # noqa: E402
-from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig  # noqa: E402
+from fastvlm.bench.workload import prompt_ids  # noqa: E402
+from fastvlm.config import FastVLMConfig, shape  # noqa: E402
 
 
 def config_05b() -> FastVLMConfig:
-    text = TextConfig(
-        vocab_size=152000,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151645,
-    )
-    return FastVLMConfig(vision=VisionConfig(image_size=1024), text=text)
+    return shape("0.5b", 1024, chat_template="apple", bos_token_id=151643, eos_token_id=151645)
 
 
 def random_05b(seed: int = 0):
@@ -85,9 +71,10 @@ def cmd_export(a) -> dict:
 
 
 def cmd_bench(a) -> dict:
-    from fastvlm.export.ort_backend import load_onnx
+    import fastvlm
 
-    vlm = load_onnx(a.out, intra_op_threads=a.threads)
+    opts = {"intra_op_threads": a.threads}
+    vlm = fastvlm.load(a.out, backend="onnxruntime", backend_options=opts)
     cfg = vlm.config
     g = torch.Generator().manual_seed(0)
     s = cfg.vision.image_size
@@ -101,7 +88,7 @@ def cmd_bench(a) -> dict:
     st = sorted(runs, key=lambda r: r.decode_tps)[len(runs) // 2]  # the median-decode run
     return {
         "out": str(a.out),
-        "precision": vlm.precision,
+        "precision": vlm.backend.precision,
         "threads": a.threads,
         "prompt_tokens": st.prompt_tokens,
         "generation_tokens": st.generation_tokens,

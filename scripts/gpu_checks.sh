@@ -4,7 +4,7 @@
 #   1. tests/test_gpu.py (engine eager + CUDA graphs vs the reference decoder, demo model GPU = CPU,
 #      quantized layers and training steps on CUDA);
 #   2. the demo model trained on the GPU: two vision variants in parallel, each sized to
-#      $TRAIN_BUDGET seconds by scripts/make_demo_model.py --time-budget, packaged as float16;
+#      $TRAIN_BUDGET seconds by dev/demo_model/make_demo_model.py --time-budget, packaged as float16;
 #   3. `fastvlm bench` on the 0.5B shape in $DTYPE against transformers in the same run, then the
 #      same engine without CUDA graphs.
 # Optional: .whl/*.whl (e.g. transformers) are installed into $TMPDIR/site first (no network there).
@@ -50,7 +50,7 @@ train() {  # name variant size
   local w=$SCRATCH/demo-$1
   mkdir -p "$w"
   [ -f .gpu/tokenizer.json ] && cp .gpu/tokenizer.json "$w/"
-  timeout $(( TRAIN_BUDGET + 90 )) $PY scripts/make_demo_model.py --work "$w" --out "$w/out" \
+  timeout $(( TRAIN_BUDGET + 90 )) $PY dev/demo_model/make_demo_model.py --work "$w" --out "$w/out" \
     --variant "$2" --image-size "$3" --device "$DEVICE" --workers "$WORKERS" --batch-size "$BATCH" \
     --lr 1e-3 --warmup 200 --save-every 1000 --log-every 100 \
     $( [ "$STEPS" -gt 0 ] && echo "--steps $STEPS --phase1 $(( STEPS / 8 ))" || echo "--time-budget $TRAIN_BUDGET" ) \

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fastvlm.config import FastVLMConfig, TextConfig, VisionConfig
+from fastvlm.config import APPLE_VOCAB_ROWS, TINY_VISION, shape
 from fastvlm.export.litertlm import convert_parts
 from fastvlm.export.litertlm_run import InterpreterVLM, torch_greedy
 from fastvlm.model.fastvlm import FastVLMModel
@@ -29,12 +29,9 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--tokens", type=int, default=16)
     a = p.parse_args()
-    vision = VisionConfig(layers=(1, 1, 1, 1, 1), embed_dims=(8, 16, 32, 64, 128), image_size=128)
-    text = TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                      num_hidden_layers=a.layers, num_attention_heads=14, num_key_value_heads=2,
-                      tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6,
-                      eos_token_id=151645)  # fmt: skip
-    cfg = FastVLMConfig(vision=vision, text=text, image_token_id=151646)
+    cfg = shape("0.5b", 128, vision=TINY_VISION, chat_template="apple",
+                vocab_size=APPLE_VOCAB_ROWS["0.5b"], num_hidden_layers=a.layers,
+                eos_token_id=151645)  # fmt: skip
     torch.manual_seed(0)
     model = FastVLMModel(cfg)
     with torch.no_grad():  # non-trivial weights everywhere (default init leaves tiny scales)

@@ -23,7 +23,7 @@ Usage (run in the parity virtualenv; about 7 GB of RAM at peak)::
         [--apple-dir $WORK/fastvlm05b_apple]
 
 ``--apple-dir`` also writes the same weights in Apple's ``llava_qwen2`` format (keys from the
-inverse conversion table in ``make_fixtures.py``), with an Apple-style config.json; like the real
+inverse conversion table in ``fixture_model.py``), with an Apple-style config.json; like the real
 Apple file its embedding / lm_head keep only the first 151936 rows (so Apple-side logits equal
 ``logits[..., :151936]`` of the HF model).
 """
@@ -47,7 +47,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_fixtures as mf  # noqa: E402
+import fixture_common as fc  # noqa: E402
+import fixture_model as fm  # noqa: E402
 
 SEED = 5_000_000
 IMAGE_SIZE = 1024
@@ -105,7 +106,7 @@ def build_config():
 
 
 def load_pixels(size: int) -> torch.Tensor:
-    photo_path = mf.DEFAULT_OUT / "photo.png"
+    photo_path = fc.DEFAULT_OUT / "photo.png"
     if photo_path.exists():
         photo = Image.open(photo_path).convert("RGB")
     else:
@@ -114,14 +115,14 @@ def load_pixels(size: int) -> torch.Tensor:
         photo = (
             Image.fromarray(skimage.data.chelsea()).convert("RGB").resize((300, 200), Image.LANCZOS)
         )
-    ip = mf.clip_pil_processor(size)
+    ip = fc.clip_pil_processor(size)
     return torch.from_numpy(
         np.asarray(ip(images=photo, return_tensors="np")["pixel_values"])
     ).float()
 
 
 def load_input_ids() -> tuple[torch.Tensor, str]:
-    path = mf.DEFAULT_OUT / "chat_goldens.json"
+    path = fc.DEFAULT_OUT / "chat_goldens.json"
     if path.exists():
         for case in json.loads(path.read_text(encoding="utf-8")):
             if case["name"] == "single_turn_image_text" and case["format"] == "hf":
@@ -163,18 +164,18 @@ def main() -> None:
     # and greedy decoding repeats one token); projected image features std = 2 x embedding std
     # at the calibration size (as in the tiny model: 1.0 vs 0.5).
     embed_std = 2.0 / config.text_config.hidden_size**0.5
-    mf.randomize_(model, SEED, embed_std=embed_std, out_gain=4.0, qk_gain=2.0)
-    factors = mf.calibrate_vision_(model, load_pixels(CALIB_SIZE), proj_target=2 * embed_std)
+    fm.randomize_(model, SEED, embed_std=embed_std, out_gain=4.0, qk_gain=2.0)
+    factors = fm.calibrate_vision_(model, load_pixels(CALIB_SIZE), proj_target=2 * embed_std)
     lap(f"randomise + calibrate ({len(factors)} modules, one pass at {CALIB_SIZE}px)", t0)
 
     t0 = time.time()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out_dir, safe_serialization=True)
-    mf.write_json(
-        args.out_dir / "preprocessor_config.json", mf.preprocessor_config_json(IMAGE_SIZE)
+    fc.write_json(
+        args.out_dir / "preprocessor_config.json", fc.preprocessor_config_json(IMAGE_SIZE)
     )
-    mf.write_json(args.out_dir / "processor_config.json", mf.PROCESSOR_CONFIG_JSON)
-    (args.out_dir / "chat_template.jinja").write_text(mf.FASTVLM_HF_CHAT_TEMPLATE, encoding="utf-8")
+    fc.write_json(args.out_dir / "processor_config.json", fc.PROCESSOR_CONFIG_JSON)
+    (args.out_dir / "chat_template.jinja").write_text(fc.FASTVLM_HF_CHAT_TEMPLATE, encoding="utf-8")
     lap("save_pretrained", t0)
 
     input_ids, prompt = load_input_ids()
@@ -254,11 +255,11 @@ def main() -> None:
         "logits_last8": logits_last,
         "greedy_tokens": greedy.long(),
     }
-    meta = {f"version_{k}": v for k, v in mf.versions().items()}
+    meta = {f"version_{k}": v for k, v in fc.versions().items()}
     meta.update(
         {
             "seed": str(SEED),
-            "attention": mf.FUSED_ATTN_NOTE,
+            "attention": fc.FUSED_ATTN_NOTE,
             "logits_last8": "model(input_ids, pixel_values).logits[:, -8:], fp32, eval",
             "greedy_tokens": f"generate(do_sample=False, {NUM_GREEDY} new tokens), new tokens "
             f"only; min top1-top2 margin {min(margins):.4f}",
@@ -278,15 +279,15 @@ def main() -> None:
 
         args.apple_dir.mkdir(parents=True, exist_ok=True)
         hf_sd = load_file(str(args.out_dir / "model.safetensors"))
-        apple_sd = {mf.hf_key_to_apple(k): v for k, v in hf_sd.items()}
+        apple_sd = {fm.hf_key_to_apple(k): v for k, v in hf_sd.items()}
         g = torch.Generator().manual_seed(SEED + 1)
-        apple_sd[mf.APPLE_VISION_PREFIX + "head.proj"] = torch.randn(3072, 768, generator=g) * 0.02
+        apple_sd[fm.APPLE_VISION_PREFIX + "head.proj"] = torch.randn(3072, 768, generator=g) * 0.02
         # The real Apple file has the original 151936 Qwen2 rows (HF grew it to 152000 for <image>).
         apple_sd["model.embed_tokens.weight"] = apple_sd["model.embed_tokens.weight"][
             :APPLE_VOCAB
         ].clone()
         apple_sd["lm_head.weight"] = apple_sd["model.embed_tokens.weight"].clone()
-        fwd = {mf.apple_key_to_hf_forward_rules(k): v for k, v in apple_sd.items()}
+        fwd = {fm.apple_key_to_hf_forward_rules(k): v for k, v in apple_sd.items()}
         fwd.pop(None)
         assert set(fwd) == set(model.state_dict()), set(fwd) ^ set(model.state_dict())
         save_file(
@@ -294,7 +295,7 @@ def main() -> None:
             str(args.apple_dir / "model.safetensors"),
             metadata={"format": "pt"},
         )
-        cfg = mf.apple_config(config)
+        cfg = fm.apple_config(config)
         # as the released apple/FastVLM-0.5B config.json (Instruct-style eos / max positions)
         cfg.update(
             {"mm_vision_tower": "mobileclip_l_1024", "bos_token_id": 151643, "eos_token_id": 151645}
@@ -303,7 +304,7 @@ def main() -> None:
         cfg["vocab_size"] = APPLE_VOCAB
         cfg["max_position_embeddings"] = 32768
         cfg["sliding_window"] = 32768
-        mf.write_json(args.apple_dir / "config.json", cfg)
+        fc.write_json(args.apple_dir / "config.json", cfg)
         del apple_sd, fwd, hf_sd
         lap("apple-format copy", t0)
 

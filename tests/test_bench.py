@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from fastvlm import bench
+from fastvlm.bench.measure import decode_bytes_per_token
+from fastvlm.bench.workload import at_resolution, build_shape
 from fastvlm.engine.allocator import tune_malloc
 
 
@@ -49,20 +51,20 @@ def test_bench_tiny_shape_reports_everything(capsys):
 def test_decode_bytes_counts_quantized_weights():
     from fastvlm.quant import quantize_model
 
-    m = bench.build_shape("tiny", 64)
-    fp = bench.decode_bytes_per_token(m, context=0)
+    m = build_shape("tiny", 64)
+    fp = decode_bytes_per_token(m, context=0)
     lm = m.language_model
     weights = sum(p.numel() for p in lm.layers.parameters()) + m.lm_head.weight.numel()
     assert fp >= 4 * weights  # every decoder weight and the lm_head, fp32
     quantize_model(m, "int8")
-    q = bench.decode_bytes_per_token(m, context=0)
+    q = decode_bytes_per_token(m, context=0)
     assert q < fp / 2.5  # int8 weights (+ scales, norms, biases, the fp32 embedding row)
-    assert bench.decode_bytes_per_token(m, context=100) > q  # the KV cache is read too
+    assert decode_bytes_per_token(m, context=100) > q  # the KV cache is read too
 
 
 def test_at_resolution_shares_weights():
-    m = bench.build_shape("tiny", 128)
-    m2 = bench.at_resolution(m, 64)
+    m = build_shape("tiny", 128)
+    m2 = at_resolution(m, 64)
     assert m2.config.num_image_tokens == 1 and m.config.num_image_tokens == 4
     assert m2.lm_head.weight is m.lm_head.weight
     with torch.inference_mode():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from conftest import make_tiny_model
 from conftest import random_pixels as pixels
 from conftest import random_prompt as prompt
 
-from fastvlm.engine.engine import Engine, content_hash, stream_text
+from fastvlm.engine.engine import Engine, EngineConfig
 from fastvlm.engine.generate import generate_step, stream_generate
+from fastvlm.engine.request import stream_text
+from fastvlm.engine.runner import content_hash
 from fastvlm.engine.sampling import SamplingParams
 
 MAX_LEN = 160
@@ -71,7 +74,7 @@ def test_staggered_concurrent_requests_match_reference(model):
         eng.step()
     hs.append(eng.submit(reqs[3][0], None, params(max_tokens=reqs[3][2])))
     eng.step()
-    assert sum(r is not None for r in eng._active) == 4  # all four decode together now
+    assert sum(r is not None for r in eng.scheduler.running) == 4  # all four decode together now
     eng.run_until_done()
     for (ids, px, n), h in zip(reqs, hs, strict=True):
         assert h.output_ids == ref(model, ids, px, max_tokens=n)
@@ -86,7 +89,7 @@ def test_more_requests_than_slots_queue_and_complete(model):
     eng = engine(model, slots=2)
     hs = [eng.submit(ids, None, params(max_tokens=n)) for ids, n in reqs]
     eng.step()
-    assert sum(not h.done for h in hs) == 7 and len(eng._waiting) == 5
+    assert sum(not h.done for h in hs) == 7 and len(eng.scheduler.waiting) == 5
     eng.run_until_done()
     for (ids, n), h in zip(reqs, hs, strict=True):
         assert h.output_ids == ref(model, ids, max_tokens=n)
@@ -380,7 +383,7 @@ def test_api_default_engine_matches_reference_and_batches_threads(tiny_dir):
         slow.chat(_msgs(im, p), max_tokens=10 + 3 * i)
         for i, (im, p) in enumerate(zip(images, prompts, strict=True))
     ]
-    assert slow._engine is None  # the reference path never builds an engine
+    assert slow.backend._engine is None  # the reference path never builds an engine
     assert fast.chat(_msgs(images[0], prompts[0]), max_tokens=10) == want[0]
     got: dict[int, str] = {}
     steps0 = fast.engine.counters["steps"]
@@ -430,3 +433,62 @@ def test_extreme_sampling_params_do_not_crash(kw):
     g = torch.Generator().manual_seed(0)
     out = sample(logits, SamplingParams(**kw), g)
     assert out.tolist() == [1]  # both settings collapse to the argmax
+
+
+# ---------------------------------------------------------------- config / handle boundary
+@pytest.mark.parametrize("slots,reuse", [(1, True), (2, False), (3, True)])
+def test_engine_config_equals_keyword_options(model, slots, reuse):
+    cfg = model.config
+    ids = [prompt(cfg, 4 + 3 * i, seed=90 + i) for i in range(3)]
+    opts = dict(slots=slots, max_len=MAX_LEN, eos_ids=[], prefix_reuse=reuse)
+    by_kw = Engine(model, **opts)
+    by_cfg = Engine(model, EngineConfig(**opts))
+    assert by_cfg.config == by_kw.config and by_cfg.slots == slots
+    a = [by_kw.submit(i, None, params(max_tokens=6)) for i in ids]
+    b = [by_cfg.submit(i, None, params(max_tokens=6)) for i in ids]
+    by_kw.run_until_done()
+    by_cfg.run_until_done()
+    assert [h.output_ids for h in a] == [h.output_ids for h in b]
+    assert b[0].output_ids == ref(model, ids[0], max_tokens=6)
+
+
+@pytest.mark.parametrize("bad", [{"slot": 2}, {"config": None, "nope": 1}])
+def test_engine_rejects_unknown_options(model, bad):
+    with pytest.raises(TypeError):
+        Engine(model, **bad)
+
+
+def test_engine_rejects_config_and_options_together(model):
+    with pytest.raises(TypeError, match="not both"):
+        Engine(model, EngineConfig(max_len=MAX_LEN), slots=2)
+
+
+@pytest.mark.parametrize("cancel_at", [None, 0, 2])
+def test_finished_requests_leave_no_engine_state(model, cancel_at):
+    """Finished, cancelled or not, a request is dropped by the engine; cancelling it afterwards
+    is a no-op and the handle keeps its result."""
+    eng = engine(model, slots=2)
+    h = eng.submit(prompt(model.config, 6, seed=95), None, params(max_tokens=5))
+    for _ in range(cancel_at or 0):
+        eng.step()
+    if cancel_at is not None:
+        h.cancel()
+    eng.run_until_done()
+    out, reason = list(h.output_ids), h.finish_reason
+    assert reason == ("length" if cancel_at is None else "cancelled")
+    assert not eng._live and not eng.has_work()
+    h.cancel()
+    eng.step()
+    assert h.output_ids == out and h.finish_reason == reason
+
+
+@pytest.mark.parametrize("use_config", [False, True])
+def test_from_vlm_takes_eos_and_vocab_from_the_vlm_unless_given(model, use_config):
+    vlm = SimpleNamespace(model=model, eos_ids=[5, 6], vocab_limit=100)
+    mk = (lambda **o: Engine.from_vlm(vlm, EngineConfig(**o))) if use_config else (
+        lambda **o: Engine.from_vlm(vlm, **o)
+    )  # fmt: skip
+    e = mk(max_len=MAX_LEN)
+    assert e.eos_ids == {5, 6} and e.vocab_limit == 100
+    e = mk(max_len=MAX_LEN, eos_ids=[9], vocab_limit=50)
+    assert e.eos_ids == {9} and e.vocab_limit == 50

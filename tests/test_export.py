@@ -64,7 +64,7 @@ def test_onnx_fp32_matches_pytorch_tiny_random(tmp_path, tokenizer):
     from fastvlm.engine.generate import generate_step
     from fastvlm.engine.sampling import SamplingParams
     from fastvlm.export.onnx import export_onnx
-    from fastvlm.export.ort_backend import OrtModel, ort_generate_step
+    from fastvlm.backends.ort import OrtModel, ort_generate_step
 
     model = make_tiny_model(vocab_size=tokenizer.get_vocab_size())
     res = export_onnx(model, tmp_path / "o", None, tokenizer, log=print)
@@ -120,11 +120,11 @@ def test_onnx_presets_on_demo_model(demo_exports, capsys):
 
 @needs_ort
 def test_onnx_backend_api_matches_torch(demo_exports, demo):
-    from fastvlm.export.ort_backend import OrtFastVLM
+    from fastvlm.backends.ort import OrtBackend
     from fastvlm.export.parity import sample_image
 
     vlm = fastvlm.load(demo_exports["quality"].out)
-    assert isinstance(vlm, OrtFastVLM)
+    assert isinstance(vlm.backend, OrtBackend) and vlm.backend.name == "onnxruntime"
     img = sample_image(256)
     want = demo.describe(img, max_tokens=24)
     assert vlm.describe(img, max_tokens=24) == want
@@ -401,7 +401,7 @@ def test_onnx_precision_mixes_export_clean_graphs(demo, tmp_path, spec):
     import onnx
 
     from fastvlm.export.onnx import export_onnx
-    from fastvlm.export.ort_backend import OrtModel
+    from fastvlm.backends.ort import OrtModel
     from fastvlm.export.parity import sample_image
 
     res = export_onnx(demo.model, tmp_path / "m", spec, demo.tokenizer, parity=False,

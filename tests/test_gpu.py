@@ -112,7 +112,7 @@ def test_training_steps_on_cuda(tmp_path, tokenizer, capsys):
     from conftest import tiny_config
 
     import fastvlm
-    from fastvlm.train import finetune
+    from fastvlm.train import loop
 
     cfg = tiny_config(vocab_size=tokenizer.get_vocab_size())
     cfg.vision.inference_mode = False
@@ -123,7 +123,7 @@ def test_training_steps_on_cuda(tmp_path, tokenizer, capsys):
             "--shapes", "64", "--output", str(out), "--device", "cuda", "--max-steps", "12",
             "--batch-size", "8", "--lr", "2e-3", "--warmup", "0", "--log-every", "1", "--quiet",
             "--workers", "2"]  # fmt: skip
-    assert finetune.main(argv) == 0
+    assert loop.main(argv) == 0
     err = capsys.readouterr().err
     losses = [json.loads(ln)["loss"] for ln in err.splitlines() if ln.startswith('{"step"')]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3]) - 1.5, losses  # ≥ 0.5 nats

@@ -258,29 +258,73 @@ def test_unknown_model_is_a_typed_error(monkeypatch):
 
 
 def test_channels_last_vision_tower_matches_contiguous():
-    """`use_channels_last` (what fastvlm.load does on CPU) changes only the memory layout."""
+    """`prepare_for_device(model, "cpu")` (what fastvlm.load does) changes only the memory layout
+    and the execution plan of the tower: same features, same parameters, same state dict."""
+    from fastvlm.device import CPUFastViTHD, prepare_for_device
+
     model = make_tiny_model(seed=4)
+    keys = list(model.state_dict())
     px = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model.encode_images(px)
-        model.vision_tower.use_channels_last()
+        assert prepare_for_device(model, "cpu") is model
+        assert type(model.vision_tower) is CPUFastViTHD
         assert model.vision_tower.patch_embed[0].reparam_conv.weight.is_contiguous(
             memory_format=torch.channels_last
         )
         got = model.encode_images(px)
+        prepare_for_device(model, torch.device("cpu"))  # idempotent
+        again = model.encode_images(px)
+    assert list(model.state_dict()) == keys
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
 
 
-def test_cpu_batched_vision_matches_one_image_at_a_time():
-    """On CPU a batch runs its high-resolution stages one image at a time and the low-resolution
-    tail (from the first attention stage's PatchEmbed on) batched: same features as encoding each
-    image alone, and the split sits right before that stage's downsampling."""
+@pytest.mark.parametrize("device", ["meta", "cuda", "mps"])
+def test_prepare_for_device_leaves_other_devices_alone(device):
+    """Only CPU has an execution policy: for other devices the model is returned untouched."""
+    from fastvlm.device import prepare_for_device
+
+    model = make_tiny_model(seed=4)
+    classes = {n: type(m) for n, m in model.named_modules()}
+    assert prepare_for_device(model, device) is model
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert type(model.vision_tower) is FastViTHD
+
+
+def test_load_prepares_the_model_for_cpu(tiny_dir):
+    """fastvlm.load on CPU applies the CPU plan through prepare_for_device."""
+    from fastvlm import kernels
+    from fastvlm.device import CPUFastViTHD
+
+    vlm = fastvlm.load(str(tiny_dir), device="cpu")
+    assert type(vlm.model.vision_tower) is CPUFastViTHD
+    if kernels.available():
+        assert type(vlm.model.lm_head) is kernels.FastLinear
+
+
+def _cpu_tower(tower):
+    from fastvlm.device import prepare_cpu_vision_tower
+
+    return prepare_cpu_vision_tower(tower)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 0])
+def test_cpu_batched_vision_matches_one_image_at_a_time(micro_batch):
+    """On CPU a batch runs its high-resolution stages `micro_batch` images at a time and the
+    low-resolution tail (from the first attention stage's PatchEmbed on) batched: same features
+    as the device-blind tower and as encoding each image alone, and the split sits right before
+    that stage's downsampling."""
+    import copy
+
     from conftest import make_tiny_model
 
     from fastvlm.model.fastvithd import AttentionBlock, PatchEmbed
 
-    tower = make_tiny_model(seed=4).vision_tower.eval()
-    split = tower._tail_start()
+    plain = make_tiny_model(seed=4).vision_tower.eval()
+    tower = _cpu_tower(copy.deepcopy(plain))
+    tower.micro_batch = micro_batch
+    split = tower.tail_start()
     assert isinstance(tower.network[split], PatchEmbed)
     first_attn = next(
         i for i, m in enumerate(tower.network)
@@ -293,8 +337,10 @@ def test_cpu_batched_vision_matches_one_image_at_a_time():
     with torch.inference_mode():
         batched = tower(px)
         alone = torch.cat([tower(px[i : i + 1]) for i in range(3)])
-    assert batched.shape == alone.shape
+        blind = plain(px)
+    assert batched.shape == alone.shape == blind.shape
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, blind, rtol=1e-4, atol=1e-5)
     assert batched.abs().mean() > 0.01
 
 
@@ -305,14 +351,99 @@ def test_cpu_batched_vision_when_every_stage_is_attention():
 
     from conftest import randomize, tiny_config
 
-    from fastvlm.model.fastvithd import FastViTHD
-
     cfg = dataclasses.replace(tiny_config().vision, token_mixers=("attention",) * 5, head_dim=8)
-    tower = randomize(FastViTHD(cfg), seed=1).eval()
-    assert tower._tail_start() == 0
+    tower = _cpu_tower(randomize(FastViTHD(cfg), seed=1).eval())
+    assert tower.tail_start() == 0
     px = torch.rand(3, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         batched = tower(px)
         alone = torch.cat([tower(px[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
     assert batched.abs().mean() > 0.01
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_export_friendly_hooks_attention_and_norm_then_restores(kv_heads):
+    """`export_friendly` swaps the fused ops through the model's own hooks (no copied forward):
+    the modules keep their class and forward, the plain ops give the same logits for every GQA
+    ratio, and on exit the model is exactly as before (the hooks are gone, fused again)."""
+    import dataclasses
+
+    from fastvlm.export.wrappers import DecoderStep, export_friendly, plain_attention
+    from fastvlm.model.fastvlm import FastVLMModel
+    from fastvlm.model.qwen2 import Qwen2Attention, RMSNorm, sdpa_attention
+
+    cfg = tiny_config()
+    cfg.text = dataclasses.replace(cfg.text, num_attention_heads=4, num_key_value_heads=kv_heads)
+    model = randomize(FastVLMModel(cfg), seed=kv_heads).eval()
+    hooked = [m for m in model.modules() if isinstance(m, (RMSNorm, Qwen2Attention))]
+    classes = [type(m) for m in hooked]
+    step = DecoderStep(model)
+    d, n = cfg.text.hidden_size, cfg.text.num_hidden_layers
+    x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 0] = 0  # a padded row
+    pos = torch.arange(3, 8)[None].expand(2, 5)
+    hd = cfg.text.head_dim
+    past = [torch.randn(2, kv_heads, 3, hd) for _ in range(2 * n)]
+    with torch.no_grad():
+        want = step(x, mask, pos, *past)
+        with export_friendly(model):
+            assert [type(m) for m in hooked] == classes  # no class swap, no copied forward
+            attn = next(m for m in hooked if isinstance(m, Qwen2Attention))
+            assert attn.attention.func is plain_attention
+            assert attn.attention.keywords == {"rep": 4 // kv_heads}
+            got = step(x, mask, pos, *past)
+        after = step(x, mask, pos, *past)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(after, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all("attention" not in m.__dict__ and "normalize" not in m.__dict__ for m in hooked)
+    assert attn.attention is sdpa_attention
+
+
+def test_export_friendly_restores_a_custom_hook_even_on_error():
+    """A hook a user set on one layer survives an export (even a failed one)."""
+    from fastvlm.export.wrappers import export_friendly
+    from fastvlm.model.qwen2 import Qwen2Attention
+
+    model = make_tiny_model(seed=1)
+    attn = next(m for m in model.modules() if isinstance(m, Qwen2Attention))
+
+    def mine(q, k, v, mask):
+        raise AssertionError("not called")
+
+    attn.attention = mine
+    with pytest.raises(RuntimeError, match="boom"), export_friendly(model):
+        assert attn.attention is not mine
+        raise RuntimeError("boom")
+    assert attn.attention is mine
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_prepare_for_device_keeps_decode_logits(seed):
+    """The CPU plan swaps the decoder's Linears for the fast kernels (when they build) and keeps
+    the logits of a prefill + one decode step, with tied weights still tied."""
+    from fastvlm import kernels
+    from fastvlm.device import prepare_for_device
+    from fastvlm.engine.kv_cache import KVCache
+
+    model = make_tiny_model(seed=seed)
+    ids = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(seed))
+
+    def logits():
+        cache = KVCache.for_model(model, 1, 16)
+        with torch.no_grad():
+            a = model(ids, positions=torch.arange(7)[None], cache=cache)
+            b = model(ids[:, -1:], positions=torch.tensor([[7]]), cache=cache)
+        return torch.cat([a[:, -1], b[:, -1]])
+
+    want = logits()
+    prepare_for_device(model, "cpu")
+    if kernels.available():
+        assert type(model.lm_head) is kernels.FastLinear
+        assert type(model.language_model.layers[0].mlp.down_proj) is kernels.FastLinear
+    if model.config.text.tie_word_embeddings:
+        assert model.lm_head.weight is model.language_model.embed_tokens.weight
+    torch.testing.assert_close(logits(), want, rtol=1e-4, atol=1e-4)

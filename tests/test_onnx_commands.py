@@ -34,15 +34,8 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, demo):
-    from fastvlm.export.onnx import export_onnx
-
-    root = tmp_path_factory.mktemp("onnx-cmd")
-    return {
-        p: export_onnx(demo.model, root / p, p, demo.tokenizer, parity=False, log=lambda *_: None)
-        .out
-        for p in ("quality", "small")
-    }
+def exports(demo_onnx_export):
+    return {p: demo_onnx_export(p) for p in ("quality", "small")}
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -197,7 +190,7 @@ def test_serve_app_on_onnx_export(exports, demo):
 # ---------------------------------------------------------------------- pooling, numerically
 @pytest.mark.parametrize("k", [1, 4, 9, 16])
 def test_onnx_pooling_matches_torch(exports, demo, k):
-    from fastvlm.export.ort_backend import OrtModel
+    from fastvlm.backends.ort import OrtModel
 
     ort = OrtModel(exports["quality"], intra_op_threads=1)
     px = torch.stack([demo.preprocess(str(p))[0] for p in EXAMPLES[:2]])

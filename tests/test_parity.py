@@ -204,7 +204,7 @@ def test_live_tiny_parity(tmp_path):
 @live
 def test_live_full_05b_shape_parity(tmp_path):
     """FastVLM-0.5B shape (FastViTHD + Qwen2-0.5B), random weights, fp32, 1024² input."""
-    from fastvlm.bench import SHAPES
+    from fastvlm.config import TEXT_SHAPES as SHAPES
 
     text = dict(SHAPES["0.5b"])  # the Qwen2-0.5B decoder config `fastvlm bench --shape 0.5b` uses
     model = _live_model(text, {}, 1024, gamma_std=0.05)  # 0.5 would blow up over 44 blocks

@@ -1,4 +1,4 @@
-"""Weight-only quantization (quant.py): error bounds, kernel == reference path, model-level swaps,
+"""Weight-only quantization (fastvlm/quant/): error bounds, kernel == reference path, model-level swaps,
 save/load in our format, and the `fastvlm quantize` CLI. Tiny shapes, CPU, seconds."""
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def test_fallback_path_for_unsupported_dtype():
 
 def test_int4_without_cpu_kernel_keeps_portable_form(monkeypatch, tmp_path):
     """What CUDA / MPS (or a torch without the op) get: the dequantize-then-matmul path."""
-    monkeypatch.setattr(quant, "HAS_INT4_KERNEL", False)
+    monkeypatch.setattr(quant.int4, "HAS_INT4_KERNEL", False)
     monkeypatch.setattr(kernels, "_enabled", False)
     model = make_tiny_model(vocab_size=304)
     ids, px = inputs(model.config)

@@ -527,3 +527,26 @@ def test_conversation_layouts() -> None:
     assert seen["caption only"] >= 10 and seen["questions only"] >= 25
     with pytest.raises(ValueError, match="layout"):
         S.make_example(5, 0, 64, "captions-last")
+
+
+# examples/README.md: each shipped example is image `index` of data seed 7777, with its caption
+SHIPPED_EXAMPLES = {
+    "shapes1.png": (1, "one shape: a large blue cross."),
+    "shapes2.png": (7, "two shapes: a small green diamond on the left and a small orange diamond "
+                       "on the right."),
+    "shapes3.png": (0, "three shapes: a small red square on the left, a small yellow circle in "
+                       "the middle and a small purple square on the right."),
+    "shapes4.png": (11, "four shapes, from left to right: a large red cross, a large red diamond, "
+                        "a small purple square and a large orange cross."),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_EXAMPLES))
+def test_generator_reproduces_the_shipped_examples_exactly(name: str) -> None:
+    """The generator's output for a seed never drifts (refactors included): the PNGs in
+    examples/ were written by it, so today's pixels and caption must match them exactly."""
+    index, want_caption = SHIPPED_EXAMPLES[name]
+    img, row, rows = S.make_example(7777, index)
+    shipped = Image.open(Path(__file__).parent.parent / "examples" / name).convert("RGB")
+    assert img.size == shipped.size and img.tobytes() == shipped.tobytes()
+    assert rows[0]["type"] == "caption" and rows[0]["answer"] == want_caption

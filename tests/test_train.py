@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 import fastvlm
 from fastvlm.errors import FastVLMError
 from fastvlm.processing import Processor, render_chat
-from fastvlm.train import finetune, lora
+from fastvlm.train import checkpoint, loop, lora, schedule, setup
+from fastvlm.train.args import build_parser, config_from_args
 from fastvlm.train.data import (
     IGNORE,
     Record,
@@ -64,7 +65,7 @@ def train(tmp_path: Path, out: str, *args: str, data: Path | None = None, **kw) 
     argv = ["--data", str(data), "--output", str(tmp_path / out), "--device", "cpu", "--quiet"]
     for k, v in flags.items():
         argv += [f"--{k}", str(v)]
-    assert finetune.main([*argv, *args]) == 0
+    assert loop.main([*argv, *args]) == 0
     return tmp_path / out
 
 
@@ -100,13 +101,13 @@ def relative_gap(out_a: Path, out_b: Path, base: Path) -> float:
 def capture_output_model(monkeypatch) -> dict:
     """Spy on `write_output`: keeps a deep copy of the trained model (before any merge)."""
     seen: dict = {}
-    real = finetune.write_output
+    real = loop.write_output
 
     def spy(out, model, *args, **kw):
         seen["model"] = copy.deepcopy(model).eval()
         return real(out, model, *args, **kw)
 
-    monkeypatch.setattr(finetune, "write_output", spy)
+    monkeypatch.setattr(loop, "write_output", spy)
     return seen
 
 
@@ -358,7 +359,7 @@ def test_lora_merge_gives_the_adapter_logits(tmp_path, tokenizer):
         assert not lora.lora_layers(merged)
         assert type(merged.language_model.layers[0].self_attn.q_proj) is torch.nn.Linear
         assert (merged(ids, px) - adapted).abs().max() <= 1e-5
-        finetune.save_model(tmp_path / "merged", merged, tokenizer, None)
+        checkpoint.save_model(tmp_path / "merged", merged, tokenizer, None)
         vlm = fastvlm.load(str(tmp_path / "merged"), device="cpu")
         assert (vlm.model(ids, px) - adapted).abs().max() <= 1e-5
 
@@ -381,8 +382,8 @@ def test_trained_output_round_trips_through_load(tmp_path, tokenizer, monkeypatc
     with torch.no_grad():
         ref, got = trained(ids, px), vlm.model(ids, px)
     assert (got - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
-    init = finetune.build_model(
-        finetune.build_parser().parse_args([*init_config(tmp_path, tokenizer), "-o", "x"]),
+    init = setup.build_model(
+        config_from_args(build_parser().parse_args([*init_config(tmp_path, tokenizer), "-o", "x"])),
         torch.device("cpu"),
     )[0].eval()
     with torch.no_grad():
@@ -403,16 +404,16 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tokenizer, monkeypatch, c
     kw = {"max-steps": 6, "save-every": 2, "keep": 5}
     whole = train(tmp_path, "whole", *args, **kw)
 
-    real = finetune.save_checkpoint
+    real = loop.save_checkpoint
 
     def crash_after_first(folder, *a, **k):
         real(folder, *a, **k)
         raise Crash(folder.name)
 
-    monkeypatch.setattr(finetune, "save_checkpoint", crash_after_first)
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first)
     with pytest.raises(Crash, match="checkpoint-2"):
         train(tmp_path, "crashed", *args, **kw)
-    monkeypatch.setattr(finetune, "save_checkpoint", real)
+    monkeypatch.setattr(loop, "save_checkpoint", real)
     assert sorted(p.name for p in (tmp_path / "crashed").iterdir()) == ["checkpoint-2"]
     capsys.readouterr()
     resumed = train(tmp_path, "crashed", *args, "--resume", **kw)
@@ -424,8 +425,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, tokenizer, monkeypatch, c
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
     # The optimizer state was restored: the checkpoint written after the resume matches.
-    oa = load_file(str(whole / "checkpoint-4" / finetune.OPTIMIZER_FILE))
-    ob = load_file(str(resumed / "checkpoint-4" / finetune.OPTIMIZER_FILE))
+    oa = load_file(str(whole / "checkpoint-4" / checkpoint.OPTIMIZER_FILE))
+    ob = load_file(str(resumed / "checkpoint-4" / checkpoint.OPTIMIZER_FILE))
     assert oa.keys() == ob.keys() and oa["0.step"].item() == ob["0.step"].item() == 4
     for k in oa:
         assert torch.allclose(oa[k], ob[k], atol=1e-6, rtol=0), k
@@ -453,15 +454,15 @@ def test_flag_mistakes_are_clear_errors(tmp_path, tiny_dir):
     base = ["--model", str(tiny_dir), "--data", str(data), "-o", str(tmp_path / "o")]
     if not (has_module("bitsandbytes") and torch.cuda.is_available()):
         with pytest.raises(FastVLMError, match="QLoRA needs bitsandbytes and a CUDA GPU"):
-            finetune.main([*base, "--qlora"])
+            loop.main([*base, "--qlora"])
     with pytest.raises(FastVLMError, match="use it with --lora"):
-        finetune.main([*base, "--merge"])
+        loop.main([*base, "--merge"])
     with pytest.raises(FastVLMError, match="drop --freeze"):
-        finetune.main([*base, "--lora", "--freeze", "vision"])
+        loop.main([*base, "--lora", "--freeze", "vision"])
     with pytest.raises(FastVLMError, match="no Linear layer matches"):
-        finetune.main([*base, "--lora", "--lora-targets", "qkv_proj", "--quiet"])
+        loop.main([*base, "--lora", "--lora-targets", "qkv_proj", "--quiet"])
     full = train(tmp_path, "full", "--model", str(tiny_dir), **{"max-steps": 2, "stop-after": 1})
-    assert (full / "checkpoint-1" / finetune.OPTIMIZER_FILE).exists()
+    assert (full / "checkpoint-1" / checkpoint.OPTIMIZER_FILE).exists()
     with pytest.raises(FastVLMError, match=r"different settings: --lora False → True"):
         train(tmp_path, "full", "--model", str(tiny_dir), "--lora", "--resume",
               **{"max-steps": 2})  # fmt: skip
@@ -481,7 +482,7 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     ddp = tmp_path / "ddp"
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*run, "-m", "fastvlm.train.finetune", *common, "--batch-size", "1", "-o", str(ddp)]
+    cmd = [*run, "-m", "fastvlm.train.loop", *common, "--batch-size", "1", "-o", str(ddp)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"trained 3 steps", r.stderr)
@@ -565,9 +566,9 @@ def test_vision_lr_mult_param_groups():
     model.language_model.norm.weight.requires_grad_(False)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     vision = {id(p) for m in (model.vision_tower, model.mm_projector) for p in m.parameters()}
-    plain = finetune.param_groups(model, 0.1)
+    plain = schedule.param_groups(model, 0.1)
     assert [(g["weight_decay"], g["lr_mult"]) for g in plain] == [(0.1, 1.0), (0.0, 1.0)]
-    groups = finetune.param_groups(model, 0.1, 3.0)
+    groups = schedule.param_groups(model, 0.1, 3.0)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(trainable)  # each once, frozen ones left out
     for g in groups:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import fastvlm
 from fastvlm.cli import main as cli_main
-from fastvlm.train import finetune
+from fastvlm.train import checkpoint, loop
 
 DEMO = Path(fastvlm.__file__).parent / "assets" / "fastvlm-tiny"
 
@@ -285,13 +285,13 @@ def test_quantized_demo_model_is_smaller_than_its_fp16_source(tmp_path, capsys, 
 def test_fine_tune_of_fp16_demo_is_fp16_sized_with_its_own_card(tmp_path, capsys, monkeypatch):
     d = data(tmp_path / "data")
     seen = {}
-    real = finetune.write_output
+    real = loop.write_output
 
     def spy(out, model, *a, **k):
         seen["model"] = model
         return real(out, model, *a, **k)
 
-    monkeypatch.setattr(finetune, "write_output", spy)
+    monkeypatch.setattr(loop, "write_output", spy)
     rc, err = run(capsys, "--model", str(DEMO), "--data", str(d), "-o", str(tmp_path / "ft"),
                   "--device", "cpu", "--quiet", "--max-steps", "1", "--batch-size", "2",
                   "--warmup", "0", "--freeze", "vision")  # fmt: skip
@@ -329,7 +329,7 @@ def test_fp16_checkpoints_still_resume_exactly(tmp_path, capsys):
     assert run(capsys, *common, "-o", str(tmp_path / "staged"), "--stop-after", "1")[0] == 0
     ck = tmp_path / "staged" / "checkpoint-1"
     assert set(st_dtypes(ck / "model.safetensors").values()) == {"F16"}
-    opt = load_file(str(ck / finetune.OPTIMIZER_FILE))
+    opt = load_file(str(ck / checkpoint.OPTIMIZER_FILE))
     assert any(k.startswith("master.language_model.") for k in opt)
     assert not any(k.startswith("master.vision_tower.") for k in opt)  # frozen: exact in fp16
     assert run(capsys, *common, "-o", str(tmp_path / "staged"), "--resume")[0] == 0
@@ -380,7 +380,7 @@ def test_explicit_fp16_checkpoints_of_a_train_form_model_resume_exactly(tmp_path
               "--lr", "1e-3", "--max-steps", "3", "--save-dtype", "fp16"]  # fmt: skip
     assert run(capsys, *common, "-o", str(tmp_path / "whole"))[0] == 0
     assert run(capsys, *common, "-o", str(tmp_path / "staged"), "--stop-after", "1")[0] == 0
-    opt = load_file(str(tmp_path / "staged" / "checkpoint-1" / finetune.OPTIMIZER_FILE))
+    opt = load_file(str(tmp_path / "staged" / "checkpoint-1" / checkpoint.OPTIMIZER_FILE))
     assert any(k.endswith("running_var") for k in opt)  # BN statistics changed by training
     assert run(capsys, *common, "-o", str(tmp_path / "staged"), "--resume")[0] == 0
     a = load_file(str(tmp_path / "whole" / "model.safetensors"))

@@ -2,13 +2,12 @@
 
 Why: glibc serves every allocation above 32 MB with a fresh `mmap` and unmaps it on free, so each
 big activation of the vision tower (a 1024² image makes 100-400 MB feature maps) costs page
-faults and kernel page zeroing on every forward. Measured on the 2-core dev machine (FastViTHD,
-1024², 2 threads, quiet): 10-13 s per image with the default allocator, 3.8-5.4 s after
-`tune_malloc()`. The price is that the resident set stays at its peak, which is what a model
-server or a batch job wants anyway (jemalloc/tcmalloc users get the same effect).
+faults and kernel page zeroing on every forward, several times the compute on a small CPU. The
+price is that the resident set stays at its peak, which is what a model server or a batch job
+wants anyway (jemalloc/tcmalloc users get the same effect).
 
-`tune_malloc()` is called by `fastvlm.load()` (CPU device) and `fastvlm bench`; it is a no-op
-off glibc, and `FASTVLM_MALLOC_TUNE=0` turns it off.
+`tune_malloc()` is called by `fastvlm.device.prepare_for_device` (CPU) and `fastvlm bench`; it is
+a no-op off glibc, and `FASTVLM_MALLOC_TUNE=0` turns it off.
 """
 
 from __future__ import annotations

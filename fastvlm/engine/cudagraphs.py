@@ -1,7 +1,7 @@
 """CUDA graphs for the engine's decode step.
 
-Why: one decode step of a 0.5B decoder is ~400 small kernels (24 layers × norms, projections,
-RoPE, attention, KV writes). On a GPU, eager PyTorch spends more time launching them from Python
+Why: one decode step is hundreds of small kernels (every layer's norms, projections, RoPE,
+attention, KV writes). On a GPU, eager PyTorch spends more time launching them from Python
 than the GPU spends running them, so batch-1 decode is launch-bound far below the memory-bandwidth
 limit. A captured graph replays all of them with one launch.
 
@@ -36,7 +36,7 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.
 
 
 class GraphedDecode:
-    """Callable with the signature of `Engine._decode_forward` that replays CUDA graphs."""
+    """Callable with the signature of `DecodeRunner.forward` that replays CUDA graphs."""
 
     def __init__(self, fn: DecodeFn, device: torch.device, max_graphs: int = 64) -> None:
         if device.type != "cuda":

@@ -2,8 +2,8 @@
 
 One tensor pair per layer of shape (slots, kv_heads, max_len, head_dim), allocated once. Writes go
 to explicit absolute positions, so nothing is allocated or concatenated while decoding. The
-reference decoder uses slot 0..B-1 with equal lengths; the fast engine adds per-slot lengths on
-top of the same storage (`SlotKVCache`).
+reference decoder uses slot 0..B-1 with equal lengths; the fast engine tracks per-slot lengths
+itself (engine/scheduler.py) over the same storage (`SlotKVCache`).
 
 The engine's cache views are plain writers: `prefill_view` writes one slot's chunk at
 [start, start+T), `window` writes one new K/V per row of the slot window [lo, hi) at that row's
@@ -68,12 +68,12 @@ class KVCache:
 
 
 class SlotKVCache(KVCache):
-    """The static cache plus host-side per-slot lengths (valid positions of each slot)."""
+    """The static cache seen per slot; which positions of a slot are valid is the engine
+    scheduler's bookkeeping (`Scheduler.lengths`), not the cache's."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.slots = self.k[0].shape[0]
-        self.lengths = [0] * self.slots  # owned by the engine; the views never change it
 
     def prefill_view(self, slot: int, start: int) -> _SlotPrefill:
         return _SlotPrefill(self, slot, start)

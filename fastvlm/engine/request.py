@@ -16,49 +16,57 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
-
-import torch
+from typing import Protocol
 
 from .generate import Chunk, Stats, text_chunks
 from .sampling import SamplingParams
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
-Key = int | tuple[str, int]  # a token id, or (image hash, row) for an image placeholder token
 _DONE = object()
+
+
+class Driver(Protocol):
+    """What a handle needs from the engine that serves it (the engine satisfies this)."""
+
+    eos_ids: set[int]
+
+    @property
+    def running(self) -> bool: ...
+
+    def step(self) -> int: ...
+
+    def has_work(self) -> bool: ...
+
+    def cancel(self, rid: int) -> None: ...
 
 
 class RequestHandle:
     """One submitted request. Iterate it for generated token ids (EOS included, as
     `generate_step`); afterwards `finish_reason` is "stop" | "length" | "cancelled" | "error".
-    A handle is meant for one consumer; `cancel()` may be called from any thread."""
+    A handle is meant for one consumer; `cancel()` may be called from any thread.
 
-    def __init__(self, engine: Engine, rid: int, ids: list[int], params: SamplingParams) -> None:
+    The engine reports to it through `admitted`, `deliver` and `close` only; its own state per
+    request lives in `sequence.Sequence`."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        rid: int,
+        ids: list[int],
+        params: SamplingParams,
+        image_tokens: int = 0,
+    ) -> None:
         self.id = rid
         self.input_ids = ids
         self.params = params
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.stats = Stats(prompt_tokens=len(ids))
+        self.stats = Stats(prompt_tokens=len(ids), image_tokens=image_tokens)
         self.cached_tokens = 0  # prompt tokens whose KV was reused from a parked slot
         self.prefill_tokens = 0  # prompt tokens actually run through the model
-        self._engine = engine
+        self._engine = driver
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._cancelled = False
         self._submitted = time.perf_counter()
         self._t_first = 0.0
-        # engine-thread state
-        self._keys: list[Key] = []
-        self._hashes: list[str] = []
-        self._pixels: torch.Tensor | None = None
-        self._embeds: torch.Tensor | None = None
-        self._tpi = 0  # image tokens per image
-        self._slot: int | None = None
-        self._pending: int | None = None  # sampled, not yet fed to the model
-        self._gen: torch.Generator | None = None
-        self._seen: torch.Tensor | None = None  # (1, L) ids for the repetition penalty
 
     @property
     def done(self) -> bool:
@@ -66,9 +74,33 @@ class RequestHandle:
 
     def cancel(self) -> None:
         """Stop generating; the slot is freed at the next step. No-op once finished."""
-        self._cancelled = True
-        self._engine._wake()
+        self._engine.cancel(self.id)
 
+    # ------------------------------------------------------------------ engine -> client
+    def admitted(self, cached: int, prefilled: int, vision_s: float) -> None:
+        """The prompt went into a slot: `cached` tokens reused, `prefilled` run."""
+        self.cached_tokens, self.prefill_tokens = cached, prefilled
+        self.stats.vision_s += vision_s
+
+    def deliver(self, tok: int, now: float) -> None:
+        """One generated token, sampled at `now` (perf_counter)."""
+        self.output_ids.append(tok)
+        self._q.put(tok)
+        n = len(self.output_ids)
+        if n == 1:
+            self._t_first = now
+            self.stats.prefill_s = now - self._submitted  # time to first token, queueing included
+        self.stats.generation_tokens = n
+        self.stats.decode_s = now - self._t_first
+
+    def close(self, reason: str, exc: BaseException | None = None) -> None:
+        """Finished: no more tokens; `exc` is raised to the consumer after the tokens so far."""
+        self.finish_reason = reason
+        if exc is not None:
+            self._q.put(exc)
+        self._q.put(_DONE)
+
+    # ------------------------------------------------------------------ consumer
     def __iter__(self) -> Iterator[int]:
         while True:
             item = self._next()

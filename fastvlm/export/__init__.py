@@ -4,7 +4,7 @@ PyTorch.
 * wrappers.py   the model cut into tensor-in / tensor-out modules (vision, embeddings, decoder)
 * precision.py  presets (quality / balanced / small) and per-component `--precision` specs
 * parity.py     the check every export ends with (max-abs, cosine, greedy agreement; exit 1)
-* onnx.py       ONNX graphs in the onnx-community layout; ort_backend.py runs them
+* onnx.py       ONNX graphs in the onnx-community layout (fastvlm/backends/ort.py runs them)
 * coreml.py     Core ML: vision .mlpackage + stateful decoder (KV cache as state)
 * tflite.py     LiteRT (TFLite) vision encoder via litert-torch
 * onnx_community.py  the transformers.js / onnx-community side files and file names
@@ -44,7 +44,7 @@ USAGE = """usage: fastvlm export {onnx,coreml,tflite,litertlm,web} MODEL OUT
 `fastvlm export TARGET -h` lists each target's options."""
 
 __all__ = ["main", "TARGETS", "export_onnx", "export_coreml", "export_tflite", "export_litertlm",
-           "export_web", "load_onnx"]  # fmt: skip
+           "export_web"]  # fmt: skip
 
 
 def __getattr__(name: str):
@@ -55,7 +55,6 @@ def __getattr__(name: str):
         "export_tflite": "tflite",
         "export_litertlm": "litertlm",
         "export_web": "web",
-        "load_onnx": "ort_backend",
     }
     if name in where:
         return getattr(importlib.import_module(f"{__name__}.{where[name]}"), name)

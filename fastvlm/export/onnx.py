@@ -281,7 +281,7 @@ def _export_graphs(
 def write_folder(model, tokenizer, out: Path, precision: dict[str, str], opset: int) -> dict:
     """The onnx-community side files (config, tokenizer, processors) and our manifest."""
     from .. import __version__
-    from .ort_backend import MANIFEST
+    from ..backends.ort import MANIFEST
 
     cfg = model.config
     write_side_files(cfg, tokenizer, out, precision)
@@ -325,7 +325,8 @@ def export_onnx(
     """
     from .. import __version__
     from . import parity as parity_mod
-    from .ort_backend import MANIFEST, OrtModel, load_onnx
+    from ..backends.ort import MANIFEST, open_onnx
+    from ..engine.sampling import SamplingParams
 
     prec = as_precision(precision, ALLOWED, "ONNX")
     out = Path(out)
@@ -340,19 +341,11 @@ def export_onnx(
     for f in sorted((out / "onnx").iterdir()):
         res.files[f"onnx/{f.name}"] = f.stat().st_size
     if parity:
-        ort_model = OrtModel(out, threads)
-        vlm = load_onnx(out, threads) if tokenizer is not None else None
+        backend = open_onnx(out, tokenizer=tokenizer, intra_op_threads=threads)
+        ort_model = backend.model
 
         def greedy(ids, px, n):
-            from .ort_backend import ort_generate_step
-
-            if vlm is not None:
-                return vlm.generate_ids(ids, px, max_tokens=n, ignore_eos=True)
-            from ..engine.sampling import SamplingParams
-
-            return list(
-                ort_generate_step(ort_model, ids, px, SamplingParams(max_tokens=n, ignore_eos=True))
-            )
+            return list(backend.submit(ids, px, SamplingParams(max_tokens=n, ignore_eos=True)))
 
         res.parity = parity_mod.check(
             model,

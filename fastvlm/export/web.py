@@ -81,7 +81,7 @@ def export_web(
 
 def from_onnx_export(folder: Path, out: Path, log=print) -> ExportResult:
     """Wrap an existing `fastvlm export onnx` folder (no re-export)."""
-    from .ort_backend import MANIFEST, is_onnx_export
+    from ..backends.ort import MANIFEST, is_onnx_export
 
     if not (folder / "tokenizer_config.json").exists() or not is_onnx_export(folder):
         raise ConfigError(
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     from ..hub import resolve
-    from .ort_backend import is_onnx_export
+    from ..backends.ort import is_onnx_export
 
     src = Path(resolve(a.model))
     if is_onnx_export(src):  # already exported: package it as is

@@ -18,72 +18,69 @@ Design decisions:
   causal + padding mask is built inside the graph from `attention_mask`, so callers pass only
   what HF callers pass.
 * The wrappers reuse the model's own modules (`Qwen2Model.layers`, `lm_head`, `embed_images`)
-  through the `KVCacheLike` seam. `export_friendly(model)` swaps, for the duration of an export
-  only, the two modules whose fused kernels the exporters cannot lower (`F.rms_norm`, SDPA with
-  `enable_gqa`) for plain-op twins sharing the same parameters; the parity check at the end of
-  every export compares against the unswapped model, so the twins cannot drift unnoticed.
+  through the `KVCacheLike` seam. `export_friendly(model)` sets, for the duration of an export
+  only, plain-op versions of the two fused ops the exporters cannot lower (`F.rms_norm`, SDPA
+  with `enable_gqa`) through the model's own hooks (`RMSNorm.normalize`,
+  `Qwen2Attention.attention`); the parity check at the end of every export compares against
+  the unhooked model, so the plain ops cannot drift unnoticed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model.fastvlm import FastVLMModel
-from ..model.qwen2 import Qwen2Attention, RMSNorm, rope_cos_sin, rotate_half
+from ..model.qwen2 import Qwen2Attention, RMSNorm, rope_cos_sin
 
 
-class _PlainRMSNorm(RMSNorm):
+def plain_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm from primitive ops (the TorchScript ONNX exporter has no `aten::rms_norm`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-class _PlainAttention(Qwen2Attention):
-    """Qwen2 attention with GQA as an explicit K/V repeat (exporters reject `enable_gqa`).
-    Export wrappers always pass a mask."""
-
-    def forward(self, x, cos, sin, positions, mask, cache):
-        assert mask is not None, "export wrappers build their own mask"
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin  # (B, heads, T, hd)
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, kv, S, hd)
-        if self.kv_heads != self.heads:
-            rep = self.heads // self.kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+def plain_attention(q, k, v, mask, *, rep: int) -> torch.Tensor:
+    """Attention with GQA as an explicit K/V repeat (exporters reject `enable_gqa`); `rep` is
+    bound per layer (a Python int, so traces stay static). Export wrappers always pass a mask."""
+    assert mask is not None, "export wrappers build their own mask"
+    if rep != 1:
+        k = k.repeat_interleave(rep, dim=1)  # (B, heads, S, hd)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-SWAPS = {RMSNorm: _PlainRMSNorm, Qwen2Attention: _PlainAttention}
+def _plain_op_hooks(m: nn.Module) -> dict[str, Callable] | None:
+    """The plain-op functions to set on one module, or None when it needs none."""
+    if isinstance(m, RMSNorm):
+        return {"normalize": plain_rms_norm}
+    if isinstance(m, Qwen2Attention):
+        return {"attention": partial(plain_attention, rep=m.heads // m.kv_heads)}
+    return None
 
 
 @contextmanager
 def export_friendly(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily give the decoder's norm / attention modules their plain-op twins (same
-    parameters, class swap only); restored on exit."""
-    swapped = [(m, type(m)) for m in model.modules() if type(m) in SWAPS]
-    for m, cls in swapped:
-        m.__class__ = SWAPS[cls]
+    """Temporarily give the decoder's norms and attentions plain-op functions (set on the
+    instances: same modules, same parameters, same forward); restored on exit."""
+    hooked = []
+    for m in model.modules():
+        hooks = _plain_op_hooks(m)
+        if hooks:
+            saved = {name: m.__dict__[name] for name in hooks if name in m.__dict__}
+            m.__dict__.update(hooks)
+            hooked.append((m, hooks, saved))
     try:
         yield model
     finally:
-        for m, cls in swapped:
-            m.__class__ = cls
+        for m, hooks, saved in hooked:
+            for name in hooks:
+                m.__dict__.pop(name, None)
+            m.__dict__.update(saved)
 
 
 def kv_names(num_layers: int) -> tuple[list[str], list[str]]:

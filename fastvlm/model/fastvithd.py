@@ -9,7 +9,9 @@ Two forms of the same network:
 Names follow Apple's `mci.py` so Apple checkpoints load by prefix stripping; the transformers
 (timm) names are handled by one rename table in `weights.py`.
 
-Input (B, 3, S, S) in [0, 1] → output (B, 3072, S/64, S/64) from `conv_exp`.
+Input (B, 3, S, S) in [0, 1] → output (B, 3072, S/64, S/64) from `conv_exp`. The forward is
+device-blind; how it runs on a CPU (channels_last, micro-batches) is `fastvlm/device.py`'s
+`CPUFastViTHD`, which splits it with `tail_start()` / `run_stages()`.
 """
 
 from __future__ import annotations
@@ -388,38 +390,11 @@ class FastViTHD(nn.Module):
         d = cfg.embed_dims[-1]
         self.conv_exp = MobileOneBlock(d, cfg.hidden_size, 3, 1, d, im, use_se=True)
 
-    # On CPU a batch of images runs as micro-batches through the high-resolution stages: one
-    # 1024² image already keeps every conv GEMM-bound (the 64² stage runs at ~90 % of the FMA
-    # peak of the 2-core dev box), and a batch-8 forward's multi-GB activations only add
-    # cache/TLB misses (measured: 0.209 images/s at batch 8 vs 0.224 at batch 1, 2 threads, 0.5B
-    # tower). From the first attention stage on (1/32 resolution, a few MB per image) the batch
-    # runs whole: its linears see B x more rows. Measured on the 0.5B tower at 1024², 8 images,
-    # 2 threads, 4 interleaved rounds: those stages 3.05 s one image at a time, 2.89 s batched
-    # (-5 %, ~1.4 % of the whole tower).
-    cpu_microbatch = 1
-
-    # On CPU, oneDNN's convolutions run ~20 % faster on NHWC (channels_last) tensors: 1.73 s →
-    # 1.39 s for the 0.5B tower at 1024², 2 threads. `use_channels_last()` converts the weights
-    # once (fastvlm.load does it on CPU); inputs are then converted per call. Same math.
-    channels_last = False
-
-    def use_channels_last(self) -> FastViTHD:
-        self.to(memory_format=torch.channels_last)
-        self.channels_last = True
-        return self
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        mb = self.cpu_microbatch
-        end = len(self.network)
-        if pixel_values.is_cpu and not self.training and mb and pixel_values.shape[0] > mb:
-            # each micro-batch converted to channels_last on its own (a cache-sized copy, not
-            # one copy of the whole batch up front); the low-resolution tail batched
-            split = self._tail_start()
-            parts = [self._stages(self._stem(c), 0, split) for c in pixel_values.split(mb)]
-            return self.conv_exp(self._stages(torch.cat(parts), split, end))
-        return self.conv_exp(self._stages(self._stem(pixel_values), 0, end))  # (B, C, S/64, S/64)
+        x = self.patch_embed(pixel_values)
+        return self.conv_exp(self.run_stages(x, 0, len(self.network)))  # (B, C, S/64, S/64)
 
-    def _tail_start(self) -> int:
+    def tail_start(self) -> int:
         """Index in `network` where the first attention stage's resolution begins (its
         PatchEmbed / RepCPE), or the end when every stage is a RepMixer."""
         for i, m in enumerate(self.network):
@@ -429,12 +404,8 @@ class FastViTHD(nn.Module):
                 return i
         return len(self.network)
 
-    def _stem(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and pixel_values.dim() == 4:
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        return self.patch_embed(pixel_values)
-
-    def _stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def run_stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """`network[start:stop]` in order (lets a device policy split the tower)."""
         for stage in self.network[start:stop]:
             x = stage(x)
         return x

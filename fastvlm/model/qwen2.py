@@ -7,10 +7,14 @@ Design decisions:
   prefix reuse are all the caller's business and the model has no hidden state.
 * RoPE cos/sin are computed from the positions in fp32 each call (cheap: T × head_dim) instead of
   a registered buffer, so meta-device init and dtype casts need no special cases.
+* The two fused ops (`F.rms_norm`, SDPA with GQA) sit behind swappable functions
+  (`RMSNorm.normalize`, `Qwen2Attention.attention`): an exporter that cannot lower them sets a
+  plain-op function on the instances (export/wrappers.py) instead of copying a `forward`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -26,7 +30,39 @@ class KVCacheLike(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def fused_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dim in one fused op (x is fp32)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def sdpa_attention(
+    q: torch.Tensor,  # (B, heads, T, hd)
+    k: torch.Tensor,  # (B, kv, S, hd)
+    v: torch.Tensor,  # (B, kv, S, hd)
+    mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = attend; None = causal
+) -> torch.Tensor:
+    """Attention output (B, heads, T, hd); GQA inside SDPA: no repeat_interleave copy of the
+    whole K/V window per layer and step."""
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        t, s = q.shape[2], k.shape[2]
+        if t > 1 and s > t:  # chunk after cached history: bottom-right aligned causal mask
+            qpos = torch.arange(s - t, s, device=q.device)
+            mask = torch.arange(s, device=q.device)[None, :] <= qpos[:, None]
+        else:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+NormFn = Callable[[torch.Tensor, float], torch.Tensor]
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor
+]
+
+
 class RMSNorm(nn.Module):
+    normalize: NormFn = staticmethod(fused_rms_norm)  # swappable per instance (see docstring)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
@@ -34,7 +70,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # one fused op, fp32 math
+        h = self.normalize(x.float(), self.eps)  # fp32 math
         return self.weight * h.to(dtype)
 
 
@@ -57,6 +93,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen2Attention(nn.Module):
+    attention: AttentionFn = staticmethod(sdpa_attention)  # swappable per instance
+
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -88,18 +126,7 @@ class Qwen2Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, positions)  # (B, kv, S, hd)
-        # GQA inside SDPA: no repeat_interleave copy of the whole K/V window per layer and step
-        gqa = self.kv_heads != self.heads
-        if mask is None:
-            s = k.shape[2]
-            if t > 1 and s > t:  # chunk after cached history: bottom-right aligned causal mask
-                qpos = torch.arange(s - t, s, device=x.device)
-                mask = torch.arange(s, device=x.device)[None, :] <= qpos[:, None]
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = self.attention(q, k, v, mask)  # (B, heads, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 

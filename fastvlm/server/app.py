@@ -30,6 +30,7 @@ from html import escape
 from importlib import resources
 from typing import Any
 
+from ..cli.args import add_model_args, check_backend
 from .deadline import read_deadline_protocol
 from .guard import Guard, error_json
 from .media import MediaPolicy
@@ -60,6 +61,7 @@ class ServerConfig:
     image_size: int | None = None
     trust_pickle: bool = False
     engine: str = "fast"  # "fast" = continuous batching, "reference" = the slow oracle decoder
+    backend: str = "auto"  # fastvlm.load's backend: auto or a name in backends.BACKENDS
     slots: int | None = None  # requests the engine decodes together (None: its default)
     served_model_name: str | None = None
     host: str = "127.0.0.1"
@@ -138,6 +140,29 @@ def _strict_json_route():
     return StrictJSONRoute, BodyError
 
 
+def model_card(svc: ChatService) -> dict[str, Any]:
+    """`/v1/models` entry: the served name plus what serves it."""
+    be = svc.vlm.backend
+    return {
+        "id": svc.model_name,
+        "created": 0,
+        "backend": be.name,
+        "device": str(be.device),
+        "dtype": str(be.dtype),
+        "requests_serialized": svc.gen_lock is not None,
+        "max_model_len": svc.context_len,
+    }
+
+
+def log_ready(svc: ChatService) -> None:
+    card = model_card(svc)
+    log.info(
+        "model %s loaded on %s (device %s, dtype %s); requests %s; ready",
+        card["id"], card["backend"], card["device"], card["dtype"],
+        "serialised (one at a time)" if card["requests_serialized"] else "batched concurrently",
+    )  # fmt: skip
+
+
 def create_app(cfg: ServerConfig | None = None, vlm=None):
     """The ASGI app. `vlm` = an already loaded FastVLM (tests); otherwise loaded at start-up."""
     from fastapi import FastAPI, Request
@@ -174,9 +199,10 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
                 image_size=cfg.image_size,
                 engine=cfg.engine,
                 engine_options={"slots": cfg.slots} if cfg.slots else None,
+                backend=cfg.backend,
             )
             state["service"] = make_service(model)
-            log.info("model %s loaded; ready", cfg.model_name)
+            log_ready(state["service"])
         except Exception as e:  # reported by /health and every request, logged as one line
             state["error"] = load_error_message(e)
             log.error("model failed to load: %s", state["error"])
@@ -188,6 +214,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
         task = None
         if vlm is not None:
             state["service"] = make_service(vlm)
+            log_ready(state["service"])
         else:
             task = asyncio.create_task(load())
         yield
@@ -270,7 +297,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
     @app.get("/v1/models", response_model=ModelList, responses=errors)
     async def models():
         service()
-        return {"object": "list", "data": [{"id": cfg.model_name, "created": 0}]}
+        return {"object": "list", "data": [model_card(service())]}
 
     @app.post(
         "/v1/chat/completions",
@@ -314,13 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastvlm serve", description="OpenAI-compatible chat-completions server."
     )
-    p.add_argument("--model", "--model-path", "-m", default=None, help="repo id or folder")
+    add_model_args(p, compile=False, model_help="repo id or folder")
     p.add_argument("--served-model-name", default=None, help="model id clients must send")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--engine", default="fast", choices=["fast", "reference"])
     p.add_argument("--slots", type=int, default=None, help="batch size of the engine (default 8)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
@@ -390,6 +412,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         image_size=a.image_size,
         trust_pickle=a.trust_pickle,
         engine=a.engine,
+        backend=check_backend(a.backend),
         slots=a.slots,
         served_model_name=a.served_model_name,
         host=a.host,

@@ -61,11 +61,12 @@ def check_server_options(cfg) -> None:
 def check_model_options(cfg) -> None:
     """Model, device, dtype and image size exactly as `fastvlm.api.load` will judge them."""
     from .. import hub  # torch comes with these: not imported for `fastvlm serve -h`
-    from ..api import _refuse_foreign_export, resolve_device, resolve_dtype
+    from ..backends import refuse_foreign_export
+    from ..device import resolve_device, resolve_dtype
     from ..weights import load_config
 
     folder = hub.resolve(cfg.model)  # a typo or an offline miss fails here
-    _refuse_foreign_export(folder)
+    refuse_foreign_export(folder)
     if (folder / "fastvlm_export.json").exists():
         return  # an ONNX export: its loader checks the image size against the export
     try:

@@ -346,6 +346,13 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "fastvlm"
+    # what serves it (fastvlm extension): backend name, device, weight dtype, and whether the
+    # backend runs requests one at a time (no batching engine)
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    requests_serialized: bool | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

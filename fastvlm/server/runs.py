@@ -12,13 +12,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .protocol import now
-
-if TYPE_CHECKING:
-    from .serving import ChatService
 
 
 @dataclass(slots=True)
@@ -36,29 +34,32 @@ class Job:
 
 
 class Ticket:
-    """One admitted request's concurrency slot; `release()` is idempotent."""
+    """One admitted request's concurrency slot; `release()` is idempotent (calls `on_release`
+    once: the service gives the slot back)."""
 
-    def __init__(self, service: ChatService) -> None:
-        self.service: ChatService | None = service
+    def __init__(self, on_release: Callable[[], None]) -> None:
+        self._on_release: Callable[[], None] | None = on_release
 
     def release(self) -> None:
-        if self.service is not None:
-            self.service.admitted -= 1
-            self.service = None
+        if self._on_release is not None:
+            self._on_release()
+            self._on_release = None
 
 
 class Run:
     """One generation in a worker thread; `get()` yields ("chunk", Chunk) / ("error", exc) /
-    ("done", None) on the event loop."""
+    ("done", None) on the event loop. `gen_lock`: held around the generation when the backend
+    cannot batch concurrent requests (None: run at once)."""
 
-    def __init__(self, service: ChatService, job: Job, ticket: Ticket) -> None:
+    def __init__(self, vlm, gen_lock: threading.Lock | None, job: Job, ticket: Ticket) -> None:
         self.loop = asyncio.get_running_loop()
         self.ticket = ticket
         self.first_seen = False
         self.finished = False
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancel_event = threading.Event()
-        self.service = service
+        self.vlm = vlm
+        self.gen_lock = gen_lock
         self.job = job
         self.thread = threading.Thread(target=self._work, name=f"gen-{job.id}", daemon=True)
         self.thread.start()
@@ -70,15 +71,14 @@ class Run:
             self.cancel_event.set()
 
     def _work(self) -> None:
-        svc = self.service
-        lock = svc.gen_lock
+        lock = self.gen_lock
         try:
             if lock is not None:
                 lock.acquire()
             try:
                 if self.cancel_event.is_set():
                     return
-                gen = svc.vlm.stream_chunks(
+                gen = self.vlm.stream_chunks(
                     self.job.messages, **self.job.vision, **self.job.sampling
                 )
                 try:

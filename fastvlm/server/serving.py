@@ -3,9 +3,9 @@ chunks. No HTTP here (app.py owns routes); errors are `APIError`s carrying their
 
 Design decisions:
 * Generation runs in a worker thread per request (runs.py); cancelling frees its engine slot.
-* When `FastVLM` has a shared, thread-safe engine (`vlm.engine`), concurrent workers are batched
-  by it; otherwise (reference decoder) a lock runs them one at a time. Either way the HTTP side
-  is the same.
+* When the model's backend batches concurrent requests (`vlm.backend.batches_concurrently`:
+  the torch engine), workers run at once and are batched by it; otherwise (reference decoder,
+  ONNX Runtime) a lock runs them one at a time. Either way the HTTP side is the same.
 * Admission control is a counter, not a queue: more than `max_concurrency` admitted requests
   → 429 with Retry-After at once, so overload is visible to clients instead of piling up.
 * Everything a request can get wrong (params, images, videos, context length) is checked before
@@ -96,9 +96,8 @@ class ChatService:
         self.media = media or MediaPolicy()
         self.media_pool = MediaPool(self.media)
         self.metrics = metrics or Metrics()
-        if serialize is None:  # a FastVLM with a shared engine batches concurrent threads
-            has_engine = hasattr(type(vlm), "engine") or "engine" in vars(vlm)
-            serialize = not has_engine or getattr(vlm, "engine_kind", None) == "reference"
+        if serialize is None:
+            serialize = not vlm.backend.batches_concurrently
         self.gen_lock = threading.Lock() if serialize else None
         self.admitted = 0
         self.runs: set[Run] = set()
@@ -116,7 +115,10 @@ class ChatService:
                 headers={"Retry-After": str(self.limits.retry_after_s)},
             )
         self.admitted += 1
-        return Ticket(self)
+        return Ticket(self._release)
+
+    def _release(self) -> None:
+        self.admitted -= 1
 
     def cancel_all(self) -> None:
         for r in list(self.runs):
@@ -341,7 +343,7 @@ class ChatService:
 
     # ------------------------------------------------------------------ generation
     def _start(self, job: Job, ticket: Ticket) -> Run:
-        run = Run(self, job, ticket)
+        run = Run(self.vlm, self.gen_lock, job, ticket)
         self.runs.add(run)
         self.metrics.waiting += 1
         return run

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from ..dtypes import dtype_name
 from ..model_card import write_card
+from .config import TrainConfig
 from .lora import LoRAConfig
 
 
 def write_train_card(
     out: Path,
-    a: argparse.Namespace,
+    a: TrainConfig,
     run: dict,
     final: dict,
     rows: int,

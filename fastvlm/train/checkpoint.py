@@ -22,9 +22,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from ..dtypes import resolve_save_dtype
 from ..errors import CheckpointError, FastVLMError
 from ..model_card import copy_source_files
+from ..weights import load_model
+from ..weights import save_checkpoint as save_weights
 from .lora import (
     ADAPTER_CONFIG,
     LoRAConfig,
@@ -44,9 +49,6 @@ def save_model(
 ) -> Path:
     """A loadable model folder: weights (fused vision form) in `dtype` (default: the model's
     source dtype), config, tokenizer files. The source's README is not copied (see model_card)."""
-    from ..dtypes import resolve_save_dtype
-    from ..weights import save_checkpoint as save_weights
-
     assert not lora_layers(model), "merge_lora() before saving a full model"
     folder = Path(folder)
     net = model.module if hasattr(model, "module") else model
@@ -71,10 +73,6 @@ def save_checkpoint(
     dtype: torch.dtype = torch.float32,
 ) -> None:
     """Training state (weights as trained, or the adapter) + optimizer + trainer state; atomic."""
-    from safetensors.torch import save_file
-
-    from ..weights import save_checkpoint as save_weights
-
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     masters: dict[str, torch.Tensor] = {}
@@ -121,9 +119,6 @@ def _damaged(folder: Path, e: Exception) -> FastVLMError:
 
 
 def _read_optimizer_file(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(_optimizer_path(folder)))
     except (OSError, SafetensorError) as e:
@@ -132,8 +127,6 @@ def _read_optimizer_file(folder: Path) -> dict[str, torch.Tensor]:
 
 def restore_weights(ck: Path, model, lora: LoRAConfig | None, device: torch.device):
     """The model to continue training from checkpoint `ck` (full weights or adapter)."""
-    from ..weights import load_model
-
     has_adapter = (ck / ADAPTER_CONFIG).exists()
     if lora is None:
         if has_adapter:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import FastVLMError
 from ..processing import IMAGE_MARKER, Processor, render_segments
@@ -62,8 +63,6 @@ def _check_image(p: Path, seen: dict[str, str | None]) -> None:
         if not p.exists():
             seen[key] = f"image not found: {p}"
         else:
-            from PIL import Image, UnidentifiedImageError
-
             try:
                 with Image.open(p) as im:
                     im.size  # noqa: B018 - parses the header

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..api import load
+from ..cli.args import add_max_tokens_arg, add_model_args, add_tokens_per_image_arg, load_kwargs
 from ..errors import FastVLMError
 from ..processing import IMAGE_MARKER
 from .args import Parser
@@ -117,12 +119,10 @@ def evaluate(
     out = open(out_path, "w", encoding="utf-8") if out_path else None
     bar = tqdm(total=len(rows), desc="eval", disable=not progress, dynamic_ncols=True)
     for key, group in by_image.items():
-        embeds, err = None, None
+        pixels, err = None, None
         try:
             if key is not None:  # None: text-only rows
-                pixels = vlm.preprocess(group[0]["image"]).to(vlm.device)
-                # once per image, reused for every question; pooled with --tokens-per-image
-                embeds = vlm.model.embed_images(pixels, tokens_per_image)
+                pixels = vlm.preprocess(group[0]["image"])  # once per image, for every question
         except FastVLMError as e:
             err = str(e)
         for r in group:
@@ -132,7 +132,7 @@ def evaluate(
                 rec.update(prediction=None, error=err, exact=False, correct=False)
             else:
                 try:  # one example that cannot run (too long, ...) is an error row, not a crash
-                    pred = _predict(vlm, r, embeds, params, tokens_per_image)
+                    pred = _predict(vlm, r, pixels, params, tokens_per_image)
                 except (FastVLMError, ValueError) as e:
                     rec.update(prediction=None, error=str(e), exact=False, correct=False)
                 else:
@@ -152,8 +152,7 @@ def evaluate(
     return summarize(results)
 
 
-def _predict(vlm, r: dict, embeds, params, tokens_per_image: int | None) -> str:
-    from ..engine.generate import generate
+def _predict(vlm, r: dict, pixels, params, tokens_per_image: int | None) -> str:
     from ..processing import render_chat
 
     cfg = vlm.config
@@ -165,12 +164,11 @@ def _predict(vlm, r: dict, embeds, params, tokens_per_image: int | None) -> str:
     prompt, _ = render_chat(msgs, cfg.chat_template, cfg.system_prompt)
     n_images = prompt.count(IMAGE_MARKER)  # 0 when the image comes after this question
     ids = vlm.processor.tokenize(prompt, n_images, tokens_per_image)
-    pred, _ = generate(
-        vlm.model, vlm.tokenizer, ids, None, params,
-        image_embeds=embeds if n_images else None, eos_ids=vlm.eos_ids,
-        vocab_limit=vlm.vocab_limit, step_fn=vlm.step_fn,  # torch or ONNX Runtime, as loaded
-    )  # fmt: skip
-    return pred.strip()
+    # through the loaded backend; the torch engine's vision cache encodes each image once
+    gen = vlm.backend.submit(
+        ids, pixels if n_images else None, params, tokens_per_image=tokens_per_image
+    )
+    return "".join(c.text for c in vlm.text_chunks(gen, params)).strip()
 
 
 def summarize(results: list[dict]) -> dict:
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(
         prog="fastvlm eval", description="Score a model on image QA / captions."
     )
-    p.add_argument("--model", "-m", default=None, help="model id or folder (default: embedded)")
+    add_model_args(p, model_help="model id or folder (default: embedded)")
     p.add_argument(
         "--data", default=None, help="the files train reads: LLaVA .json/.jsonl, .csv/.tsv"
     )
@@ -232,20 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data-seed", type=int, default=1000)
     p.add_argument("--shapes-size", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=64)
+    add_max_tokens_arg(p, 64)
     p.add_argument("--output", "-o", default=None, help="per-example results (JSONL)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument(
-        "--tokens-per-image", type=int, default=None, help="pool image features to K tokens"
-    )
+    add_tokens_per_image_arg(p, help="pool image features to K tokens")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     check_eval_args(a)
     rows, skipped = load_rows(a)  # before loading the model: a bad file fails fast
-    from ..api import load
-
-    vlm = load(a.model, device=a.device, image_size=a.image_size)
+    vlm = load(a.model, **load_kwargs(a))
     s = evaluate(vlm, rows, a.max_tokens, a.output, not a.quiet, a.tokens_per_image)
     s["skipped_rows"] = skipped
     for t, v in s["per_type"].items():

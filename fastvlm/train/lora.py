@@ -19,26 +19,25 @@ Design decisions:
   bitsandbytes and CUDA and is untested on CPU-only CI; a QLoRA adapter is merged into the
   full-precision base (`fastvlm lora merge`), never into the 4-bit weights.
 
-`fastvlm lora merge BASE ADAPTER OUT` writes BASE with ADAPTER folded in, a normal model folder.
+`fastvlm lora merge` (fold an adapter into its base) is in merge.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..dtypes import SAVE_DTYPE_CHOICES, SAVE_DTYPE_HELP, resolve_save_dtype, size_summary
 from ..errors import CheckpointError, FastVLMError
+from ..kernels import FastLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -127,7 +126,7 @@ def select_linears(
     """Names of the Linear layers `apply_lora` would adapt (see the module docstring)."""
     names = []
     for name, m in model.named_modules():
-        if type(m) is not nn.Linear:
+        if type(m) not in (nn.Linear, FastLinear):  # FastLinear: fastvlm.load's CPU swap
             continue
         if name.startswith("vision_tower."):
             ok = include_vision
@@ -160,9 +159,8 @@ def apply_lora(
         raise FastVLMError("this model already has LoRA layers; merge_lora() it first")
     names = select_linears(model, tuple(targets), include_projector, include_vision)
     if not names:
-        known = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) is nn.Linear}
-        )
+        plain = (nn.Linear, FastLinear)
+        known = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m) in plain})
         raise FastVLMError(
             f"no Linear layer matches the LoRA targets {list(targets)}; choose from {known}"
         )
@@ -182,7 +180,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and swap plain `nn.Linear`s back (in place)."""
     for name, m in lora_layers(model).items():
         base = m.base
-        if type(base) is not nn.Linear:
+        if type(base) not in (nn.Linear, FastLinear):
             raise FastVLMError(
                 f"{name}: cannot merge into a quantized (QLoRA) base layer; merge the adapter "
                 "into the full-precision base: fastvlm lora merge BASE ADAPTER OUT"
@@ -211,8 +209,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(folder: str | Path, model: nn.Module, config: LoRAConfig) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` into `folder`."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
@@ -236,8 +232,6 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig:
 
 def load_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
     """Load an adapter into `model` (applying LoRA first if it has none); strict on keys/shapes."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg = read_adapter_config(folder)
     if not lora_layers(model):
@@ -288,68 +282,3 @@ def _to_4bit(linear: nn.Linear) -> nn.Module:
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.cpu(), requires_grad=False)
     return q.to("cuda")
-
-
-# ---------------------------------------------------------------------- fastvlm lora merge
-def merge_to_folder(
-    base: str | Path | None,
-    adapter: str | Path,
-    out: str | Path,
-    *,
-    trust_pickle: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Load BASE (fp32, CPU), apply + merge ADAPTER, write a normal model folder to OUT with
-    its weights in `dtype` (default: BASE's own dtype on disk)."""
-    from ..hub import resolve
-    from ..model_card import write_card
-    from ..tokenization import load_tokenizer
-    from ..weights import load_model
-    from .checkpoint import save_model
-
-    src = resolve(base)
-    model = load_model(src, device="cpu", dtype=torch.float32, trust_pickle=trust_pickle)
-    cfg = load_adapter(model, adapter)
-    merge_lora(model)
-    out = save_model(Path(out), model, load_tokenizer(src), src, dtype)
-    write_card(out, f"{out.name} (LoRA merged)", {
-        "base model": base, "adapter": adapter, "LoRA": f"r={cfg.r} alpha={cfg.alpha}",
-    })  # fmt: skip
-    return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastvlm lora", description="LoRA adapter tools.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    m = sub.add_parser("merge", help="fold an adapter into its base model → a normal model folder")
-    m.add_argument("base", help="base model (folder or hub id) the adapter was trained on")
-    m.add_argument(
-        "adapter", help="adapter folder (adapter_model.safetensors + adapter_config.json)"
-    )
-    m.add_argument("out", help="new output folder")
-    m.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt base weights")
-    m.add_argument("--save-dtype", choices=SAVE_DTYPE_CHOICES, default="auto",
-                   help=SAVE_DTYPE_HELP)  # fmt: skip
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    if a.command != "merge":
-        parser.print_help()
-        return 2
-    from ..hub import resolve
-
-    out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise FastVLMError(f"{out} exists and is not empty; choose a new folder")
-    dtype = None if a.save_dtype == "auto" else resolve_save_dtype(a.save_dtype)
-    merge_to_folder(a.base, a.adapter, out, trust_pickle=a.trust_pickle, dtype=dtype)
-    print(f"merged {a.adapter} into {a.base} → {out}", file=sys.stderr)
-    print(size_summary(resolve(a.base), out), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

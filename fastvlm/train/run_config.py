@@ -16,7 +16,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from ..errors import FastVLMError
 from .checkpoint import checkpoints, read_state
+from .config import TrainConfig
 
 COMPARED = (
     "model_fingerprint", "data_fingerprint", "shapes", "data_seed", "shapes_layout",
@@ -65,7 +65,7 @@ def _sampled(path: Path, h, blocks: int = 64, size: int = 1 << 16) -> None:
             h.update(f.read(size))
 
 
-def model_fingerprint(a: argparse.Namespace, src: Path | None) -> str:
+def model_fingerprint(a: TrainConfig, src: Path | None) -> str:
     """config.json + sampled weight files, or the --init-config / --tokenizer / --init-vision
     file contents for a fresh model."""
     if src is None:
@@ -78,7 +78,7 @@ def model_fingerprint(a: argparse.Namespace, src: Path | None) -> str:
     return _hash_files([cfg] if cfg.exists() else [], h)
 
 
-def describe_run(a: argparse.Namespace, src: Path | None, world: int) -> dict:
+def describe_run(a: TrainConfig, src: Path | None, world: int) -> dict:
     """The run configuration recorded in each checkpoint (COMPARED keys + paths for messages)."""
     targets = sorted({t for x in a.lora_targets or [] for t in x.split(",") if t})
     lora = bool(a.lora or a.qlora)

@@ -33,8 +33,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
+from ..device import resolve_device
+from ..config import FastVLMConfig
+from ..model.fastvlm import FastVLMModel
+from ..processing import Processor
+from .schedule import lr_at
 from .shapes import COLORS, KINDS, SIZES, draw_scene, image_rng
 
 LABELS = [*KINDS, *COLORS, *SIZES]
@@ -85,14 +92,6 @@ def evaluate(tower, head, processor, device, n: int = 256, seed: int = 999) -> d
 
 
 def pretrain(a: argparse.Namespace) -> dict[str, float]:
-    from tqdm import tqdm
-
-    from ..api import resolve_device
-    from ..config import FastVLMConfig
-    from ..model.fastvlm import FastVLMModel
-    from ..processing import Processor
-    from .finetune import lr_at
-
     device = resolve_device(a.device)
     cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
     torch.manual_seed(a.seed)
@@ -130,8 +129,6 @@ def pretrain(a: argparse.Namespace) -> dict[str, float]:
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 5)}), file=sys.stderr)
     bar.close()
     acc = evaluate(tower, head, processor, device)
-    from safetensors.torch import save_file
-
     sd = {k: v.detach().float().cpu().contiguous() for k, v in tower.state_dict().items()}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, a.out, metadata={"format": "pt", "accuracy": json.dumps(acc)})

@@ -11,11 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .dtypes import SAVE_DTYPE_CHOICES, SAVE_DTYPE_HELP, dtype_name, resolve_save_dtype
-from .dtypes import size_summary
-from .errors import ConfigError, FastVLMError
-from .model_card import copy_source_files, write_card
-from .quant import GROUP_SIZES, PRESETS, parse_spec, quantize_model, spec_to_config
+from ..dtypes import SAVE_DTYPE_CHOICES, SAVE_DTYPE_HELP, dtype_name, resolve_save_dtype
+from ..dtypes import size_summary
+from ..errors import ConfigError, FastVLMError
+from ..hub import resolve
+from ..model_card import copy_source_files, write_card
+from ..weights import load_model, save_checkpoint
+from .apply import quantize_model
+from .scheme import GROUP_SIZES, PRESETS, parse_spec, spec_to_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,9 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .hub import resolve
-    from .weights import load_model, save_checkpoint
-
     a = build_parser().parse_args(argv)
     schemes = parse_spec(a.quant, a.group_size)  # fail before loading anything
     if not any(s.bits for s in schemes.values()):

@@ -6,14 +6,14 @@ Three sub-commands, all on the CPU, all deterministic from their seeds:
   and store the frozen vision tower's features (N, tokens, C) as float16, with each scene's
   caption and typed questions::
 
-      python scripts/qa_lookup_experiments.py cache --seed 3 --start 0 --end 20000 --out a.pt
+      python dev/demo_model/qa_lookup_experiments.py cache --seed 3 --start 0 --end 20000 --out a.pt
 
 * ``probe``: a small readout trained on those frozen features, *not* the model's decoder:
   bag-of-words question embedding → two cross-attention hops over the image tokens (+ learned
   positions) → MLP over the answer vocabulary. It measures whether the features support looking
   a shape up by its attributes ("What color is the cross?")::
 
-      python scripts/qa_lookup_experiments.py probe --train a.pt b.pt --eval eval.pt
+      python dev/demo_model/qa_lookup_experiments.py probe --train a.pt b.pt --eval eval.pt
 
 * ``decoder``: trains the model's own projector + Qwen2 decoder on the cached features (vision
   tower frozen, so a step costs only the decoder) and reports teacher-forced exact accuracy per
@@ -24,7 +24,7 @@ Three sub-commands, all on the CPU, all deterministic from their seeds:
   comes right after the shape's name; ``--text-scene`` drops the image and gives the scene as
   text ("Scene: <caption>" before the question), to test look-up in text alone::
 
-      python scripts/qa_lookup_experiments.py decoder --train a.pt b.pt --eval eval.pt \\
+      python dev/demo_model/qa_lookup_experiments.py decoder --train a.pt b.pt --eval eval.pt \\
           --steps 1000 --lr 1e-3 --pcap 0.15 --psent 0.5
 
   ``--guide W`` adds, for one-question rows that name a shape ("What color is the small
@@ -55,7 +55,8 @@ from torch import nn
 import fastvlm
 from fastvlm.model.qwen2 import rope_cos_sin, rotate_half
 from fastvlm.train.data import Record, collate, encode_record
-from fastvlm.train.finetune import lm_loss, save_model
+from fastvlm.train.checkpoint import save_model
+from fastvlm.train.loop import lm_loss
 from fastvlm.train.shapes import (
     COLORS,
     DESCRIBE_PROMPT,

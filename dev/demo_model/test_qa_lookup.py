@@ -1,7 +1,11 @@
-"""The look-up guide of scripts/qa_lookup_experiments.py, which trained the shipped model's
-question answering: which question words and which image tokens it tells the decoder to attend
-to, checked against scene geometry computed here; and a tiny end-to-end run of its `cache` and
-`decoder --guide` steps (CPU, seconds)."""
+"""The look-up guide of qa_lookup_experiments.py (next to this file), which trained the shipped
+model's question answering: which question words and which image tokens it tells the decoder to
+attend to, checked against scene geometry computed here; and a tiny end-to-end run of its `cache`
+and `decoder --guide` steps (CPU, seconds).
+
+Not in the default suite (pyproject `testpaths = ["tests"]`); run it with
+`python -m pytest dev/demo_model`. pytest puts this folder (no `__init__.py`) on `sys.path`,
+which is how `qa_lookup_experiments` imports."""
 
 from __future__ import annotations
 
@@ -10,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import qa_lookup_experiments as Q
 
 import fastvlm
 from fastvlm.train import shapes as S
 from fastvlm.train.data import Record, encode_record
 
-ROOT = Path(__file__).parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import qa_lookup_experiments as Q  # noqa: E402
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 @pytest.mark.parametrize(
@@ -85,7 +89,7 @@ def test_guide_targets_match_the_scene_geometry(proc):
 
 
 def test_cache_and_guided_decoder_run(tmp_path):
-    script = [sys.executable, str(ROOT / "scripts" / "qa_lookup_experiments.py")]
+    script = [sys.executable, str(HERE / "qa_lookup_experiments.py")]
     run = dict(cwd=ROOT, capture_output=True, text=True, timeout=300)
     for seed, out in ((3, "train.pt"), (1000, "eval.pt")):
         r = subprocess.run(

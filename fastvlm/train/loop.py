@@ -1,4 +1,5 @@
-"""`fastvlm train`: full fine-tuning, LoRA (or training from a fresh config) on LLaVA-style data.
+"""`fastvlm train` and `train(cfg: TrainConfig)`: full fine-tuning, LoRA (or training from a
+fresh config) on LLaVA-style data.
 
 One script for one CPU, one GPU, or many under `torchrun` (gloo on CPU, nccl on CUDA): the
 per-epoch order is a seeded permutation sharded by rank, so every rank and every resume sees the
@@ -11,23 +12,19 @@ Design decisions:
   their count over all micro-batches and ranks, so a step's gradient is the same however the
   batch is split into `--grad-accum` micro-batches and processes (up to BatchNorm in a trained
   vision tower, which normalises each micro-batch by its own statistics).
-* Data parallelism is one bucketed all-reduce (sum) of the gradients per optimizer step, not the
-  DDP wrapper: a rank whose micro-batch was skipped (bad image) just contributes nothing instead
-  of hanging DDP's backward hooks, and accumulation needs no `no_sync`. The price is no overlap
-  of communication with the backward pass.
+* Data parallelism: one bucketed gradient all-reduce per step, not DDP (distributed.py).
 * Checkpoints (`OUT/checkpoint-N/`) are the exact training state: the weights as trained (train
   form of the vision tower when it was built so; never fused mid-run) or, with LoRA, only the
   adapter; plus the AdamW state of the trainable parameters (safetensors) and `trainer_state.json`.
   Dropout is re-seeded from (seed, step, rank) every step, so a resumed run repeats the
   uninterrupted one. Weights are saved in `--save-dtype` (auto = the source's, see
   checkpoint.py); each checkpoint records the run's settings, and `--resume` refuses one made by
-  a different run (run_config.py). Flags are checked before anything is loaded (args.py).
-* `--vision-lr-mult` puts the vision tower + projector in AdamW groups of their own whose lr is
-  the schedule's times the factor (a from-scratch image side learns slower than the LLM);
+  a different run (run_config.py). Settings are checked before anything is loaded (config.py).
+* `--vision-lr-mult`: AdamW groups of their own for the vision side (schedule.py);
   `--shapes-max-count` restricts generated shapes scenes to at most k shapes (curriculum stages,
   chained with `--stop-after` / `--resume` over one schedule).
-* Frozen BatchNorm layers (frozen vision tower, any LoRA run) stay in eval mode: their running
-  statistics are part of the base weights and must not drift.
+* Frozen BatchNorm layers stay in eval mode (setup.py): their statistics are base weights.
+* A run is a `TrainConfig` (config.py); the CLI builds it from its flags (args.py).
 
 What `--output OUT` holds at the end:
 * full fine-tune: OUT is a model folder (fused vision tower, config, tokenizer):
@@ -40,10 +37,7 @@ What `--output OUT` holds at the end:
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -51,153 +45,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from tqdm import tqdm
 
+from ..device import resolve_device
+from ..dtypes import resolve_save_dtype, size_summary
 from ..errors import FastVLMError
+from . import distributed
+from .args import build_parser, config_from_args
+from .card import write_train_card
+from .checkpoint import checkpoints, load_optimizer, restore_weights, save_checkpoint, save_model
+from .config import TrainConfig, check_config, check_schedule, normalized
 from .data import IGNORE, VLMDataset, load_records
 from .loader import micro_batches
-from ..dtypes import resolve_save_dtype, size_summary
-from .args import build_parser, check_model_config, check_schedule, check_train_args
-from .card import write_train_card
-from .checkpoint import (
-    OPTIMIZER_FILE,
-    checkpoints,
-    load_optimizer,
-    restore_weights,
-    save_checkpoint,
-    save_model,
-)
-from .lora import (
-    LoRAConfig,
-    apply_lora,
-    merge_lora,
-    merge_to_folder,
-    require_qlora,
-    save_adapter,
-)
+from .lora import LoRAConfig, apply_lora, merge_lora, require_qlora, save_adapter
+from .merge import merge_to_folder
 from .run_config import check_resume, describe_run, prepare_output
+from .schedule import lr_at, param_groups, set_lr
+from .setup import apply_freeze, build_model, lora_config, set_train_mode
+from .shapes_data import shapes_records
 
-__all__ = ["OPTIMIZER_FILE", "build_parser", "save_model", "save_checkpoint", "main", "train"]
-
-
-# ---------------------------------------------------------------------- model setup
-def build_model(a: argparse.Namespace, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(model, processor, tokenizer, source folder) from --model or --init-config."""
-    from ..config import FastVLMConfig
-    from ..hub import resolve
-    from ..model.fastvlm import FastVLMModel
-    from ..processing import Processor
-    from ..tokenization import load_tokenizer
-    from ..weights import load_config, load_model
-
-    if a.init_config:
-        if not a.tokenizer:
-            raise FastVLMError("--init-config needs --tokenizer tokenizer.json")
-        from tokenizers import Tokenizer
-
-        try:
-            cfg = FastVLMConfig.from_dict(json.loads(Path(a.init_config).read_text()))
-            cfg.validate()
-        except (ValueError, TypeError, KeyError) as e:
-            raise FastVLMError(f"--init-config {a.init_config}: not a usable config ({e})") from e
-        try:  # the tokenizers library raises its own exception type for a bad file
-            tok = Tokenizer.from_file(a.tokenizer)
-        except Exception as e:  # noqa: BLE001
-            raise FastVLMError(f"--tokenizer {a.tokenizer}: not a tokenizer.json ({e})") from e
-        torch.manual_seed(a.seed)
-        model = FastVLMModel(cfg).to(device=device, dtype=dtype)
-        model.init_weights()
-        if a.init_vision:  # a pre-trained tower (train.vision_pretrain)
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                sd = load_file(a.init_vision)
-            except (SafetensorError, OSError) as e:
-                raise FastVLMError(f"--init-vision {a.init_vision}: not safetensors ({e})") from e
-            missing, unexpected = model.vision_tower.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise FastVLMError(
-                    f"--init-vision {a.init_vision} does not fit this config's vision tower "
-                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-                )
-        src = None
-    else:
-        src = resolve(a.model)
-        check_model_config(load_config(src), a.model)  # before reading any weights
-        model = load_model(src, device=device, dtype=dtype, trust_pickle=a.trust_pickle)
-        tok = load_tokenizer(src)
-    return model, Processor(model.config, tok), tok, src
-
-
-def lora_config(a: argparse.Namespace, src: Path | None) -> LoRAConfig | None:
-    if not (a.lora or a.qlora):
-        return None
-    targets = tuple(t for x in a.lora_targets for t in x.split(",") if t)
-    if src is None:
-        base = None
-    elif a.model and not Path(a.model).exists():
-        base = a.model  # a hub id
-    else:
-        base = str(Path(src).resolve())
-    return LoRAConfig(
-        r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, targets=targets,
-        include_projector=a.lora_projector, include_vision=a.lora_vision, base_model=base,
-    )  # fmt: skip
-
-
-def apply_freeze(model, freeze: list[str]) -> None:
-    parts = {
-        "vision": model.vision_tower,
-        "projector": model.mm_projector,
-        "llm": model.language_model,
-    }
-    for name in freeze:
-        if name not in parts:
-            raise FastVLMError(f"--freeze takes vision, projector, llm; got {name!r}")
-        for p in parts[name].parameters():
-            p.requires_grad_(False)
-    if "llm" in freeze and not model.config.text.tie_word_embeddings:
-        model.lm_head.weight.requires_grad_(False)
-
-
-def set_train_mode(model: nn.Module) -> None:
-    """train(), but BatchNorm layers with frozen parameters stay in eval (stats = base weights)."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-            p.requires_grad for p in m.parameters(recurse=False)
-        ):
-            m.eval()
-
-
-def param_groups(model: nn.Module, weight_decay: float, vision_lr_mult: float = 1.0) -> list[dict]:
-    """AdamW groups of the trainable parameters: weight decay only on matrices / kernels, and
-    with `vision_lr_mult` != 1 the vision tower + projector in groups of their own whose lr is
-    the schedule's times `lr_mult` (a from-scratch image side learns slower than the LLM)."""
-    vision = {id(p) for m in (model.vision_tower, model.mm_projector) for p in m.parameters()}
-    groups: list[dict] = []
-    for mult, part in ((1.0, False), (vision_lr_mult, True)):
-        if vision_lr_mult == 1.0 and part:
-            break
-        mine = [
-            p
-            for p in model.parameters()
-            if p.requires_grad and (vision_lr_mult == 1.0 or (id(p) in vision) == part)
-        ]
-        for decay in (True, False):
-            ps = [p for p in mine if (p.ndim >= 2) == decay]
-            if ps or not part:
-                wd = weight_decay if decay else 0.0
-                groups.append({"params": ps, "weight_decay": wd, "lr_mult": mult})
-    return groups
-
-
-def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.1) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+__all__ = ["TrainConfig", "main", "train"]
 
 
 def n_targets(labels: torch.Tensor) -> int:
@@ -216,49 +83,6 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-# ---------------------------------------------------------------------- data parallel
-def broadcast_params(params: list[torch.Tensor]) -> None:
-    """Start every rank from rank 0's trainable weights (as DDP does)."""
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, 0)
-
-
-def all_reduce_grads(params: list[nn.Parameter], bucket_numel: int = 1 << 24) -> None:
-    """Sum gradients over ranks in flat buckets; a parameter no rank touched keeps grad None."""
-    import torch.distributed as dist
-
-    if not params:
-        return
-    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    dist.all_reduce(used)
-    live = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
-    bucket: list[nn.Parameter] = []
-
-    def flush() -> None:
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in bucket:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-        bucket.clear()
-
-    size = 0
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        bucket.append(p)
-        size += p.numel()
-        if size >= bucket_numel:
-            flush()
-            size = 0
-    if bucket:
-        flush()
-
-
 # ---------------------------------------------------------------------- saving
 def write_output(
     out: Path,
@@ -266,7 +90,7 @@ def write_output(
     tok,
     src: Path | None,
     lora: LoRAConfig | None,
-    a: argparse.Namespace,
+    a: TrainConfig,
     dtype: torch.dtype | None = None,
 ) -> None:
     """The final output layout described in the module docstring (weights in `dtype`)."""
@@ -293,29 +117,18 @@ def write_output(
 
 
 # ---------------------------------------------------------------------- main loop
-def train(a: argparse.Namespace) -> Path:
-    from tqdm import tqdm
-
-    from .. import api
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = api.resolve_device(a.device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if a.qlora:
+def train(cfg: TrainConfig) -> Path:
+    """Run the training `cfg` describes; returns its output folder (see the module docstring)."""
+    check_config(cfg)
+    if cfg.qlora:
         require_qlora()
+    a = normalized(cfg)  # the loop's own copy: check_schedule fills in warmup
+    rank, world = distributed.world()
+    device = distributed.init(resolve_device(a.device))
     out = Path(a.output)
     ck = prepare_output(out, a.resume, a.overwrite) if rank == 0 else None
-    if world > 1:  # every rank resumes from what rank 0 found
-        box = [str(ck) if ck else None]
-        dist.broadcast_object_list(box, 0)
-        ck = Path(box[0]) if box[0] else None
+    ck = distributed.broadcast_object(str(ck) if ck else None)  # every rank resumes the same
+    ck = Path(ck) if ck else None
     out.mkdir(parents=True, exist_ok=True)
     model, processor, tok, src = build_model(
         a, device, torch.bfloat16 if a.qlora else torch.float32
@@ -342,8 +155,6 @@ def train(a: argparse.Namespace) -> Path:
     set_train_mode(model)
 
     if a.shapes:
-        from .shapes_data import shapes_records
-
         records = shapes_records(
             a.shapes,
             a.data_seed,
@@ -374,7 +185,7 @@ def train(a: argparse.Namespace) -> Path:
         if rank == 0:
             print(f"resuming from {ck} at step {step}", file=sys.stderr)
     if world > 1:
-        broadcast_params(params)
+        distributed.broadcast_params(params)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     pad_id = tok.token_to_id("<|endoftext|>") if tok is not None else None
     pad_id = 0 if pad_id is None else pad_id
@@ -389,8 +200,7 @@ def train(a: argparse.Namespace) -> Path:
     while step < stop:
         torch.manual_seed((a.seed * 1_000_003 + step) * 4096 + rank)  # dropout: resume-exact
         lr = lr_at(step, total, a.warmup, a.lr)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_mult", 1.0)
+        set_lr(optimizer, lr)
         batches = []
         for _micro in range(a.grad_accum):
             batch, bad = next(loader)
@@ -399,7 +209,7 @@ def train(a: argparse.Namespace) -> Path:
                 batches.append(batch)  # kept on the host until its turn
         n_total = float(sum(n_targets(b["labels"]) for b in batches))
         if world > 1:  # labelled tokens of the whole step, all ranks
-            n_total = _all_reduce_cpu(torch.tensor([n_total]), device).item()
+            n_total = distributed.all_reduce_sum(n_total, device)
         loss_sum = 0.0
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -410,8 +220,8 @@ def train(a: argparse.Namespace) -> Path:
             loss_sum += float(loss.detach())
             tokens_seen += int(batch["input_ids"].numel())
         if world > 1:
-            all_reduce_grads(params)
-            loss_sum = _all_reduce_cpu(torch.tensor([loss_sum]), device).item()
+            distributed.all_reduce_grads(params)
+            loss_sum = distributed.all_reduce_sum(loss_sum, device)
         if n_total > 0:  # a step whose rows were all skipped changes nothing
             if a.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, a.clip)
@@ -439,9 +249,7 @@ def train(a: argparse.Namespace) -> Path:
             stage = {**state, "step": step, "stage_end": True}
             save_checkpoint(out / f"checkpoint-{step}", model, tok, optimizer, stage, lora,
                             save_dtype)  # fmt: skip
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
+        distributed.close()
         return out
     if rank == 0:
         model.eval()
@@ -459,33 +267,13 @@ def train(a: argparse.Namespace) -> Path:
         print(f"trained {step} steps in {elapsed:.0f}s → {out}", file=sys.stderr)
         if lora is None or a.merge:
             print(size_summary(src, out), file=sys.stderr)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.close()
     return out
 
 
-def _all_reduce_cpu(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum a small host tensor over ranks (via the device for nccl)."""
-    import torch.distributed as dist
-
-    on = t.to(device)
-    dist.all_reduce(on)
-    return on.cpu()
-
-
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    if not (a.data or a.shapes):
-        raise FastVLMError("give --data FILE (or --shapes N)")
-    check_train_args(a)
-    if a.merge and not (a.lora or a.qlora):
-        raise FastVLMError("--merge folds a LoRA adapter into the model: use it with --lora")
-    if (a.lora or a.qlora) and a.freeze:
-        raise FastVLMError("--lora already freezes every base weight; drop --freeze")
-    if a.qlora:
-        require_qlora()
-    train(a)
+    """`fastvlm train` (and `torchrun -m fastvlm.train.loop`)."""
+    train(config_from_args(build_parser().parse_args(argv)))
     return 0
 
 

@@ -22,7 +22,8 @@ Steps (each deterministic from its seed):
 The shipped model (2026-11-30): phases 0-2 on one H200 (scripts/gpu_checks.sh); phase 3 was
 tried on the CPU and not kept (questions did not improve, see the model's README):
 
-    python scripts/make_demo_model.py --work $WORK/demo-w256 --out fastvlm/assets/fastvlm-tiny \
+    python dev/demo_model/make_demo_model.py --work $WORK/demo-w256 \
+        --out fastvlm/assets/fastvlm-tiny \
         --variant wide --image-size 256 --device cuda --workers 14 --batch-size 64 --lr 1e-3 \
         --warmup 200 --save-every 1000 --log-every 100 --steps 1500 --phase1 187 \
         --vision-pretrain 400

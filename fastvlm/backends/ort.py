@@ -1,17 +1,12 @@
-"""ONNX Runtime backend: generation on an exported folder through the `FastVLM` API.
+"""The ONNX Runtime backend: generation on a `fastvlm export onnx` folder.
 
-`fastvlm.load(folder)` returns an `OrtFastVLM` when `folder` holds an ONNX export (it has
-`fastvlm_export.json`), or when `backend="onnxruntime"` is asked for. It is a `FastVLM` whose
-`model` is an `OrtModel` (three ONNX Runtime sessions) instead of a `FastVLMModel`:
+`OrtModel` holds the three exported graphs (vision encoder, embeddings, merged decoder; plus the
+projector for token reduction) behind a small model-like interface (batch 1, numpy inside).
+`ort_generate_step` is engine/generate.py's `generate_step` with ONNX Runtime prefill / step
+functions plugged into the same `decode_loop` (sampling, timing, EOS), so text, stop strings and
+finish reasons are the shared ones. `OrtBackend` serves them through the `Backend` protocol; it
+has no batching engine, so callers serialise requests.
 
-* prompts, images and chat templates go through the same `Processor` (fastvlm/processing.py);
-* `ort_generate_step` is engine/generate.py's `generate_step` with ONNX Runtime prefill / step
-  functions plugged into the same `decode_loop` (sampling, timing, EOS), so
-  `stream_generate(..., step_fn=ort_generate_step)` reuses the detokenizer, stop strings and
-  finish reasons unchanged.
-
-For benchmarks: `OrtFastVLM.generate_ids(input_ids, pixel_values, max_tokens=N, ignore_eos=True)`
-fills `last_stats` (vision_s, prefill_s, decode_s, generation_tokens), like the torch path.
 Threads: `intra_op_threads`, else $FASTVLM_ORT_THREADS, else $OMP_NUM_THREADS (as torch), else
 ONNX Runtime's default (all cores).
 """
@@ -24,21 +19,21 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..api import FastVLM
-from ..engine.generate import Chunk, Stats, decode_loop, stream_generate
+from ..engine.generate import Stats, decode_loop
 from ..engine.sampling import SamplingParams, make_generator
 from ..errors import CheckpointError, ConfigError
+from ..export.onnx_community import VISION_FEATURES
+from ..export.wrappers import kv_names
 from ..model.fastvlm import check_tokens_per_image
-from ..processing import Processor
-from ..tokenization import load_tokenizer
+from ..tokenization import generation_limits
 from ..weights import load_config
-from .onnx_community import VISION_FEATURES
-from .wrappers import kv_names
+from .step import StepGeneration
 
 MANIFEST = "fastvlm_export.json"
 ONNX_FILES = {
@@ -226,81 +221,102 @@ def ort_generate_step(
     )  # fmt: skip
 
 
-class OrtFastVLM(FastVLM):
-    """`FastVLM` on ONNX Runtime: describe / chat / stream / stream_chunks / generate_ids."""
+class OrtBackend:
+    """`Backend` over an `OrtModel`: CPU, fp32 at the boundary, one request at a time."""
 
-    def __init__(self, model: OrtModel, processor: Processor, tokenizer, path: Path) -> None:
-        # "reference": no torch Engine over these sessions; callers (the server) serialize
-        super().__init__(model, processor, tokenizer, path, engine="reference")
-        self.backend = "onnxruntime"
+    name: ClassVar[str] = "onnxruntime"
+    batches_concurrently = False
+    device = "cpu"
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
+    def __init__(
+        self, model: OrtModel, *, eos_ids: list[int], vocab_limit: int | None = None
+    ) -> None:
+        self.model = model
+        self.config = model.config
+        self.eos_ids = list(eos_ids)
+        self.vocab_limit = vocab_limit
 
     @property
     def precision(self) -> dict[str, str]:
         return dict(self.model.manifest.get("precision", {}))
 
-    def __repr__(self) -> str:
-        p = ",".join(f"{k}={v}" for k, v in self.precision.items())
-        return f"OrtFastVLM(path={str(self.path)!r}, backend='onnxruntime', precision={p!r})"
+    @property
+    def dtype(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.precision.items()) or "float32"
 
-    step_fn = staticmethod(ort_generate_step)
+    @property
+    def max_len(self) -> int:
+        return self.config.text.max_position_embeddings
 
-    def stream_chunks(
+    def encode_images(
+        self, pixels: torch.Tensor, tokens_per_image: int | None = None
+    ) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.model.embed_images(pixels, tokens_per_image)))
+
+    def submit(
         self,
-        messages: list[dict],
+        ids: list[int],
+        pixels: torch.Tensor | None,
+        params: SamplingParams,
         *,
         tokens_per_image: int | None = None,
-        max_images: int | None = None,
-        **sampling,
-    ) -> Iterator[Chunk]:
-        params = self._params(sampling)
-        tpi = check_tokens_per_image(tokens_per_image, self.num_image_tokens)
-        ids, pixels = self.encode(messages, tokens_per_image=tpi, max_images=max_images)
-        for chunk in stream_generate(
-            self.model,
-            self.tokenizer,
-            ids,
-            pixels,
-            params,
-            eos_ids=self.eos_ids,
-            vocab_limit=self.vocab_limit,
-            step_fn=ort_generate_step,
-            tokens_per_image=tpi,
-        ):
-            self.last_stats = chunk.stats
-            yield chunk
+    ) -> StepGeneration:
+        params.validate()
+        tpi = check_tokens_per_image(tokens_per_image, self.config.num_image_tokens)
+        eos = set() if params.ignore_eos else set(self.eos_ids)
+        return StepGeneration(
+            lambda stats: ort_generate_step(
+                self.model, ids, pixels, params, eos_ids=self.eos_ids,
+                vocab_limit=self.vocab_limit, stats=stats, tokens_per_image=tpi,
+            ),
+            eos,
+        )  # fmt: skip
 
-    def generate_ids(
-        self, input_ids: list[int], pixel_values: torch.Tensor | None = None, **sampling
-    ) -> list[int]:
-        """Token ids in, generated ids out; fills `last_stats` (for `fastvlm bench`)."""
-        params = self._params(sampling)
-        stats = Stats()
-        out = list(
-            ort_generate_step(
-                self.model,
-                input_ids,
-                pixel_values,
-                params,
-                eos_ids=self.eos_ids,
-                vocab_limit=self.vocab_limit,
-                stats=stats,
-            )
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "dtype": self.dtype,
+            "batches_concurrently": self.batches_concurrently,
+            "precision": self.precision,
+        }
+
+    def close(self) -> None:
+        self.model.sessions.clear()
+
+    def __repr__(self) -> str:
+        return f"OrtBackend(folder={str(self.model.folder)!r}, precision={self.dtype!r})"
+
+
+def open_onnx(
+    folder: str | Path,
+    *,
+    tokenizer=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    image_size: int | None = None,
+    intra_op_threads: int | None = None,
+    **_torch_only: Any,
+) -> OrtBackend:
+    """An exported ONNX folder on ONNX Runtime (CPU, the export's precision). Torch-only
+    options (engine, trust_pickle) have no meaning here and are ignored."""
+    if str(device) not in ("auto", "cpu"):
+        raise ConfigError(
+            f"device={device!r} is not supported on the onnxruntime backend: it runs on the CPU "
+            "(use --device auto or cpu)"
         )
-        self.last_stats = stats
-        return out
-
-
-def load_onnx(folder: str | Path, intra_op_threads: int | None = None) -> OrtFastVLM:
-    """Load an exported ONNX folder (see `fastvlm export onnx`) as an `OrtFastVLM`."""
+    if str(dtype).removeprefix("torch.") not in ("auto", "float32", "fp32", "float"):
+        raise ConfigError(
+            f"dtype={dtype!r} is not supported on the onnxruntime backend: the export's "
+            "precision is fixed at export time (fastvlm export onnx --precision ...)"
+        )
     folder = Path(folder)
     model = OrtModel(folder, intra_op_threads)
-    tok = load_tokenizer(folder)
-    return OrtFastVLM(model, Processor(model.config, tok), tok, folder)
+    size = model.config.vision.image_size
+    if image_size not in (None, size):
+        raise ConfigError(
+            f"{folder} is an ONNX export fixed at {size} px: image_size={image_size} needs a "
+            f"new export (fastvlm export onnx MODEL OUT --image-size {image_size})"
+        )
+    eos_ids, vocab_limit = generation_limits(model.config.text.eos_token_id, tokenizer)
+    return OrtBackend(model, eos_ids=eos_ids, vocab_limit=vocab_limit)
