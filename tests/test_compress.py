@@ -197,7 +197,8 @@ def _dequant_reference(model, spec):
                 lin.weight.copy_(m.dequantized_weight())
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
-            quant._swap(q, name, lin)
+            parent, _, leaf = name.rpartition(".")
+            setattr(q.get_submodule(parent) if parent else q, leaf, lin)
     return q
 
 
@@ -542,3 +543,63 @@ def test_distill_trains_weights_but_keeps_batchnorm_statistics(tokenizer):
         if k in stats:
             assert torch.equal(v, stats[k]), k
     assert not torch.equal(student.language_model.layers[0].mlp.up_proj.weight, w)
+
+
+# ---------------------------------------------------------------------- fastvlm train --qat
+def _train_qat(tmp_path, tiny_dir, name, *extra):
+    from fastvlm.train.loop import main as train_main
+
+    out = tmp_path / name
+    assert train_main(["--model", str(tiny_dir), "--shapes", "8", "--max-steps", "3",
+                       "--batch-size", "2", "--lr", "1e-3", "--warmup", "1", "--device", "cpu",
+                       "--quiet", "-o", str(out), *extra]) == 0  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("spec", ["llm=int4-g32", "int8"])
+def test_train_qat_writes_a_float_model_that_quantizes_to_what_it_trained(
+    tmp_path, tiny_dir, spec
+):
+    import fastvlm
+
+    plain = _train_qat(tmp_path, tiny_dir, "plain")
+    qat_out = _train_qat(tmp_path, tiny_dir, "qat", "--qat", spec)
+    a = fastvlm.load(plain, device="cpu", dtype="float32").model
+    b = fastvlm.load(qat_out, device="cpu", dtype="float32").model
+    assert b.config.quantization is None  # a float model, loadable and trainable as usual
+    w_a = a.language_model.layers[0].mlp.up_proj.weight
+    w_b = b.language_model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(w_a, w_b)  # the fake-quantized forward changed the gradients
+    # `fastvlm quantize` of the result stores exactly fake_quantize(trained weight)
+    scheme = quant.parse_spec(spec)["llm"]
+    want = qat.fake_quantize(w_b.detach(), scheme)
+    quant.quantize_model(b, spec, finalize_now=False)
+    got = b.language_model.layers[0].mlp.up_proj.dequantized_weight()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argv, match", [(["--qat", "int3"], "scheme"),
+                                         (["--qat", "llm=int4-g100"], "group size"),
+                                         (["--qat", "int4", "--qlora"], "qlora")])  # fmt: skip
+def test_train_qat_refuses_bad_specs_before_loading(tmp_path, argv, match):
+    from fastvlm.train.loop import main as train_main
+
+    with pytest.raises(FastVLMError, match=match):
+        train_main(["--model", str(tmp_path / "missing"), "--shapes", "4", "-o",
+                    str(tmp_path / "o"), *argv])  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_dispatches_compression_tools_with_one_error_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)}
+    for argv in (["prune", "demo", str(tmp_path / "o"), "--ratio", "2"],
+                 ["optimize", "demo", str(tmp_path / "o"), "--target-size", "-1"],
+                 ["distill", "--teacher", "demo", "-o", str(tmp_path / "o")]):  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "fastvlm", *argv], capture_output=True,
+                           text=True, env=env, timeout=120)  # fmt: skip
+        assert r.returncode == 1 and r.stderr.startswith("error: "), (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

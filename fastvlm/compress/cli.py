@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -17,13 +16,16 @@ import torch
 
 from ..api import load
 from ..config import FastVLMConfig
+from ..device import resolve_device
 from ..errors import FastVLMError
 from ..model.fastvlm import FastVLMModel
 from ..quant import Scheme
+from ..train import distributed
 from ..train.args import Parser
 from ..train.checkpoint import save_model
+from ..train.config import TrainConfig
 from ..train.evaluate import load_rows as eval_rows
-from ..train.finetune import main as train_main
+from ..train.loop import train
 from . import data as cdata
 from .distill import DistillConfig, distill, list_images, write_targets
 from .importance import METHODS, compute_scores
@@ -119,20 +121,17 @@ def prune_main(argv: list[str] | None = None) -> int:
 
 
 def heal(folder: Path, a) -> None:
-    """A short full fine-tune of the pruned folder with `fastvlm train` (same loop, same data
-    pipeline); the healed model replaces the folder's weights."""
+    """A short full fine-tune of the pruned folder by the training loop (same data pipeline,
+    schedule and checkpoint format); the healed weights replace the folder's."""
     tmp = Path(tempfile.mkdtemp(prefix="heal-", dir=folder.parent))
-    args = ["--model", str(folder), "--output", str(tmp / "run"), "--max-steps", str(a.heal_steps),
-            "--lr", str(a.heal_lr), "--batch-size", str(a.heal_batch_size), "--seed", str(a.seed),
-            "--warmup", str(max(1, a.heal_steps // 10)), "--device", a.device]  # fmt: skip
-    args += ["--data", a.data] if a.data else ["--shapes", str(a.heal_shapes),
-                                               "--data-seed", str(a.data_seed)]  # fmt: skip
-    if a.image_dir:
-        args += ["--image-dir", a.image_dir]
-    if a.quiet:
-        args.append("--quiet")
+    cfg = TrainConfig(
+        output=tmp / "run", model=str(folder), data=a.data, image_dir=a.image_dir,
+        shapes=0 if a.data else a.heal_shapes, data_seed=a.data_seed, max_steps=a.heal_steps,
+        batch_size=a.heal_batch_size, lr=a.heal_lr, warmup=max(1, a.heal_steps // 10),
+        seed=a.seed, device=a.device, quiet=a.quiet,
+    )  # fmt: skip
     try:
-        train_main(args)
+        train(cfg)
         for f in ("model.safetensors", "config.json"):
             shutil.copy2(tmp / "run" / f, folder / f)
     finally:
@@ -178,18 +177,10 @@ def distill_main(argv: list[str] | None = None) -> int:
                         quiet=a.quiet)  # fmt: skip
     cfg.check()
     out = Path(a.output)
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = distributed.world()
     if rank == 0:
         _check_out(out, a.overwrite)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = a.device
-    if world > 1 and torch.cuda.is_available():
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        torch.cuda.set_device(torch.device(device))
+    device = distributed.init(resolve_device(a.device))
     teacher = _load(None if a.teacher == "demo" else a.teacher, device)
     student = _student(a, teacher, device)
     if a.qat:
@@ -201,8 +192,8 @@ def distill_main(argv: list[str] | None = None) -> int:
             n = write_targets(teacher, list_images(Path(a.images)), a.prompts, cache,
                               max_tokens=a.max_tokens, progress=not a.quiet)  # fmt: skip
             print(f"teacher answers: {n} new, cached in {cache}", file=sys.stderr)
-        if world > 1:
-            dist.barrier()
+        if world > 1:  # the other ranks read the cache rank 0 wrote
+            torch.distributed.barrier()
         rows_data = str(cache)
     size = teacher.config.vision.image_size
     records = cdata.load_rows(rows_data, a.image_dir, a.shapes, a.data_seed, size)
@@ -217,9 +208,7 @@ def distill_main(argv: list[str] | None = None) -> int:
         t, s = parameter_count(teacher.model), parameter_count(model)
         msg = f"student {s / 1e6:.2f} M parameters (teacher {t / 1e6:.2f} M, {t / s:.1f}x)"
         print(f"{msg} → {out}", file=sys.stderr)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.close()
     return 0
 
 

@@ -21,7 +21,6 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from torch import nn
 
 from ..errors import FastVLMError
 from ..train.data import IGNORE
-from ..train.finetune import all_reduce_grads, broadcast_params, lr_at
+from ..train import distributed
+from ..train.schedule import lr_at
 from .data import batches as make_batches
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -137,8 +137,7 @@ def distill(
 
     cfg.check()
     check_pair(teacher, student)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = distributed.world()
     device = student.lm_head.weight.device
     teacher.eval().requires_grad_(False)
     student.train()
@@ -153,7 +152,7 @@ def distill(
     params = [p for p in student.parameters() if p.requires_grad]
     extra = list(proj.parameters()) if proj is not None else []
     if world > 1:
-        broadcast_params(params + extra)
+        distributed.broadcast_params(params + extra)
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2] + extra, "weight_decay": 0.0},
@@ -170,12 +169,10 @@ def distill(
             g["lr"] = lr
         b = {k: v.to(device) for k, v in next(stream).items()}
         ids, px, labels = b["input_ids"], b.get("pixel_values"), b["labels"]
-        n = torch.tensor([float((labels[:, 1:] != IGNORE).sum())])
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(n)
-        n_tok = max(1.0, n.item())
+        n = float((labels[:, 1:] != IGNORE).sum())
+        if world > 1:  # answer tokens of the whole step, all ranks
+            n = distributed.all_reduce_sum(n, device)
+        n_tok = max(1.0, n)
         s_logits, s_hidden = forward_hidden(student, ids, px)
         loss = (1 - cfg.alpha) * ce_loss(s_logits, labels)
         if cfg.alpha > 0 or cfg.hidden_weight > 0:
@@ -187,7 +184,7 @@ def distill(
                 loss = loss + cfg.hidden_weight * hidden_loss(s_hidden, t_hidden, labels, proj)
         (loss / n_tok).backward()
         if world > 1:
-            all_reduce_grads(params + extra)
+            distributed.all_reduce_grads(params + extra)
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params + extra, cfg.clip)
         opt.step()

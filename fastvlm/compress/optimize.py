@@ -29,6 +29,8 @@ import torch
 
 from .. import quant
 from ..api import FastVLM
+from ..backends.torch import TorchBackend
+from ..device import prepare_for_device
 from ..dtypes import resolve_save_dtype
 from ..errors import FastVLMError
 from ..processing import Processor
@@ -185,8 +187,9 @@ def search(
     image = rows[0]["image"]
 
     def evaluate_one(c: Candidate) -> None:
-        model = build(base, keep_for, c)
-        cand = FastVLM(model, Processor(model.config, vlm.tokenizer), vlm.tokenizer)
+        model = prepare_for_device(build(base, keep_for, c), vlm.device)  # as load() would
+        backend = TorchBackend(model, eos_ids=vlm.eos_ids, vocab_limit=vlm.vocab_limit)
+        cand = FastVLM(backend, Processor(model.config, vlm.tokenizer), vlm.tokenizer)
         s = scoring.evaluate(
             cand, rows, max_tokens, None, progress=False, tokens_per_image=c.tokens
         )
