@@ -314,8 +314,8 @@ def _heldout_ce(model, vlm, n=16):
 
 def test_distillation_beats_no_teacher_on_a_fixed_budget(demo):
     """Student = the demo model with half its MLP channels and KV groups pruned; 12 steps of 4
-    shapes rows, same seed and batches: with the teacher (logit KD + hidden-state matching) vs
-    without (plain cross entropy). Judged by held-out cross entropy on the true answers."""
+    shapes rows, same seed and batches: with the teacher (logit KD at T = 2) vs without (plain
+    cross entropy). Judged by held-out cross entropy on the true answers."""
     from fastvlm.train.shapes_data import shapes_records
 
     teacher = demo.model
@@ -323,17 +323,17 @@ def test_distillation_beats_no_teacher_on_a_fixed_budget(demo):
                       prune.Ratios(mlp=0.5, heads=0.5))  # fmt: skip
     rows = shapes_records(64, 7, demo.config.vision.image_size)
     results = {}
-    for alpha, hidden in ((0.0, 0.0), (0.9, 1.0)):
+    for alpha in (0.0, 0.9):
         torch.manual_seed(0)
         student = prune.prune_model(teacher, keep)
         history: list[float] = []
         cfg = DistillConfig(steps=12, batch_size=4, lr=2e-3, warmup=2, alpha=alpha,
-                            hidden_weight=hidden, temperature=1.0, quiet=True)  # fmt: skip
+                            temperature=2.0, quiet=True)  # fmt: skip
         distill(teacher, student, rows, demo.processor, cfg, history=history)
         results[alpha] = (_heldout_ce(student, demo), history)
     kd_hist = results[0.9][1]
     assert sum(kd_hist[-3:]) / 3 < sum(kd_hist[:3]) / 3  # the distillation loss decreases
-    assert results[0.9][0] < 0.97 * results[0.0][0]  # and the student learns more from it
+    assert results[0.9][0] < 0.95 * results[0.0][0]  # and the student learns more from it
 
 
 def test_sequence_targets_are_cached_and_resumable(demo, tmp_path):

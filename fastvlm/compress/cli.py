@@ -144,8 +144,8 @@ def distill_main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher", required=True, help="model id or folder ('demo' = embedded)")
     p.add_argument("--student", default=None, help="a student folder (e.g. a pruned teacher)")
     p.add_argument("--init-config", default=None, help="or a fresh student from config.json")
-    p.add_argument("--copy-vision", action="store_true", help="with --init-config: start from "
-                   "the teacher's vision tower (same vision config) and keep it frozen")  # fmt: skip
+    p.add_argument("--copy-vision", action="store_true", help="with --init-config: start "
+                   "from the teacher's vision tower (same vision config), frozen")  # fmt: skip
     p.add_argument("--output", "-o", required=True)
     p.add_argument("--shapes", type=int, default=0, help="generated shapes rows (demo model)")
     p.add_argument("--images", default=None, help="unlabelled images: the teacher writes answers")
