@@ -276,10 +276,13 @@ def optimize_main(argv: list[str] | None = None) -> int:
     scores = compute_scores(vlm.model, a.importance, _calibration(vlm, a))
     space = SearchSpace(tuple(a.llm), tuple(a.projector), tuple(a.vision), tuple(a.prune),
                         tuple(a.tokens))  # fmt: skip
+    # kept channels a multiple of every int4 group size tried, so no layer falls back to float
+    groups = [Scheme.parse(x).group_size for x in (*a.llm, *a.projector, *a.vision)]
+    multiple_of = max([a.multiple_of, *groups])
     state = Path(a.state or out.with_name(out.name + ".optimize-state.json"))
     cands, best, base_acc = search(
         vlm, rows, target_mb=a.target_size, max_drop=a.max_accuracy_drop, space=space,
-        state_path=state, keep_for=keep_planner(vlm.model, scores, a.multiple_of),
+        state_path=state, keep_for=keep_planner(vlm.model, scores, multiple_of),
         prefer=a.prefer, max_candidates=a.max_candidates, source=str(vlm.path),
         progress=not a.quiet,
     )  # fmt: skip
@@ -289,7 +292,7 @@ def optimize_main(argv: list[str] | None = None) -> int:
             f"no candidate is within {a.target_size} MB and {a.max_accuracy_drop} points of the "
             f"baseline ({base_acc:.1f}); raise --target-size or --max-accuracy-drop"
         )
-    model = build(vlm.model, keep_planner(vlm.model, scores, a.multiple_of), best)
+    model = build(vlm.model, keep_planner(vlm.model, scores, multiple_of), best)
     out.mkdir(parents=True, exist_ok=True)
     _save(out, model, vlm)
     record = {**asdict(best), "baseline_accuracy": base_acc, "target_size_mb": a.target_size}
