@@ -603,3 +603,27 @@ def test_cli_dispatches_compression_tools_with_one_error_line(tmp_path):
                            text=True, env=env, timeout=120)  # fmt: skip
         assert r.returncode == 1 and r.stderr.startswith("error: "), (argv, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------- bench --prune
+@pytest.mark.parametrize("text, want", [("0.25,0.5", [0.25, 0.5]), ("", []), (" 0.5 ", [0.5])])
+def test_bench_prune_list(text, want):
+    from fastvlm.bench.cli import _prune_list
+
+    assert _prune_list(text) == want
+
+
+@pytest.mark.parametrize("text", ["1.0", "x", "0.5,-1"])
+def test_bench_prune_list_refuses_bad_ratios(text):
+    from fastvlm.bench.cli import _prune_list
+
+    with pytest.raises(ConfigError):
+        _prune_list(text)
+
+
+def test_bench_pruned_model_is_smaller_with_whole_kv_groups():
+    from fastvlm.bench.cli import pruned
+
+    base = make_tiny_model(seed=1)
+    t = pruned(base, 0.5).config.text
+    assert (t.intermediate_size, t.num_attention_heads, t.num_key_value_heads) == (64, 2, 1)
