@@ -358,6 +358,30 @@ def test_sequence_targets_are_cached_and_resumable(demo, tmp_path):
     assert len(records) == 4 and not report.bad
 
 
+def test_distill_command_sequence_level_on_unlabelled_images(tmp_path):
+    """--images: the teacher answers each (image, prompt) into the cache, the student trains on
+    it, a second run reuses the cache (nothing regenerated)."""
+    from PIL import Image
+
+    import fastvlm
+    from fastvlm.compress.cli import distill_main
+
+    (tmp_path / "imgs").mkdir()
+    for i, colour in enumerate(("red", "green")):
+        Image.new("RGB", (32, 32), colour).save(tmp_path / "imgs" / f"{i}.png")
+    cache = tmp_path / "targets.jsonl"
+    common = ["--teacher", "demo", "--student", "demo", "--images", str(tmp_path / "imgs"),
+              "--targets", str(cache), "--max-tokens", "4", "--steps", "1", "--batch-size", "2",
+              "--quiet"]  # fmt: skip
+    assert distill_main([*common, "-o", str(tmp_path / "s1")]) == 0
+    before = cache.read_text()
+    assert len(before.splitlines()) == 2
+    assert distill_main([*common, "-o", str(tmp_path / "s2")]) == 0
+    assert cache.read_text() == before
+    assert fastvlm.load(tmp_path / "s1", device="cpu").describe(
+        str(tmp_path / "imgs" / "0.png"), max_tokens=2) is not None  # fmt: skip
+
+
 def test_distill_refuses_a_student_with_another_tokenizer(demo):
     student = make_tiny_model(seed=0)
     with pytest.raises(FastVLMError, match="tokenizer"):
