@@ -227,6 +227,8 @@ def search(
     for c in todo:
         if c.accuracy is not None and c.accuracy < floor:
             c.skipped = "accuracy"
+        elif c.accuracy is None and not c.skipped:
+            c.skipped = "not evaluated (a smaller one qualified)"
     if not ok:
         return cands, None, ref.accuracy
     best = (min(ok, key=lambda c: (c.size_mb, -c.accuracy)) if prefer == "size"
