@@ -118,7 +118,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("foundations", {"errors", "options", "hub", "images", "video", "tokenization", "config",
                      "config_format", "dtypes", "model_card", "manifest", "reaper"}),
     ("model", {"model"}),
-    ("model side", {"weights", "quant", "kernels", "processing"}),
+    ("model side", {"weights", "quant", "kernels", "processing", "fast_cpu"}),
     ("engine", {"engine", "device"}),
     ("runtimes", {"backends"}),
     ("API", {"api", "__init__"}),

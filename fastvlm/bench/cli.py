@@ -16,11 +16,13 @@ from typing import Any
 import torch
 
 from ..api import load
+from ..cli.args import add_compute_dtype_args
 from ..compress.importance import magnitude_scores
 from ..compress.prune import Ratios, plan, prune_model
 from ..device import prepare_for_device, resolve_device, resolve_dtype
 from ..engine.allocator import tune_malloc
 from ..errors import ConfigError
+from ..fast_cpu import describe, prepare_cpu
 from ..processing import Processor
 from .hf import bench_transformers, transformers_worker
 from .measure import measure_bandwidth
@@ -79,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weights, each --quant precision for the decoder)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_compute_dtype_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--dtype",
@@ -149,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if a.shape:
         base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev, dtype)
-        prepare_for_device(base, dev)  # as fastvlm.load does
+        prepare_for_device(base, dev, vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype)
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:
-        vlm = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None)
+        vlm = load(
+            a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
+            vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype,
+        )  # fmt: skip
         if vlm.backend.name != "torch":  # bench loads the torch weights itself
             raise ConfigError(
                 f"{vlm.path} is an ONNX export: `fastvlm bench` measures a PyTorch checkpoint "
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "load_s": load_s,
         "malloc_tuned": malloc_tuned,
+        "compute_dtypes": describe(base) if dev.type == "cpu" else None,
     }
     bw = measure_bandwidth(dev)
     info["bandwidth_gb_s"] = bw
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = copy.deepcopy(base)
             quantize_model(model, q)
+            if dev.type == "cpu":  # the new quantized layers get the same prefill dtype
+                prepare_cpu(model, a.vision_dtype, a.prefill_dtype)
             label = f"fastvlm {q}"
         print(f"[bench] {label} ...", file=sys.stderr, flush=True)
         r = bench_engine(model, processor, a, label, bw)

@@ -36,9 +36,11 @@ Design decisions:
   the AVX2 code everywhere (tests run both).
 * **Software prefetch** 12-16 KB ahead in the int8/int4 weight streams: behind a compute-light
   inner loop the hardware prefetcher alone leaves part of the bandwidth unused.
-* **Where they are used**: `FastLinear` for M ≤ `MAX_M` (prefill keeps MKL, which wins there);
-  `Int8Linear` / `Int4Linear` for every M (rows go in blocks of 8, re-reading W per block from
-  cache): even at M = 64..256 that beats torch's int8/int4 CPU kernels (see fastvlm/quant/).
+* **Where they are used**: `FastLinear` for M ≤ `MAX_M` (prefill keeps MKL, which wins there,
+  or a bf16 GEMM with `prefill_dtype`); `Int8Linear` / `Int4Linear` below `prefill.MIN_ROWS`
+  rows (rows go in blocks of 8, re-reading W per block). Prompt-sized calls take
+  `kernels/prefill.py` (chunked dequantize + one GEMM): one parallel region per 8 rows made
+  prefill fragile whenever a thread is descheduled (shared machines).
 * **Per-call cost**: decode makes ~170 Linear calls per token, so modules validate their weights
   once per storage and call the unchecked `_run_*` helpers (one ctypes call + one torch.empty);
   the public `linear_*` functions check everything and raise ValueError on misuse.
@@ -75,6 +77,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import prefill
+from .capture import graph_capture
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
@@ -394,17 +399,6 @@ def rows_for_kernel(x: torch.Tensor, k: int, max_m: int | None = MAX_M) -> int:
     return m
 
 
-def graph_capture() -> bool:
-    """True while torch.compile / torch.export / TorchScript tracing (ONNX export) records the
-    model: a ctypes call is invisible to them (a trace would keep an uninitialised `empty`)."""
-    return (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-    )
-
-
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.empty((*x.shape[:-1], n), dtype=torch.float32)
 
@@ -433,6 +427,13 @@ def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int
     return y
 
 
+def _prefill_rows(x: torch.Tensor, k: int) -> bool:
+    """A prefill-shaped CPU call (≥ prefill.MIN_ROWS rows) outside autograd and graph capture."""
+    if not x.is_cpu or x.numel() < prefill.MIN_ROWS * k:
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad) and not graph_capture()
+
+
 def _fp32_param(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous())
 
@@ -444,9 +445,13 @@ class FastLinear(nn.Linear):
 
     _fvk_key: tuple = ()
     _fvk_ok = False
+    prefill_dtype = torch.float32  # bf16: prefill-shaped calls as a bf16 GEMM (fast_cpu.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
+        grad_w = w.requires_grad and torch.is_grad_enabled()
+        if self.prefill_dtype is not torch.float32 and not grad_w and _prefill_rows(x, w.shape[1]):
+            return prefill.dense_matmul(x, w, b, self.prefill_dtype)
         m = rows_for_kernel(x, self.in_features)
         if m and not (w.requires_grad and torch.is_grad_enabled()):
             wp, bp = w.data_ptr(), None if b is None else b.data_ptr()
@@ -467,6 +472,8 @@ class FastLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias  # a Parameter or None, registered either way
         new.train(linear.training)
+        if "prefill_dtype" in linear.__dict__:
+            new.prefill_dtype = linear.prefill_dtype
         return new
 
 
