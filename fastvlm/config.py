@@ -132,6 +132,13 @@ class FastVLMConfig:
     # Weight-only quantization of the checkpoint (fastvlm/quant/), e.g. {"version": 1,
     # "llm": "int4-g128", "projector": "int8", "vision": "none"}; None for float weights.
     quantization: dict | None = None
+    # Hidden width of the projector MLP; None = the text hidden size (every released model).
+    # Only `fastvlm prune --projector-ratio` sets it; the apple / hf formats cannot express it.
+    mm_projector_hidden_size: int | None = None
+
+    @property
+    def projector_hidden_size(self) -> int:
+        return self.mm_projector_hidden_size or self.text.hidden_size
 
     @property
     def num_image_tokens(self) -> int:
@@ -152,8 +159,9 @@ class FastVLMConfig:
         """Our own config.json (model_type 'fastvlm')."""
         d = dataclasses.asdict(self)
         d.pop("format")
-        if d["quantization"] is None:
-            d.pop("quantization")
+        for k in ("quantization", "mm_projector_hidden_size"):
+            if d[k] is None:
+                d.pop(k)
         return {"model_type": "fastvlm", **d}
 
     @classmethod

@@ -10,7 +10,13 @@ def config_to_format(cfg: FastVLMConfig, fmt: str) -> dict:
     import dataclasses
 
     from .config import VisionConfig as _VC
+    from .errors import ConfigError
 
+    if fmt != "fastvlm" and cfg.projector_hidden_size != cfg.text.hidden_size:
+        raise ConfigError(
+            f"the {fmt!r} format has no projector width setting: this model's projector was "
+            "pruned; keep it in the fastvlm format"
+        )
     t = dataclasses.asdict(cfg.text)
     t.pop("attention_bias")
     t = {k: v for k, v in t.items() if v is not None}

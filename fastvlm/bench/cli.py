@@ -17,6 +17,8 @@ import torch
 
 from ..api import load
 from ..cli.args import add_compute_dtype_args
+from ..compress.importance import magnitude_scores
+from ..compress.prune import Ratios, plan, prune_model
 from ..device import prepare_for_device, resolve_device, resolve_dtype
 from ..engine.allocator import tune_malloc
 from ..errors import ConfigError
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="comma list of weight precisions to measure: fp32,int8,int4 (or quant specs such "
         "as llm=int4-g32 separated by ';')",
+    )
+    p.add_argument(
+        "--prune",
+        default="",
+        help="comma list of pruning ratios (MLP channels + KV groups, weight magnitude, as "
+        "`fastvlm prune --ratio`) also timed against the unpruned model, e.g. 0.25,0.5",
     )
     p.add_argument("--max-tokens", type=int, default=32, help="decode tokens per measurement")
     p.add_argument(
@@ -110,6 +118,23 @@ def _is_export(model: str | None) -> bool:
     return model is not None and is_onnx_export(model)
 
 
+def _prune_list(text: str) -> list[float]:
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--prune takes a comma list of ratios like 0.25,0.5, not {text!r}"
+        ) from None
+    for r in ratios:
+        Ratios(mlp=r).check()
+    return ratios
+
+
+def pruned(base, ratio: float):
+    """`base` with `ratio` of its MLP channels and KV groups removed (magnitude importance)."""
+    return prune_model(base, plan(base, magnitude_scores(base), Ratios(mlp=ratio, heads=ratio)))
+
+
 def _quant_list(text: str) -> list[str]:
     sep = ";" if ";" in text or "=" in text else ","
     return [q.strip() for q in text.split(sep) if q.strip()]
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return loadtest(argv[1:])
     a = build_parser().parse_args(argv)
+    _prune_list(a.prune)  # a bad ratio fails before the model is built
     if a.transformers_worker:
         return transformers_worker(a.transformers_worker)
     if a.mlx_vlm_worker:
@@ -207,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         if model is not base:
             del model
             gc.collect()
+    for r in _prune_list(a.prune):  # smaller dense models cut from the same weights
+        model = prepare_for_device(pruned(base, r), dev)
+        label = f"fastvlm {prec} pruned {r:g}"
+        print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+        runs.append({**bench_engine(model, processor, a, label, bw), "prune_ratio": r})
+        del model
+        gc.collect()
     for q in quants if "onnxruntime" in backends else []:
         print(f"[bench] onnxruntime {q} (export + run) ...", file=sys.stderr, flush=True)
         runs.append(bench_onnxruntime(base, processor, a, q, bw))

@@ -18,7 +18,8 @@ from .. import __version__
 from ..errors import FastVLMError
 from . import chat, convert, describe
 
-# Subcommands that are modules with their own `main(argv)`, and their one-line help.
+# Subcommands that are modules with their own `main(argv)` ("module:function" names another
+# `function(argv)` of the module), and their one-line help.
 TOOLS = {
     "serve": "fastvlm.server.app",
     "bench": "fastvlm.bench",
@@ -29,6 +30,9 @@ TOOLS = {
     "lora": "fastvlm.train.merge",
     "quantize": "fastvlm.quant.cli",
     "export": "fastvlm.export",
+    "prune": "fastvlm.compress.cli:prune_main",
+    "distill": "fastvlm.compress.cli:distill_main",
+    "optimize": "fastvlm.compress.cli:optimize_main",
 }
 TOOL_HELP = {
     "serve": "OpenAI-compatible HTTP server",
@@ -40,6 +44,9 @@ TOOL_HELP = {
     "lora": "LoRA adapter tools: merge",
     "quantize": "int8/int4 weight-only quantization",
     "export": "export to ONNX / web / Core ML / LiteRT-LM / TFLite with parity checks",
+    "prune": "structured pruning to a smaller dense model (+ healing)",
+    "distill": "knowledge distillation into a smaller / pruned student",
+    "optimize": "search quantization x pruning x image tokens for a size target",
 }
 
 # Third-party packages whose exceptions are about the user's input or environment (a bad repo
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] in TOOLS:  # tools own their flags: delegate the rest of the line
-            return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+            module, _, func = TOOLS[argv[0]].partition(":")
+            return getattr(importlib.import_module(module), func or "main")(argv[1:])
         parser = build_parser()
         a = parser.parse_args(argv)
         if not getattr(a, "func", None):

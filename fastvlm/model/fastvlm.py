@@ -47,10 +47,10 @@ class FastVLMModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        d_text = config.text.hidden_size
+        d_text, d_proj = config.text.hidden_size, config.projector_hidden_size
         self.vision_tower = FastViTHD(config.vision)
         self.mm_projector = nn.Sequential(
-            nn.Linear(config.vision.hidden_size, d_text), nn.GELU(), nn.Linear(d_text, d_text)
+            nn.Linear(config.vision.hidden_size, d_proj), nn.GELU(), nn.Linear(d_proj, d_text)
         )
         self.language_model = Qwen2Model(config.text)
         self.lm_head = nn.Linear(d_text, config.text.vocab_size, bias=False)

@@ -120,4 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--lora-vision", action="store_true", help="also adapt vision attention")
     lo.add_argument("--qlora", action="store_true", help="LoRA over a 4-bit base (CUDA)")
     lo.add_argument("--merge", action="store_true", help="also write the merged model to OUT")
+    q = p.add_argument_group("quantization-aware training")
+    q.add_argument(
+        "--qat", default=None, metavar="SPEC",
+        help="fake-quantize these components while training (int4[-gN], int8 or e.g. "
+        "llm=int4-g64,projector=int8, as `fastvlm quantize --quant`); quantize the result after",
+    )  # fmt: skip
     return p

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..dtypes import SAVE_DTYPE_CHOICES
 from ..errors import FastVLMError
+from ..quant import parse_spec
 from .lora import DEFAULT_TARGETS
 
 FREEZE_PARTS = ("vision", "projector", "llm")
@@ -83,6 +84,8 @@ class TrainConfig:
     lora_vision: bool = False
     qlora: bool = False
     merge: bool = False
+    # quantization-aware training: a `fastvlm quantize --quant` spec (int4, int8, llm=int4-g64)
+    qat: str | None = None
 
 
 # field -> (lowest allowed, lowest is exclusive?, highest allowed or None, what it is)
@@ -154,6 +157,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise FastVLMError("--merge folds a LoRA adapter into the model: use it with --lora")
     if (cfg.lora or cfg.qlora) and cfg.freeze:
         raise FastVLMError("--lora already freezes every base weight; drop --freeze")
+    if cfg.qat is not None:
+        parse_spec(cfg.qat)  # a bad scheme fails before anything is loaded
+        if cfg.qlora:
+            raise FastVLMError("--qat fake-quantizes a float model; --qlora's base is 4-bit")
 
 
 def check_train_args(a: TrainConfig) -> None:

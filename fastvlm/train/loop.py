@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..compress.qat import apply_qat, strip_qat
 from ..device import resolve_device
 from ..dtypes import resolve_save_dtype, size_summary
 from ..errors import FastVLMError
@@ -149,6 +150,10 @@ def train(cfg: TrainConfig) -> Path:
             model = None  # free the base first: a full checkpoint holds every weight
         model = restore_weights(ck, model, lora, device)
         processor.config = model.config
+    if a.qat:  # after LoRA / resume: the layers it re-classes are the ones that train
+        qat_layers = apply_qat(model, a.qat)
+        if rank == 0:
+            print(f"qat: {len(qat_layers)} layers fake-quantized ({a.qat})", file=sys.stderr)
     apply_freeze(model, a.freeze or [])
     if a.gradient_checkpointing:
         model.language_model.gradient_checkpointing = True
@@ -253,6 +258,7 @@ def train(cfg: TrainConfig) -> Path:
         return out
     if rank == 0:
         model.eval()
+        strip_qat(model)  # the output is a float model; `fastvlm quantize` rounds it the same way
         write_output(out, model, tok, src, lora, a, save_dtype)
         final = {"step": step, "loss": round(sum(losses) / len(losses), 5) if losses else None}
         (out / "trainer_state.json").write_text(json.dumps({**final, **state}, indent=2) + "\n")

@@ -30,7 +30,7 @@ COMPARED = (
     "shapes_max_count", "max_length", "epochs", "max_steps", "batch_size", "grad_accum",
     "world_size", "lr", "warmup", "weight_decay", "vision_lr_mult", "clip", "freeze", "seed",
     "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_projector",
-    "lora_vision", "qlora",
+    "lora_vision", "qlora", "qat",
 )  # fmt: skip
 DATA_FIELDS = ("data_fingerprint", "shapes", "data_seed", "shapes_layout", "shapes_max_count")
 # Files and folders a training run writes into --output (what --overwrite may remove).
@@ -101,6 +101,7 @@ def describe_run(a: TrainConfig, src: Path | None, world: int) -> dict:
         "lora_projector": a.lora_projector if lora else None,
         "lora_vision": a.lora_vision if lora else None,
         "save_dtype": getattr(a, "save_dtype", "auto"),
+        "qat": getattr(a, "qat", None),
     }  # fmt: skip
 
 
