@@ -20,12 +20,14 @@ refused unless the caller opts in with `trust_pickle=True`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,6 +39,7 @@ from .dtypes import dominant_dtype
 from .errors import CheckpointError, ConfigError
 from .model.fastvlm import FastVLMModel
 from .quant.apply import finalize, prepare_for_load
+from .quant.stream import normalize_quant, plan_streamed
 
 JUNK = (
     re.compile(r"(^|\.)num_batches_tracked$"),
@@ -231,6 +234,39 @@ def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, 
             raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
 
 
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def iter_entries(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, tuple, Any]]:
+    """(key, shape, read) per stored tensor, without reading it: `read()` returns the whole
+    tensor, `read(r0, r1)` only rows r0:r1 (what streamed quantization reads)."""
+    for f in files:
+        if f.suffix != ".safetensors":
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            for k, t in sd.items():
+                yield k, tuple(t.shape), _rows_of(t)
+            continue
+        try:
+            with safe_open(str(f), framework="pt", device=device) as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    yield k, tuple(sl.get_shape()), _rows_of_slice(h, k, sl)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
+
+
+def _rows_of(t: torch.Tensor):
+    return lambda r0=None, r1=None: t if r0 is None else t[r0:r1]
+
+
+def _rows_of_slice(h, k: str, sl):
+    return lambda r0=None, r1=None: h.get_tensor(k) if r0 is None else sl[r0:r1]
+
+
 def peek_keys_and_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     out = {}
     for f in files:
@@ -253,8 +289,17 @@ def load_model(
     trust_pickle: bool = False,
     image_size: int | None = None,
     config: FastVLMConfig | None = None,
+    quant: str | dict[str, Any] | None = None,
+    repack: bool = True,
 ):
-    """Build a FastVLMModel from a checkpoint folder: meta init, strict key check, assign."""
+    """Build a FastVLMModel from a checkpoint folder: meta init, strict key check, assign.
+
+    `quant` (a `fastvlm.quant` spec: "int8", "int4", "llm=int4-g64,projector=int8", ...) loads a
+    float checkpoint straight into quantized Linears, tensor by tensor and a few thousand rows at
+    a time (`quant/stream.py`): the float weights of those layers are never all in memory.
+    The result equals loading in float then `quantize_model(model, quant)`; its per-component
+    sizes are in `model.quant_summary`. `repack=False` keeps the portable quantized form (for
+    saving)."""
     folder = Path(folder)
     cfg = config or load_config(folder, image_size)
     files = weight_files(folder, trust_pickle)
@@ -266,7 +311,11 @@ def load_model(
             cfg.text.vocab_size = shape[0]
     with torch.device("meta"):
         model = FastVLMModel(cfg)
-    if cfg.quantization:  # swap in empty quantized Linears so the key sets match
+    stored_tied = cfg.text.tie_word_embeddings
+    plan = None
+    if normalize_quant(quant) is not None:  # quantize while reading (never the float model)
+        plan = plan_streamed(model, quant)
+    elif cfg.quantization:  # swap in empty quantized Linears so the key sets match
         prepare_for_load(model, cfg.quantization)
     expected = dict(model.state_dict())
     tied = cfg.text.tie_word_embeddings
@@ -275,10 +324,22 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     unexpected, stored_head, numel_by_dtype = [], None, Counter()
     dev = str(torch.device(device)) if str(device) != "mps" else "cpu"
-    for k, t in iter_tensors(files, dev):
+    for k, shape, read in iter_entries(files, dev):
         ik = keymap.to_internal(k)
         if ik is None:
             continue
+        if plan is not None:
+            if stored_tied and ik == "lm_head.weight":
+                continue  # a tied head is quantized from the embedding (reference behaviour)
+            head = plan.head_from_embedding and ik == "language_model.embed_tokens.weight"
+            if plan.wants(ik) or head:
+                if not head:  # the embedding itself is counted below, read as float
+                    numel_by_dtype[_stored_dtype(read)] += math.prod(shape)
+                state.update(plan.quantize("lm_head.weight" if head else ik, shape, read,
+                                           dtype, device))  # fmt: skip
+                if not head:
+                    continue
+        t = read()
         numel_by_dtype[t.dtype] += t.numel()
         if tied and ik == "lm_head.weight":
             stored_head = t
@@ -315,9 +376,15 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.source_dtype = dominant_dtype(numel_by_dtype)  # what `--save-dtype auto` writes
-    if cfg.quantization:  # repack the portable int8/int4 tensors for this device's kernel
+    if plan is not None:
+        model.quant_summary = plan.summary
+    if cfg.quantization and repack:  # repack the portable int8/int4 tensors for the kernel
         finalize(model)
     return model.eval()
+
+
+def _stored_dtype(read) -> torch.dtype:
+    return read(0, 1).dtype
 
 
 def _short(keys: list[str], n: int = 5) -> str:
