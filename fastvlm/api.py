@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from . import hub
-from .backends import open_backend
+from .backends import choose_backend, open_backend
 from .backends.base import Backend, Generation
 from .backends.torch import ENGINES
 from .device import DTYPES, resolve_device, resolve_dtype
 from .engine.generate import Chunk, Stats, text_chunks
 from .engine.sampling import SamplingParams
+from .errors import ConfigError
 from .images import ImageInput
 from .processing import Processor
 from .tokenization import load_tokenizer
@@ -276,6 +277,7 @@ def load(
     engine_options: dict[str, Any] | None = None,
     backend: str = "auto",
     backend_options: dict[str, Any] | None = None,
+    quant: str | dict[str, Any] | None = None,
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
@@ -286,8 +288,17 @@ def load(
     `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
     anything else on PyTorch), or a name of `fastvlm.backends.BACKENDS` ("torch",
     "onnxruntime"); `backend_options` go to that backend's opener (e.g. intra_op_threads).
+    `quant` ("int8", "int4", "llm=int4-g64,projector=int8", ...; torch backend) quantizes a
+    float checkpoint while loading it, tensor by tensor (the float model is never in memory).
     """
+    if quant is not None:
+        backend_options = {**(backend_options or {}), "quant": quant}
     folder = hub.resolve(model, download=download)
+    if quant is not None and choose_backend(Path(folder), backend) != "torch":
+        raise ConfigError(
+            "quant= quantizes a PyTorch checkpoint while loading it; an ONNX export is "
+            "quantized when exported (fastvlm export onnx --precision llm=int4)"
+        )
     tok = load_tokenizer(folder)
     be = open_backend(
         folder,

@@ -40,6 +40,7 @@ from .errors import CheckpointError, ConfigError
 from .model.fastvlm import FastVLMModel
 from .quant.apply import finalize, prepare_for_load
 from .quant.stream import normalize_quant, plan_streamed
+from .safetensors_rows import SafetensorsRows
 
 JUNK = (
     re.compile(r"(^|\.)num_batches_tracked$"),
@@ -234,14 +235,7 @@ def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, 
             raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
 
 
-ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
-def iter_entries(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, tuple, Any]]:
+def iter_entries(files: list[Path]) -> Iterator[tuple[str, tuple, Any]]:
     """(key, shape, read) per stored tensor, without reading it: `read()` returns the whole
     tensor, `read(r0, r1)` only rows r0:r1 (what streamed quantization reads)."""
     for f in files:
@@ -250,34 +244,25 @@ def iter_entries(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, 
             for k, t in sd.items():
                 yield k, tuple(t.shape), _rows_of(t)
             continue
-        try:
-            with safe_open(str(f), framework="pt", device=device) as h:
-                for k in h.keys():
-                    sl = h.get_slice(k)
-                    yield k, tuple(sl.get_shape()), _rows_of_slice(h, k, sl)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
+        with SafetensorsRows(f) as h:
+            for k in h.keys():
+                yield k, h.shape(k), _rows_of_file(h, k)
 
 
 def _rows_of(t: torch.Tensor):
     return lambda r0=None, r1=None: t if r0 is None else t[r0:r1]
 
 
-def _rows_of_slice(h, k: str, sl):
-    return lambda r0=None, r1=None: h.get_tensor(k) if r0 is None else sl[r0:r1]
+def _rows_of_file(h: SafetensorsRows, k: str):
+    return lambda r0=None, r1=None: h.read(k, r0, r1)
 
 
 def peek_keys_and_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     out = {}
     for f in files:
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    out[k] = tuple(h.get_slice(k).get_shape())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
+        if f.suffix == ".safetensors":
+            with SafetensorsRows(f) as h:
+                out.update((k, h.shape(k)) for k in h.keys())
     return out
 
 
@@ -323,8 +308,7 @@ def load_model(
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
     unexpected, stored_head, numel_by_dtype = [], None, Counter()
-    dev = str(torch.device(device)) if str(device) != "mps" else "cpu"
-    for k, shape, read in iter_entries(files, dev):
+    for k, shape, read in iter_entries(files):
         ik = keymap.to_internal(k)
         if ik is None:
             continue

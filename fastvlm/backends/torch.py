@@ -151,14 +151,17 @@ def open_torch(
     image_size: int | None = None,
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
+    quant: str | dict[str, Any] | None = None,
 ) -> TorchBackend:
-    """A checkpoint folder (either format) on PyTorch."""
+    """A checkpoint folder (either format) on PyTorch; `quant` quantizes while loading."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cfg = load_config(folder, image_size)
-    net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
+    net = load_model(
+        folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg, quant=quant
+    )
     prepare_for_device(net, dev)
     eos_ids, vocab_limit = generation_limits(cfg.text.eos_token_id, tokenizer)
     return TorchBackend(
