@@ -42,7 +42,8 @@ def normalize_quant(quant: str | dict[str, Any] | None) -> str | dict[str, Any] 
 class StreamPlan:
     """Which checkpoint weights are quantized on the fly, and to what."""
 
-    targets: dict[str, tuple[str, Scheme, tuple[int, int]]]  # weight key -> (comp, scheme, NK)
+    # weight key -> (component, scheme, (N, K), has a bias)
+    targets: dict[str, tuple[str, Scheme, tuple[int, int], bool]]
     head_from_embedding: bool  # the tied lm_head is quantized from the embedding rows
     summary: QuantSummary = field(default_factory=QuantSummary)
 
@@ -59,7 +60,7 @@ class StreamPlan:
     ) -> dict[str, torch.Tensor]:
         """The quantized tensors (portable form) of weight `key`, read `read(r0, r1)` rows at a
         time; `dtype` is the float dtype of the scales (the model's load dtype)."""
-        comp, scheme, nk = self.targets[key]
+        comp, scheme, nk, bias = self.targets[key]
         if tuple(shape) != nk:
             raise CheckpointError(
                 f"{key}: checkpoint shape {tuple(shape)} != model shape {nk} "
@@ -71,8 +72,9 @@ class StreamPlan:
         stats.layers += 1
         tied_head = key == "lm_head.weight" and self.head_from_embedding
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        stats.bytes_before += 0 if tied_head else nk[0] * nk[1] * itemsize
-        stats.bytes_after += sum(t.numel() * t.element_size() for t in out.values())
+        bias_bytes = nk[0] * itemsize if bias else 0  # counted as quantize_model counts it
+        stats.bytes_before += 0 if tied_head else nk[0] * nk[1] * itemsize + bias_bytes
+        stats.bytes_after += sum(t.numel() * t.element_size() for t in out.values()) + bias_bytes
         return out
 
 
@@ -117,7 +119,7 @@ def plan_streamed(
     schemes = parse_spec(spec, group_size)
     if not any(s.bits for s in schemes.values()):
         raise ConfigError(f"quantization spec {spec!r} quantizes nothing")
-    targets: dict[str, tuple[str, Scheme, tuple[int, int]]] = {}
+    targets: dict[str, tuple[str, Scheme, tuple[int, int], bool]] = {}
     summary = QuantSummary({c: ComponentStats(str(s)) for c, s in schemes.items() if s.bits})
     for comp, scheme in schemes.items():
         if not scheme.bits:
@@ -126,7 +128,8 @@ def plan_streamed(
             if not _eligible(lin, scheme):
                 summary.skipped.append(name)
                 continue
-            targets[name + ".weight"] = (comp, scheme, (lin.out_features, lin.in_features))
+            nk = (lin.out_features, lin.in_features)
+            targets[name + ".weight"] = (comp, scheme, nk, lin.bias is not None)
     head = "lm_head.weight" in targets and cfg.text.tie_word_embeddings
     if head:  # lm_head becomes its own module: the config says so, as quantize_model's does
         cfg.text.tie_word_embeddings = False
