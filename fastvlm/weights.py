@@ -39,7 +39,7 @@ from .dtypes import dominant_dtype
 from .errors import CheckpointError, ConfigError
 from .model.fastvlm import FastVLMModel
 from .quant.apply import finalize, prepare_for_load
-from .quant.stream import normalize_quant, plan_streamed
+from .quant.stream import CHUNK_BYTES, normalize_quant, plan_streamed
 from .safetensors_rows import SafetensorsRows
 
 JUNK = (
@@ -323,8 +323,8 @@ def load_model(
                                            dtype, device))  # fmt: skip
                 if not head:
                     continue
-        t = read()
-        numel_by_dtype[t.dtype] += t.numel()
+        t, stored = _read_converted(read, shape, dtype)
+        numel_by_dtype[stored] += t.numel()
         if tied and ik == "lm_head.weight":
             stored_head = t
             continue
@@ -365,6 +365,22 @@ def load_model(
     if cfg.quantization and repack:  # repack the portable int8/int4 tensors for the kernel
         finalize(model)
     return model.eval()
+
+
+def _read_converted(read, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+    """(tensor, stored dtype), floats of a big tensor converted to `dtype` row chunk by row
+    chunk, so the stored copy (e.g. bf16) and the converted one are never both whole."""
+    if len(shape) < 1 or math.prod(shape) * 4 <= CHUNK_BYTES:
+        t = read()
+        return t, t.dtype
+    src = _stored_dtype(read)
+    if not src.is_floating_point() or src == dtype:
+        return read(), src
+    out = torch.empty(shape, dtype=dtype)
+    step = max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))
+    for r0 in range(0, shape[0], step):
+        out[r0 : r0 + step] = read(r0, min(shape[0], r0 + step))
+    return out, src
 
 
 def _stored_dtype(read) -> torch.dtype:
