@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from .batch_worker import caption_items, run_local  # noqa: F401 — caption_items re-exported
+from .cli.args import add_model_args, add_sampling_args, add_tokens_per_image_arg, sampling_kwargs
+from .cli.args import load_kwargs as cli_load_kwargs
 from .engine.sampling import SamplingParams
 from .errors import FastVLMError
 from .manifest import IMAGE_EXTENSIONS, load_items  # noqa: F401 — re-exported for callers
@@ -162,8 +164,6 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import _add_model_args, _add_sampling_args, _sampling
-
     p = argparse.ArgumentParser(
         prog="fastvlm batch",
         description="Caption a folder of images, a JSONL/CSV manifest or a Parquet file into "
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ray", action="store_true", help="run on Ray Data (pip install fastvlm[batch])"
     )
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (e.g. auto)")
-    p.add_argument("--tokens-per-image", type=int, default=None)
+    add_tokens_per_image_arg(p)
     p.add_argument("--retry-failed", action="store_true", help="run items with error rows again")
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
     p.add_argument(
@@ -190,16 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--verbose", "-v", action="store_true", help="show Ray's own logs and progress bars"
     )
-    _add_model_args(p)
-    _add_sampling_args(p)
-    p.set_defaults(max_tokens=128)
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=128)
     a = p.parse_args(argv)
-    load_kwargs = {"device": a.device, "dtype": a.dtype, "image_size": a.image_size}
-    load_kwargs["engine"] = a.engine
-    if a.compile:
-        load_kwargs["engine_options"] = {"compile": True}
-    if a.trust_pickle:
-        load_kwargs["trust_pickle"] = True
     try:
         s = run(
             a.input,
@@ -214,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             tokens_per_image=a.tokens_per_image,
             retry_failed=a.retry_failed,
             limit=a.limit,
-            load_kwargs=load_kwargs,
-            sampling={k: v for k, v in _sampling(a).items() if v not in (None, [])},
+            load_kwargs={k: v for k, v in cli_load_kwargs(a).items() if v is not None},
+            sampling={k: v for k, v in sampling_kwargs(a).items() if v not in (None, [])},
             progress=not a.quiet,
             verbosity=-1 if a.quiet else 1 if a.verbose else 0,
             reap=True,  # a SIGKILLed CLI driver leaves no Ray processes behind

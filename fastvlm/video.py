@@ -1,4 +1,5 @@
-"""Video input: decode with PyAV, sample frames, and caption a stream window by window.
+"""Video input: decode with PyAV, sample frames, cut a stream into windows (a frame library:
+no model here; `fastvlm watch` in cli/watch.py captions the windows).
 
 Design decisions:
 * Frames are chosen from the exact presentation times of the stream's packets, read in a cheap
@@ -10,9 +11,10 @@ Design decisions:
   run, introduced by its timestamp ("Frame 3 (1.0 s): <image>"), in time order (processing.py).
   Each frame is encoded once; identical frames share one encoder call through the engine's vision
   cache. Token reduction (`tokens_per_image`) is what makes many frames affordable.
-* `watch` is the live-captioning loop: a reader thread cuts the stream into windows of `every`
-  seconds; for a camera, a window that arrives while the model is still busy replaces the waiting
-  one (captions stay current), while a file is captioned window by window, nothing dropped.
+* `windows` feeds the live-captioning loop: a reader thread cuts the stream into windows of
+  `every` seconds; for a camera, a window that arrives while the model is still busy replaces
+  the waiting one (captions stay current), while a file is captioned window by window, nothing
+  dropped.
 * **Only allowlisted containers are demuxed**, and the demuxer is forced, never probed: FFmpeg's
   probe would also pick concat / HLS / image-sequence "formats", which open other files or URLs
   named inside the bytes (a local-file read when the bytes come from a client). The container
@@ -450,55 +452,3 @@ def video_part(frames: list[Frame]) -> dict:
         "frames": [f.image for f in frames],
         "timestamps": [f.time for f in frames],
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`fastvlm watch VIDEO|DEVICE --every 2s`: one streamed caption per window."""
-    import argparse
-    import json
-    import sys
-
-    from .cli import _add_model_args, _add_sampling_args, _load, _sampling
-    from .options import check_video_sampling
-
-    p = argparse.ArgumentParser(
-        prog="fastvlm watch",
-        description="Caption a video file or a camera (/dev/videoN, or its index) window by "
-        "window, as a live-captioning app would.",
-    )
-    p.add_argument("source", help="video file, /dev/videoN, or a camera index such as 0")
-    p.add_argument("--every", default="2s", help="window length: 2s, 500ms, 1m (default 2s)")
-    p.add_argument("--frames", type=int, default=4, help="frames per window (default 4)")
-    p.add_argument("--prompt", "-p", default="Describe what happens in these frames.")
-    p.add_argument("--tokens-per-image", type=int, default=None, help="pool each frame to K tokens")
-    p.add_argument("--json", action="store_true", help="one JSON object per window")
-    _add_model_args(p)
-    _add_sampling_args(p)
-    a = p.parse_args(argv)
-    try:
-        every = parse_seconds(a.every)
-        check_video_sampling(max_frames=a.frames, name="--frames")
-        vlm = _load(a)
-        for start, end, frames in windows(a.source, every, a.frames):
-            content = [video_part(frames), {"type": "text", "text": a.prompt}]
-            chunks = vlm.stream_chunks(
-                [{"role": "user", "content": content}],
-                tokens_per_image=a.tokens_per_image,
-                max_images=max(a.frames, 1),
-                **_sampling(a),
-            )
-            if a.json:
-                text = "".join(c.text for c in chunks)
-                row = {"start": start, "end": end, "frames": [f.time for f in frames]}
-                print(json.dumps({**row, "text": text}), flush=True)
-                continue
-            print(f"[{start:.1f}-{end:.1f} s] ", end="", flush=True)
-            for c in chunks:
-                print(c.text, end="", flush=True)
-            print(flush=True)
-    except (ValueError, TypeError) as e:  # FastVLMError (a ValueError) included
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0

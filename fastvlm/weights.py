@@ -218,6 +218,11 @@ def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
         )
     if pickles:
         return pickles
+    if (folder / "fastvlm_export.json").exists():  # its weights live inside the ONNX graphs
+        raise CheckpointError(
+            f"{folder} is an ONNX export, not a PyTorch checkpoint: run it with --backend "
+            "onnxruntime (or auto); quantize, train, convert or export the checkpoint it came from"
+        )
     raise CheckpointError(f"{folder} has no weights (*.safetensors)")
 
 

@@ -98,6 +98,27 @@ def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+@pytest.fixture(scope="session")
+def demo_onnx_export(tmp_path_factory):
+    """`export(preset)`: the embedded demo model exported to ONNX (no parity run), built once per
+    session and preset, shared by every test that needs an export folder."""
+    if not (has_module("onnx") and has_module("onnxruntime")):
+        pytest.skip("onnx/onnxruntime missing")
+    import fastvlm
+    from fastvlm.export.onnx import export_onnx
+
+    demo, root, built = fastvlm.load(engine="reference"), tmp_path_factory.mktemp("onnx"), {}
+
+    def export(preset: str = "quality") -> Path:
+        if preset not in built:
+            res = export_onnx(demo.model, root / preset, preset, demo.tokenizer, parity=False,
+                              log=lambda *_: None)  # fmt: skip
+            built[preset] = res.out
+        return built[preset]
+
+    return export
+
+
 # ---------------------------------------------------------------------- network guard
 def is_loopback(host) -> bool:
     """127.0.0.0/8 and ::1 in any spelling (127.1, 2130706433, 0x7f000001, [::1], localhost)."""

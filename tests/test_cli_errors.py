@@ -242,12 +242,12 @@ def test_user_error_classifies_third_party_errors():
 
 
 def test_an_unexpected_error_is_one_line_unless_asked(capsys, monkeypatch):
-    import fastvlm.cli as cli
+    from fastvlm.cli import convert as convert_cmd
 
     def boom(a):
         raise RuntimeError("internal invariant broken")
 
-    monkeypatch.setattr(cli, "cmd_convert", boom)
+    monkeypatch.setattr(convert_cmd, "convert", boom)
     argv = ["convert", "a", "b", "--to", "hf"]
     rc, _, err = run_main(capsys, *argv)
     assert_error(rc, err, "unexpected RuntimeError", "FASTVLM_TRACEBACK=1")

@@ -34,15 +34,8 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, demo):
-    from fastvlm.export.onnx import export_onnx
-
-    root = tmp_path_factory.mktemp("onnx-cmd")
-    return {
-        p: export_onnx(demo.model, root / p, p, demo.tokenizer, parity=False, log=lambda *_: None)
-        .out
-        for p in ("quality", "small")
-    }
+def exports(demo_onnx_export):
+    return {p: demo_onnx_export(p) for p in ("quality", "small")}
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

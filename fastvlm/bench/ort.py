@@ -1,4 +1,5 @@
-"""ONNX Runtime: export the same weights with `fastvlm export onnx`, then time the runtime."""
+"""ONNX Runtime: export the same weights with `fastvlm export onnx`, then time that folder
+through the Backend protocol (`open_backend(..., "onnxruntime").submit`), as any user would."""
 
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from .workload import PROMPT_TEXT, prompt_ids, random_image
 
 def bench_onnxruntime(model, processor, args, quant: str, bandwidth: float) -> dict[str, Any]:
     """Export `model` (decoder at `quant`: fp32 | int8 | int4) and time generation on ORT."""
-    from ..engine.generate import Stats
+    from ..backends import open_backend
     from ..engine.sampling import SamplingParams
     from ..export.onnx import export_onnx
-    from ..backends.ort import OrtModel, ort_generate_step
 
     llm = {"fp32": "fp32", "none": "fp32", "float32": "fp32"}.get(quant, quant)
     out: dict[str, Any] = {"name": f"onnxruntime {llm}"}
@@ -28,15 +28,19 @@ def bench_onnxruntime(model, processor, args, quant: str, bandwidth: float) -> d
         out["export_s"] = time.perf_counter() - t0
         files = {f.name: f.stat().st_size for f in (Path(tmp) / "onnx").iterdir()}
         out["decoder_mb"] = sum(v for k, v in files.items() if k.startswith("decoder")) / 2**20
-        ort = OrtModel(Path(tmp), torch.get_num_threads())
+        backend = open_backend(
+            Path(tmp), "onnxruntime", intra_op_threads=torch.get_num_threads()
+        )
         size = model.config.vision.image_size
         px = processor.pixels([random_image(size, seed=1)])
         ids = prompt_ids(model.config, seed=2)
         p = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True)
-        list(ort_generate_step(ort, ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=2)))
-        st = Stats()
-        list(ort_generate_step(ort, ids, px, p, stats=st))
-        del ort
+        list(backend.submit(ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=2)))
+        gen = backend.submit(ids, px, p)
+        list(gen)
+        st = gen.stats
+        backend.close()
+        del backend
     out["vision_s"] = st.vision_s
     out["ttft_s"] = st.prefill_s
     out["prefill_s"] = st.prefill_s - st.vision_s

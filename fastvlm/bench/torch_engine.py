@@ -1,5 +1,6 @@
-"""Our side: the public engine (`Engine.submit` → stats) at batch 1 and N streams, vision
-batches, and greedy agreement of a quantized model with the float one."""
+"""Our side: the torch backend (`TorchBackend.submit` → a Generation's stats) at batch 1 and N
+streams, vision batches, and greedy agreement of a quantized model with the float one. The
+N-stream and CUDA-graph columns read the backend's engine: they measure that engine itself."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ..engine.engine import Engine
+from ..backends.torch import TorchBackend
 from ..engine.sampling import SamplingParams
+from ..tokenization import generation_limits
 from .measure import decode_bytes_per_token, measure_bandwidth, now, timer
 from .memory import BandwidthProbe, interleaved_decode, rss_mb, weight_mb
 from .workload import PROMPT_TEXT, prompt_ids, random_image
@@ -33,31 +35,35 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
             model.mm_projector(feats)
     ids = prompt_ids(model.config, seed=2)
     n_new = args.max_tokens
-    eng = Engine(
+    backend = TorchBackend(
         model,
-        slots=max(args.concurrency),
-        max_len=len(ids) + n_new + 64,
-        cuda_graphs=not getattr(args, "no_cuda_graphs", False),
-        compile=getattr(args, "compile", False),
-        fused_decode=not getattr(args, "no_fused_decode", False),
+        eos_ids=[],  # timed requests ignore EOS: a fixed number of tokens
+        engine_options=dict(
+            slots=max(args.concurrency),
+            max_len=len(ids) + n_new + 64,
+            cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+            compile=getattr(args, "compile", False),
+            fused_decode=not getattr(args, "no_fused_decode", False),
+        ),
     )
+    eng = backend.engine
     p = SamplingParams(max_tokens=n_new, ignore_eos=True)
 
     def captures() -> int:
         return eng.graphs.captures if eng.graphs is not None else 0
 
     def timed():
-        """(handle, graphs captured during it, best bandwidth probe right around it)."""
-        eng.submit(ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=4)).result()  # warm-up
+        """(generation, graphs captured during it, best bandwidth probe right around it)."""
+        list(backend.submit(ids[: PROMPT_TEXT[0]], None, SamplingParams(max_tokens=4)))  # warm-up
         before = captures()
         bw_before = measure_bandwidth(dev, repeats=3)
-        h = eng.submit(ids, px, p)
-        h.result()
+        h = backend.submit(ids, px, p)
+        list(h)
         bw = max(bw_before, measure_bandwidth(dev, repeats=3))
         return h, captures() - before, bw
 
     if gpu:  # the whole request once with another image: kernels, allocator, CUDA graphs
-        eng.submit(ids, processor.pixels([random_image(size, seed=99)]).to(dev), p).result()
+        list(backend.submit(ids, processor.pixels([random_image(size, seed=99)]).to(dev), p))
 
     def measure():
         h, new, bw = timed()
@@ -105,7 +111,7 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
                 if captures() == before:
                     break
     if dev.type == "cpu":
-        out["fused_decode"] = eng._plan is not None  # the decode steps ran as one C call each
+        out["fused_decode"] = getattr(eng.runner.decoder, "plan", None) is not None  # the decode steps ran as one C call each
     out["peak_rss_mb"] = rss_mb()[1]
     out.update({f"weights_{k}_mb": v for k, v in weight_mb(model).items()})
     if dev.type == "cuda":
@@ -175,7 +181,10 @@ def greedy_agreement(base, quant, processor, n_images: int, max_tokens: int) -> 
     from ..train import shapes
 
     same = total = 0
-    e_base, e_q = Engine(base, slots=1, max_len=512), Engine(quant, slots=1, max_len=512)
+    opts = {"slots": 1, "max_len": 512}
+    eos, _ = generation_limits(base.config.text.eos_token_id, None)  # the config's, as an Engine
+    e_base = TorchBackend(base, eos_ids=eos, engine_options=opts)
+    e_q = TorchBackend(quant, eos_ids=eos, engine_options=opts)
     for i in range(n_images):
         img, _ = shapes.draw_scene(shapes.image_rng(1000, i))
         content = [
@@ -185,8 +194,7 @@ def greedy_agreement(base, quant, processor, n_images: int, max_tokens: int) -> 
         msgs = [{"role": "user", "content": content}]
         ids, px, _ = processor(msgs)
         p = SamplingParams(max_tokens=max_tokens)
-        a = e_base.submit(ids, px, p).result()
-        b = e_q.submit(ids, px, p).result()
+        a, b = list(e_base.submit(ids, px, p)), list(e_q.submit(ids, px, p))
         m = min(len(a), len(b))
         same += sum(x == y for x, y in zip(a[:m], b[:m], strict=True))
         total += max(len(a), len(b))

@@ -30,6 +30,7 @@ from html import escape
 from importlib import resources
 from typing import Any
 
+from ..cli.args import add_model_args, check_backend
 from .deadline import read_deadline_protocol
 from .guard import Guard, error_json
 from .media import MediaPolicy
@@ -60,6 +61,7 @@ class ServerConfig:
     image_size: int | None = None
     trust_pickle: bool = False
     engine: str = "fast"  # "fast" = continuous batching, "reference" = the slow oracle decoder
+    backend: str = "auto"  # fastvlm.load's backend: auto or a name in backends.BACKENDS
     slots: int | None = None  # requests the engine decodes together (None: its default)
     served_model_name: str | None = None
     host: str = "127.0.0.1"
@@ -197,6 +199,7 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
                 image_size=cfg.image_size,
                 engine=cfg.engine,
                 engine_options={"slots": cfg.slots} if cfg.slots else None,
+                backend=cfg.backend,
             )
             state["service"] = make_service(model)
             log_ready(state["service"])
@@ -338,13 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastvlm serve", description="OpenAI-compatible chat-completions server."
     )
-    p.add_argument("--model", "--model-path", "-m", default=None, help="repo id or folder")
+    add_model_args(p, compile=False, model_help="repo id or folder")
     p.add_argument("--served-model-name", default=None, help="model id clients must send")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--engine", default="fast", choices=["fast", "reference"])
     p.add_argument("--slots", type=int, default=None, help="batch size of the engine (default 8)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
@@ -414,6 +412,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         image_size=a.image_size,
         trust_pickle=a.trust_pickle,
         engine=a.engine,
+        backend=check_backend(a.backend),
         slots=a.slots,
         served_model_name=a.served_model_name,
         host=a.host,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ..api import load
+from ..cli.args import add_max_tokens_arg, add_model_args, add_tokens_per_image_arg, load_kwargs
 from ..errors import FastVLMError
 from ..processing import IMAGE_MARKER
 from .args import Parser
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(
         prog="fastvlm eval", description="Score a model on image QA / captions."
     )
-    p.add_argument("--model", "-m", default=None, help="model id or folder (default: embedded)")
+    add_model_args(p, model_help="model id or folder (default: embedded)")
     p.add_argument(
         "--data", default=None, help="the files train reads: LLaVA .json/.jsonl, .csv/.tsv"
     )
@@ -228,20 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data-seed", type=int, default=1000)
     p.add_argument("--shapes-size", type=int, default=256)
-    p.add_argument("--max-tokens", type=int, default=64)
+    add_max_tokens_arg(p, 64)
     p.add_argument("--output", "-o", default=None, help="per-example results (JSONL)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument(
-        "--tokens-per-image", type=int, default=None, help="pool image features to K tokens"
-    )
+    add_tokens_per_image_arg(p, help="pool image features to K tokens")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     check_eval_args(a)
     rows, skipped = load_rows(a)  # before loading the model: a bad file fails fast
-    from ..api import load
-
-    vlm = load(a.model, device=a.device, image_size=a.image_size)
+    vlm = load(a.model, **load_kwargs(a))
     s = evaluate(vlm, rows, a.max_tokens, a.output, not a.quiet, a.tokens_per_image)
     s["skipped_rows"] = skipped
     for t, v in s["per_type"].items():

@@ -129,10 +129,10 @@ def train(cfg: TrainConfig) -> Path:
     ck = prepare_output(out, a.resume, a.overwrite) if rank == 0 else None
     ck = distributed.broadcast_object(str(ck) if ck else None)  # every rank resumes the same
     ck = Path(ck) if ck else None
-    out.mkdir(parents=True, exist_ok=True)
     model, processor, tok, src = build_model(
         a, device, torch.bfloat16 if a.qlora else torch.float32
     )
+    out.mkdir(parents=True, exist_ok=True)  # only once the model loaded: a refusal writes nothing
     save_dtype = resolve_save_dtype(a.save_dtype, model)
     run_config = describe_run(a, src, world)
     if ck is not None:
