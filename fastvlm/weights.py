@@ -379,7 +379,7 @@ def _read_converted(read, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tenso
         t = read()
         return t, t.dtype
     src = _stored_dtype(read)
-    if not src.is_floating_point() or src == dtype:
+    if not src.is_floating_point or src == dtype:
         return read(), src
     out = torch.empty(shape, dtype=dtype)
     step = max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))

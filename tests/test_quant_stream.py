@@ -234,3 +234,13 @@ def test_streamed_load_never_holds_the_float_decoder(tmp_path):
     assert q["peak"] - q["before"] <= bound, (q, bound, float_mb)
     f = child("fp32")
     assert f["peak"] - f["before"] > bound  # what a float load costs: over the bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float_tensors_converted_in_row_chunks_equal_a_whole_read(tmp_path, monkeypatch, dtype):
+    folder = _save(tmp_path, dtype=dtype)
+    ref = load_model(folder)
+    monkeypatch.setattr(fastvlm.weights, "CHUNK_BYTES", 4 * 64 * 5)  # 5 rows of 64 at a time
+    got = load_model(folder)
+    _equal_state(ref, got)
+    assert got.source_dtype == ref.source_dtype == dtype
