@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device
 from ..engine.allocator import tune_malloc
 from ..weights import convert_checkpoint, load_config, save_checkpoint
 from .measure import now, peak_rss_mb
@@ -37,8 +38,8 @@ def bench_transformers_folder(folder: Path, args, dtype: str) -> list[dict[str, 
     tensor for tensor (dtypes as stored; transformers loads them in `dtype`)."""
     with tempfile.TemporaryDirectory() as tmp:
         convert_checkpoint(folder, Path(tmp) / "hf", "hf")
-        return _run_workers(Path(tmp) / "hf", args, args.device if args.device != "auto"
-                            else "cpu", dtype)  # fmt: skip
+        dev = str(resolve_device(args.device))
+        return _run_workers(Path(tmp) / "hf", args, dev, dtype)
 
 
 def _run_workers(folder: Path, args, device: str, dtype: str) -> list[dict[str, Any]]:
