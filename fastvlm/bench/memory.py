@@ -5,7 +5,9 @@ the timed decode steps.
 Why interleave: on a shared VM the memory bandwidth moves by 1.5x between phases of a run, so a
 roofline from probes taken seconds before or after the decode can be off by that much. Probing
 every few decode steps (probe time excluded from the decode time) samples the bandwidth the
-decode actually had; `mbu_interleaved` = decode tok/s x bytes per token / median probe.
+decode actually had; `mbu_interleaved` = decode tok/s x bytes per token / median probe. A probe
+evicts the caches, so this is only meaningful for weights far larger than the last-level cache
+(every real shape; not the tiny test shape, which decodes from cache otherwise).
 """
 
 from __future__ import annotations
