@@ -244,3 +244,25 @@ def test_float_tensors_converted_in_row_chunks_equal_a_whole_read(tmp_path, monk
     got = load_model(folder)
     _equal_state(ref, got)
     assert got.source_dtype == ref.source_dtype == dtype
+
+
+@pytest.mark.parametrize("spec", [None, "int8", "int4-g32"])
+def test_loaded_model_holds_no_weight_twice(tiny_dir, spec):
+    """After fastvlm.load (device preparation, kernel swaps) and a generation, no two distinct
+    storages hold the same weight: tied heads stay shared, nothing kept a float copy."""
+    vlm = fastvlm.load(tiny_dir, device="cpu", dtype="float32", quant=spec)
+    image = torch.rand(3, 64, 80).mul(255).to(torch.uint8).permute(1, 2, 0).numpy()
+    vlm.describe(image, max_tokens=3)
+    m = vlm.model
+    by_ptr: dict[int, torch.Tensor] = {}
+    for t in [*m.parameters(), *m.buffers()]:
+        if t.numel() >= 256:
+            by_ptr.setdefault(t.untyped_storage().data_ptr(), t)
+    seen: dict[tuple, list[torch.Tensor]] = {}
+    for t in by_ptr.values():
+        for other in seen.get((t.shape, t.dtype), []):
+            assert not torch.equal(t, other), f"two copies of a {tuple(t.shape)} tensor"
+        seen.setdefault((t.shape, t.dtype), []).append(t)
+    emb = m.language_model.embed_tokens.weight
+    if m.config.text.tie_word_embeddings:
+        assert m.lm_head.weight.data_ptr() == emb.data_ptr()
