@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import hub
+from . import fast_cpu, hub
 from .backends import choose_backend, open_backend
 from .backends.base import Backend, Generation
 from .backends.torch import ENGINES
@@ -277,6 +277,8 @@ def load(
     engine_options: dict[str, Any] | None = None,
     backend: str = "auto",
     backend_options: dict[str, Any] | None = None,
+    vision_dtype: str = "fp32",
+    prefill_dtype: str | None = None,
     quant: str | dict[str, Any] | None = None,
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
@@ -288,9 +290,16 @@ def load(
     `backend`: "auto" (an ONNX export folder from `fastvlm export onnx` runs on ONNX Runtime,
     anything else on PyTorch), or a name of `fastvlm.backends.BACKENDS` ("torch",
     "onnxruntime"); `backend_options` go to that backend's opener (e.g. intra_op_threads).
+    `vision_dtype` / `prefill_dtype` ("fp32", "bf16" or "auto" = bf16 where the CPU has native
+    bf16): compute dtype of the vision tower / the prompt's GEMMs for an fp32 model on CPU
+    (`fastvlm.fast_cpu`); fp32 keeps exact outputs. `prefill_dtype=None`: fp32 for float
+    layers, bf16 (where native) for int8 / int4 layers.
     `quant` ("int8", "int4", "llm=int4-g64,projector=int8", ...; torch backend) quantizes a
     float checkpoint while loading it, tensor by tensor (the float model is never in memory).
     """
+    fast_cpu.resolve(vision_dtype, "vision_dtype")  # a bad name fails on every backend
+    if prefill_dtype is not None:
+        fast_cpu.resolve(prefill_dtype, "prefill_dtype")
     if quant is not None:
         backend_options = {**(backend_options or {}), "quant": quant}
     folder = hub.resolve(model, download=download)
@@ -310,6 +319,8 @@ def load(
         image_size=image_size,
         engine=engine,
         engine_options=engine_options,
+        vision_dtype=vision_dtype,
+        prefill_dtype=prefill_dtype,
         **(backend_options or {}),
     )
     return FastVLM(be, Processor(be.config, tok), tok, folder)

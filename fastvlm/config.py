@@ -129,7 +129,7 @@ class FastVLMConfig:
     # Checkpoint format this config was read from: "apple" | "hf" | "fastvlm".
     format: str = "fastvlm"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    # Weight-only quantization of the checkpoint (quant.py), e.g. {"version": 1,
+    # Weight-only quantization of the checkpoint (fastvlm/quant/), e.g. {"version": 1,
     # "llm": "int4-g128", "projector": "int8", "vision": "none"}; None for float weights.
     quantization: dict | None = None
 

@@ -7,7 +7,8 @@ the model has to ask about. On CPU that is:
 * the vision tower in channels_last (oneDNN's convolutions prefer NHWC) and run as micro-batches
   through its high-resolution stages (`CPUFastViTHD`);
 * the decoder's fp32 Linears swapped for `kernels.FastLinear` (decode GEMVs in our C kernels)
-  when the kernels build on this machine.
+  when the kernels build on this machine;
+* on request, bf16 compute for the vision tower and the prefill GEMMs (`fast_cpu.py`).
 CUDA and MPS need nothing beyond the dtype; the engine picks CUDA graphs itself.
 """
 
@@ -18,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import kernels
+from . import fast_cpu, kernels
 from .engine.allocator import tune_malloc
 from .model.fastvithd import FastViTHD
 
@@ -104,9 +105,13 @@ def prepare_cpu_vision_tower(tower: FastViTHD) -> FastViTHD:
     return tower
 
 
-def prepare_for_device(model: nn.Module, device: str | torch.device) -> nn.Module:
+def prepare_for_device(
+    model: nn.Module, device: str | torch.device, *, vision_dtype: str | torch.dtype = "fp32",
+    prefill_dtype: str | torch.dtype | None = None,
+) -> nn.Module:  # fmt: skip
     """Apply the device's execution policy to a loaded FastVLM model in place; returns it.
-    Numerics are unchanged up to float rounding; idempotent."""
+    Numerics are unchanged up to float rounding unless `vision_dtype` / `prefill_dtype` ask
+    for bf16 compute on CPU (`fast_cpu.prepare_cpu`); idempotent."""
     dev = torch.device(device)
     if dev.type != "cpu":
         return model
@@ -116,4 +121,6 @@ def prepare_for_device(model: nn.Module, device: str | torch.device) -> nn.Modul
         prepare_cpu_vision_tower(tower)
     if kernels.available():
         kernels.use_fast_linears(model)
+    if isinstance(tower, FastViTHD) and hasattr(model, "lm_head"):
+        fast_cpu.prepare_cpu(model, vision_dtype, prefill_dtype)
     return model

@@ -308,7 +308,7 @@ def spy(monkeypatch, name: str) -> list[int]:
 
 
 @needs_kernels
-@pytest.mark.parametrize("m", [1, 4, 8, 40])
+@pytest.mark.parametrize("m", [1, 4, 8, 12])  # M >= prefill.MIN_ROWS: test_fast_cpu.py
 @pytest.mark.parametrize("k", [96, 256])  # 96: K % 64 != 0, the exact path even with act_quant
 def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m, k):
     lin = nn.Linear(k, 80)
@@ -332,7 +332,7 @@ def test_int8_linear_uses_kernel_and_matches_previous_paths(monkeypatch, m, k):
 
 @needs_kernels
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
-@pytest.mark.parametrize("m", [1, 3, 8, 20])
+@pytest.mark.parametrize("m", [1, 3, 8, 15])  # M >= prefill.MIN_ROWS: test_fast_cpu.py
 def test_int4_linear_uses_kernel_and_matches_previous_paths(monkeypatch, group_size, m):
     lin = nn.Linear(512, 48)
     layer = Int4Linear.from_linear(lin, Scheme(4, group_size, False))

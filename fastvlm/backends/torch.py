@@ -151,9 +151,12 @@ def open_torch(
     image_size: int | None = None,
     engine: str = "fast",
     engine_options: dict[str, Any] | None = None,
+    vision_dtype: str = "fp32",
+    prefill_dtype: str | None = None,
     quant: str | dict[str, Any] | None = None,
 ) -> TorchBackend:
-    """A checkpoint folder (either format) on PyTorch; `quant` quantizes while loading."""
+    """A checkpoint folder (either format) on PyTorch. `vision_dtype` / `prefill_dtype`: CPU
+    compute dtypes (`fastvlm.fast_cpu`); `quant` quantizes while loading."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     dev = resolve_device(device)
@@ -162,7 +165,7 @@ def open_torch(
     net = load_model(
         folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg, quant=quant
     )
-    prepare_for_device(net, dev)
+    prepare_for_device(net, dev, vision_dtype=vision_dtype, prefill_dtype=prefill_dtype)
     eos_ids, vocab_limit = generation_limits(cfg.text.eos_token_id, tokenizer)
     return TorchBackend(
         net, eos_ids=eos_ids, vocab_limit=vocab_limit, engine=engine, engine_options=engine_options

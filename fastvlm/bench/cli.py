@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 from ..api import load
+from ..cli.args import add_compute_dtype_args
 from ..config import shape as config_shape
 from ..device import prepare_for_device, resolve_device, resolve_dtype
 from ..engine.allocator import tune_malloc
 from ..errors import ConfigError
+from ..fast_cpu import describe, prepare_cpu
 from ..model.fastvlm import FastVLMModel
 from ..processing import Processor
 from .hf import bench_transformers, transformers_worker
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weights, each --quant precision for the decoder)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    add_compute_dtype_args(p)
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--dtype",
@@ -167,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
                 "machine has available: run it with --isolate (streamed int8/int4 loads)"
             )
         base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev, dtype)
-        prepare_for_device(base, dev)  # as fastvlm.load does
+        prepare_for_device(base, dev, vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype)
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:  # a quantized run loads straight into int8/int4 (streamed), never the float model
-        vlm = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
-                   quant=first_q)  # fmt: skip
+        vlm = load(
+            a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
+            vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype, quant=first_q,
+        )  # fmt: skip
         if vlm.backend.name != "torch":  # bench loads the torch weights itself
             raise ConfigError(
                 f"{vlm.path} is an ONNX export: `fastvlm bench` measures a PyTorch checkpoint "
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_s": load_s,
         "load_peak_rss_mb": rss_mb()[1],  # the process after loading (before any activation)
         "malloc_tuned": malloc_tuned,
+        "compute_dtypes": describe(base) if dev.type == "cpu" else None,
     }
     bw = measure_bandwidth(dev)
     info["bandwidth_gb_s"] = bw
@@ -209,12 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         elif q == first_q:
             model, label = base, f"fastvlm {q}"
         elif a.model:
-            model = load(a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
-                         quant=q).model  # fmt: skip
+            model = load(
+                a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
+                vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype, quant=q,
+            ).model  # fmt: skip
             label = f"fastvlm {q}"
         else:
             model = copy.deepcopy(base)
             quantize_model(model, q)
+            if dev.type == "cpu":  # the new quantized layers get the same prefill dtype
+                prepare_cpu(model, a.vision_dtype, a.prefill_dtype)
             label = f"fastvlm {q}"
         print(f"[bench] {label} ...", file=sys.stderr, flush=True)
         r = bench_engine(model, processor, a, label, bw)

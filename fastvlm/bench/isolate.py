@@ -74,6 +74,9 @@ def _child_args(a, q: str, folder: Path, out: Path, first: bool) -> list[str]:
         args += ["--image-size", a.image_size if first else a.image_size.split(",")[0]]
     if a.threads:
         args += ["--threads", str(a.threads)]
+    for flag in ("vision_dtype", "prefill_dtype"):  # CPU compute dtypes (fast_cpu.py)
+        if getattr(a, flag, None) is not None:
+            args += ["--" + flag.replace("_", "-"), str(getattr(a, flag))]
     if a.agreement is not None:
         args += ["--agreement", str(a.agreement)]
     for flag in ("compile", "no_cuda_graphs", "no_fused_decode"):

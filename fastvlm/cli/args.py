@@ -45,6 +45,7 @@ def add_model_args(
     )
     p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
     add_backend_arg(p)
+    add_compute_dtype_args(p)
     if engine:
         p.add_argument(
             "--engine",
@@ -56,6 +57,17 @@ def add_model_args(
         p.add_argument(
             "--compile", action="store_true", help="torch.compile the engine's decode step"
         )
+
+
+def add_compute_dtype_args(p: argparse.ArgumentParser) -> None:
+    """--vision-dtype / --prefill-dtype: CPU compute dtypes (fastvlm/fast_cpu.py)."""
+    for part, default in (("vision", "fp32"), ("prefill", None)):
+        p.add_argument(
+            f"--{part}-dtype", default=default, choices=["fp32", "bf16", "auto"],
+            help=f"CPU compute dtype of the {part} (bf16: faster on CPUs with AVX512-BF16 / AMX; "
+            "auto: bf16 where the CPU has it; default: "
+            + ("fp32" if default else "fp32, bf16 for int8/int4 layers where native") + ")",
+        )  # fmt: skip
 
 
 def add_backend_arg(p: argparse.ArgumentParser) -> None:
@@ -87,6 +99,9 @@ def load_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         image_size=a.image_size,
         backend=check_backend(a.backend),
     )
+    for k in ("vision_dtype", "prefill_dtype"):
+        if getattr(a, k, None) is not None:
+            kw[k] = getattr(a, k)
     if hasattr(a, "engine"):
         kw["engine"] = a.engine
     if hasattr(a, "compile"):

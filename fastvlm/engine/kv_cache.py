@@ -36,7 +36,7 @@ class KVCache:
     @classmethod
     def for_model(cls, model, slots: int, max_len: int) -> KVCache:
         cfg = model.config.text
-        p = next(model.parameters())
+        p = model.lm_head.weight  # the decoder's dtype (the vision tower may run in another)
         return cls(
             cfg.num_hidden_layers,
             slots,

@@ -65,8 +65,8 @@ ALLOWED = {
 DEFAULT_OPSET = 17
 BLOCK_SIZE = 32
 EXTERNAL_DATA_BYTES = 1_500_000_000
-# MatMulNBits compute type: 4 = int8 activations × int4/int8 weights (CPU fast path, ~1.4-2x the
-# decode speed of 0 = fp32 compute at 0.5B shape); 0 keeps fp32 activations.
+# MatMulNBits compute type: 4 = int8 activations × int4/int8 weights (ORT's fast CPU decode
+# path, see docs/quantization.md); 0 keeps fp32 activations.
 DEFAULT_ACCURACY_LEVEL = 4
 
 

@@ -1,10 +1,11 @@
 """Bandwidth-bound decode kernels (small-M GEMV/GEMM) for AVX2 + FMA CPUs, and `FastLinear`.
 
 Why: decode on a CPU is memory-bound, and torch's kernels waste bandwidth at M = 1..8 rows
-(F.linear at M=4 reaches ~5 GB/s where a plain read reaches ~26 GB/s; its int8 / int4 weight-only
-kernels only run fast in bf16). `gemv.c` reads every weight element once per call (all M ≤ 8 rows
-of x are multiplied while a weight tile sits in registers) and splits output rows over OpenMP
-threads (the count comes from `torch.get_num_threads()` at each call).
+(F.linear at small M reads weights far below a plain read's speed, and its int8 / int4
+weight-only kernels only run fast in bf16; the numbers are in docs/kernels.md). `gemv.c` reads
+every weight element once per call (all M ≤ 8 rows of x are multiplied while a weight tile sits
+in registers) and splits output rows over OpenMP threads (the count comes from
+`torch.get_num_threads()` at each call).
 
 Design decisions:
 * **Compiled on first use, no torch headers**: `gemv.c` is built with the system C compiler
@@ -21,8 +22,8 @@ Design decisions:
   (N, K) int8 + (N,) scales; int4 uses `Int4Linear`'s portable nibble form (N, K/2) with
   (N, K/G) scales and `zb = zero - 8 * scale` (fp32, built once by the caller).
 * **Integer dot products for the quantized layers (`act_quant`, what the modules use)**: fp32
-  math on int8/int4 weights is bound by converts and FMAs (~8 GB/s of int4 weights per core, and
-  at M = 4 the FMA ports), not by memory. So x is quantized per call — for int8 weights to int16
+  math on int8/int4 weights is bound by converts and FMAs (at M = 4 the FMA ports), not by
+  memory. So x is quantized per call — for int8 weights to int16
   per 64 columns (`_mm256_madd_epi16`, ~1e-5 relative error: near-exact), for int4 to int8 per
   8-32 columns (`_mm256_maddubs_epi16`, or AVX-VNNI `vpdpbusd` where the CPU has it, picked at
   run time; the classic Q4 x Q8 scheme; error ~10x below the int4 weight rounding). The int4
@@ -31,39 +32,34 @@ Design decisions:
 * **AVX-512 where the CPU has it** (F + BW + VNNI, probed at run time; the library is still
   built with `-mavx2 -mfma`, the AVX-512 functions carry their own target attribute): fp32 at
   M = 2..8 (16-lane tiles), int8 act_quant at M = 1 (`vpdpwssd`), int4 act_quant at M = 1 with
-  G >= 64 (one `vpdpbusd` per 64 columns). On the 2-core Zen 5 VM, A/B in one process: fp32
-  M = 4 30.6 -> 43 GB/s, int8 M = 1 37-42 -> 55-61, int4-g128 M = 1 19 -> 33 (GB/s of
-  weight payload). `use_vnni(False)` forces the AVX2 code everywhere (tests run both).
-* **Software prefetch** 12-16 KB ahead in the int8/int4 weight streams: with a compute-light
-  inner loop the hardware prefetcher alone left ~30% of the bandwidth unused.
-* **Where they are used**: `FastLinear` for M ≤ `MAX_M` (prefill keeps MKL, which wins there);
-  `Int8Linear` / `Int4Linear` for every M (rows go in blocks of 8, re-reading W per block from
-  cache): even at M = 64..256 that beats torch's int8/int4 CPU kernels (see fastvlm/quant.py).
+  G >= 64 (one `vpdpbusd` per 64 columns); gains in docs/kernels.md. `use_vnni(False)` forces
+  the AVX2 code everywhere (tests run both).
+* **Software prefetch** 12-16 KB ahead in the int8/int4 weight streams: behind a compute-light
+  inner loop the hardware prefetcher alone leaves part of the bandwidth unused.
+* **Where they are used**: `FastLinear` for M ≤ `MAX_M` (prefill keeps MKL, which wins there,
+  or a bf16 GEMM with `prefill_dtype`); `Int8Linear` / `Int4Linear` below `prefill.MIN_ROWS`
+  rows (rows go in blocks of 8, re-reading W per block). Prompt-sized calls take
+  `kernels/prefill.py` (chunked dequantize + one GEMM): one parallel region per 8 rows made
+  prefill fragile whenever a thread is descheduled (shared machines).
 * **Per-call cost**: decode makes ~170 Linear calls per token, so modules validate their weights
-  once per storage and call the unchecked `_run_*` helpers (≈ 3 µs of ctypes + one torch.empty);
+  once per storage and call the unchecked `_run_*` helpers (one ctypes call + one torch.empty);
   the public `linear_*` functions check everything and raise ValueError on misuse.
-* **Threads**: `schedule(dynamic)` chunks of output rows, so a thread that the OS (shared
-  machine) deschedules does not hold a static share of the work; no parallel region at 1 thread.
+* **Threads**: output rows are split over threads — contiguous static ranges where one weight
+  stream per thread lets the prefetcher run ahead, dynamic chunks elsewhere (see gemv.c); no
+  parallel region at 1 thread.
 
 * **Fused decode** (`fvk_decode`, driven by `fastvlm/kernels/fused.py`): the Engine's CPU decode
   step runs every decoder layer — RMSNorm, the projections through the kernels above, RoPE, the
   KV-cache write, attention, SwiGLU, residuals — in one C call, instead of ~40 torch ops per
-  layer between the GEMVs (~7-10 ms per token on the 0.5B shape). `Engine(fused_decode=False)`
-  or `fastvlm bench --no-fused-decode` keeps the layer-by-layer torch path.
+  layer between the GEMVs, whose dispatch costs as much as the GEMVs once those run at
+  bandwidth. `Engine(fused_decode=False)` or `fastvlm bench --no-fused-decode` keeps the
+  layer-by-layer torch path.
 
 `use_fast_linears(model)` swaps the decoder's and lm_head's plain Linears for `FastLinear` in
 place (same Parameter objects). Measure with scripts/bench_kernels.py (kernels alone, torch
 interleaved) and scripts/bench_decode_kernels.py (Engine decode, 0.5B shape).
 
-Measured (2-core AMD EPYC Zen 5 VM, AVX2 + AVX-VNNI, shared with other work, so noisy). Kernels
-alone, 1 thread, 0.5B decoder shapes (896x896 ... 151936x896), weights out of cache, GB/s of
-weight payload, previous exact-fp32 kernels -> act_quant, interleaved in one process:
-int8 M=1 17-23 -> 27-40, M=4 7-10.5 -> 13.6-17.6; int4-g128 M=1 7-8.6 -> 14-25 (20-25 for
-the large layers), M=4 3.6-5.3 -> 7-14. Engine decode on the 0.5B shape
-(scripts/bench_decode_kernels.py, tok/s, 1 stream / 4 streams aggregate, before -> after):
-1 thread int8 29.9/54.5 -> 40.2/109, int4 26.3/65.7 -> 58.8/139 (fp32 ours 13.0-13.5/33-34);
-2 threads int8 41.6/95 -> 52-57/110-163, int4 33.2/93 -> 56-69/149-196 (fp32 ours 18-23/57-62;
-the spread is other load on the second core).
+Measurements and their history: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -81,6 +77,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import prefill
+from .capture import graph_capture
 
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
@@ -382,8 +381,8 @@ def linear_int4(
 
 
 # ---------------------------------------------------------------------- module fast paths
-# Decode calls these ~170 times per token, so the per-call Python cost matters (a ctypes call
-# with 8 arguments alone is ~1-3 us): modules validate their weights once per storage (keyed
+# Decode calls these ~170 times per token, so the per-call Python cost matters (ctypes converts
+# every argument on each call): modules validate their weights once per storage (keyed
 # on data_ptr) and then call the unchecked `_run_*` helpers.
 def rows_for_kernel(x: torch.Tensor, k: int, max_m: int | None = MAX_M) -> int:
     """M when x (..., K) can go to the kernels as is — contiguous CPU fp32, 0 < M ≤ max_m (None:
@@ -398,17 +397,6 @@ def rows_for_kernel(x: torch.Tensor, k: int, max_m: int | None = MAX_M) -> int:
     if graph_capture() or (_lib if _tried else _load()) is None:
         return 0
     return m
-
-
-def graph_capture() -> bool:
-    """True while torch.compile / torch.export / TorchScript tracing (ONNX export) records the
-    model: a ctypes call is invisible to them (a trace would keep an uninitialised `empty`)."""
-    return (
-        torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch.jit.is_scripting()
-        or torch.onnx.is_in_onnx_export()
-    )
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -439,6 +427,13 @@ def _run_i4(x, m: int, qp: int, sp: int, zp: int, bp: int | None, n: int, k: int
     return y
 
 
+def _prefill_rows(x: torch.Tensor, k: int) -> bool:
+    """A prefill-shaped CPU call (≥ prefill.MIN_ROWS rows) outside autograd and graph capture."""
+    if not x.is_cpu or x.numel() < prefill.MIN_ROWS * k:
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad) and not graph_capture()
+
+
 def _fp32_param(t: torch.Tensor | None) -> bool:
     return t is None or (t.dtype is torch.float32 and t.is_cpu and t.is_contiguous())
 
@@ -450,9 +445,13 @@ class FastLinear(nn.Linear):
 
     _fvk_key: tuple = ()
     _fvk_ok = False
+    prefill_dtype = torch.float32  # bf16: prefill-shaped calls as a bf16 GEMM (fast_cpu.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
+        grad_w = w.requires_grad and torch.is_grad_enabled()
+        if self.prefill_dtype is not torch.float32 and not grad_w and _prefill_rows(x, w.shape[1]):
+            return prefill.dense_matmul(x, w, b, self.prefill_dtype)
         m = rows_for_kernel(x, self.in_features)
         if m and not (w.requires_grad and torch.is_grad_enabled()):
             wp, bp = w.data_ptr(), None if b is None else b.data_ptr()
@@ -473,6 +472,8 @@ class FastLinear(nn.Linear):
         new.weight = linear.weight
         new.bias = linear.bias  # a Parameter or None, registered either way
         new.train(linear.training)
+        if "prefill_dtype" in linear.__dict__:
+            new.prefill_dtype = linear.prefill_dtype
         return new
 
 

@@ -2,8 +2,8 @@
 
 Why: with the projections at memory bandwidth (gemv.c), what is left of a CPU decode step is the
 framework work between them — RMSNorm, RoPE, the KV-cache write, SDPA, SiLU, residual adds:
-~40 torch ops per layer, ~10 ms per token on the 0.5B shape (a quarter of the fp32 token, half
-of the int8 / int4 one). `fvk_decode` (gemv.c) runs the whole layer stack over the engine's
+~40 torch ops per layer, a large share of a decode token once the projections are fast
+(docs/kernels.md). `fvk_decode` (gemv.c) runs the whole layer stack over the engine's
 static cache in C: the same math, the same GEMV kernels per projection (fp32 / int8 / int4 with
 their `act_quant` setting), one ctypes call per step instead of ~1,000 torch ops.
 
@@ -15,8 +15,8 @@ Design decisions:
 * **Re-validated when the work changes.** The plan's key holds the identity, data_ptr and
   version counter of every weight tensor it points into, each module's identity, the quantized
   layers' `act_quant` and the cache tensors' identity, read through the registries' dicts; the
-  Engine checks it (`DecodePlan.current`) whenever it admits a request (~0.13 ms warm, ~0.5 ms
-  with the caches cold after a decode step, so not every step). A weight update in place, a
+  Engine checks it (`DecodePlan.current`) whenever it admits a request (the check is slow with
+  the caches cold after a decode step, so not every step). A weight update in place, a
   re-quantization or a new cache therefore rebuilds it for the next request; requests already
   in flight keep the plan they started with (its tensors are held, so no pointer dangles). A
   layer the plan cannot take (another dtype, device, layer type) makes it None and the engine
@@ -137,7 +137,7 @@ class DecodePlan:
     def _watch(lm: nn.Module, cache) -> list[tuple[object, object]]:
         """Every (container, key) the plan's pointers come from: the module registries down to
         each projection and norm, their parameter / buffer dicts, the cache's tensor lists.
-        Dict lookups, not module attribute access (~1 us each through nn.Module.__getattr__)."""
+        Dict lookups, not module attribute access (nn.Module.__getattr__ is slow per lookup)."""
         watch: list[tuple[object, object]] = [(lm._modules, "layers")]
         for k in ("embed_tokens", "norm"):  # the token rows and the final norm (step())
             watch += [(lm._modules, k), (lm._modules[k]._parameters, "weight")]
@@ -246,8 +246,8 @@ class DecodePlan:
     ) -> torch.Tensor:
         """One decode step from token ids (M,) int64 to the final-normed hidden states (M, H):
         embedding lookup, every layer, the final RMSNorm, with RoPE from the plan's per-position
-        tables, all in the one C call (each of those as a torch op cost 0.06-0.19 ms per step
-        on the 0.5B shape: dispatch with the caches cold after the weights streamed through)."""
+        tables, all in the one C call (as torch ops each pays dispatch with the caches cold after
+        the weights streamed through)."""
         m = tokens.shape[0]
         if tuple(tokens.shape) != (m,) or tokens.dtype != torch.int64 or not tokens.is_contiguous():
             raise ValueError(f"tokens must be a contiguous int64 tensor of shape ({m},)")

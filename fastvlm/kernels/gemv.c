@@ -5,7 +5,7 @@
  * registers while MM x rows (L1/L2 resident) are multiplied against it.  The fp32 kernels (any
  * M) and the AVX-512 int8 / int4 M = 1 kernels give each OpenMP thread one contiguous range of
  * W's rows (static split: one stream per core, which the hardware prefetcher follows end to
- * end; measured 5-20 % faster than dynamic chunks on the 2-core VM, see f32_rows).  The other
+ * end; it beat dynamic chunks, see docs/kernels.md).  The other
  * int8 / int4 paths still hand out chunks of 16 tiles dynamically.  Every pointer is
  * contiguous row-major; the caller checks shapes and dtypes.
  *
@@ -53,8 +53,7 @@ INL float hsum(__m256 v) {
  * the clamped range).  Inputs are clamped to [-87, 88.37]: below, e^x returns ~1.6e-38 where
  * expf gives a denormal or 0 (both vanish next to the softmax's max term, or in SiLU's x * e^x);
  * above, ~2.4e38 instead of inf (SiLU: x / (1 + e^-x) is then -0, as with inf).  Used by the
- * fused decode's softmax and SiLU, which had run scalar expf: 0.38 ms + part of 0.72 ms per token
- * on the 0.5B shape. */
+ * fused decode's softmax and SiLU, where scalar expf was a visible share of the step. */
 INL __m256 exp256(__m256 x) {
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -140,7 +139,7 @@ INL int use512(void) {
             }                                                                                    \
     }
 
-/* AVX2: prefetch helps M >= 3 (+10-25% from DRAM), hurts M = 1. */
+/* AVX2: prefetch helps M >= 3 from DRAM and hurts M = 1 (docs/kernels.md). */
 F32_TILE_FN(f32_tile, INL, __m256, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum, 3)
 
 /* Rows [n0, n1) of y (MM, N) = x @ W^T (+ bias) on the calling thread, NB weight rows a tile. */
@@ -167,13 +166,8 @@ static void f32_range2(const float *x, const float *w, const float *bias, float 
 
 /* M = 1 (single-stream decode): one weight row at a time, four accumulators; the rows split
  * statically, so each thread streams ONE contiguous range (N / nt rows) the hardware prefetcher
- * follows from start to end.  Measured on the 2-core Zen 5 VM (40 x 17 MB matrices, 2 threads;
- * variants interleaved with a 512 MB torch.sum probe, 900 rounds over four runs, median ratio
- * to the probe in the VM's ~50 GB/s and ~80 GB/s phases): dynamic 256-row chunks with a 2 KB
- * software prefetch (the previous version) 0.96-0.97 / 0.86-0.88; static with that prefetch
- * 0.96-0.99 / 0.91-0.93; static without it 0.96-0.98 / 0.93-0.95 (this); static with a 3-4 KB
- * prefetch 0.95-0.96 / 0.94-0.96.  A second process spinning on one core slows all variants
- * alike (~28 GB/s).  FVK_PF1 (bytes, 0: off) keeps the software prefetch as a build option. */
+ * follows from start to end; no software prefetch by default (the A/B of chunking and prefetch
+ * distances is in docs/kernels.md).  FVK_PF1 (bytes, 0: off) keeps it as a build option. */
 #ifndef FVK_PF1
 #define FVK_PF1 0
 #endif
@@ -210,10 +204,8 @@ INL void thread_range(int64_t rows, int64_t *a, int64_t *b) {
 }
 
 /* y[n] = W[n] . x + bias[n] for rows n in [n0, n1) of one thread.  AVX2 even where the CPU
- * has AVX-512: a 16-lane version of this loop measured 0.98 of the probe against 0.95 in the
- * VM's ~80 GB/s phase but 0.90 against 0.97-0.98 in its ~50 GB/s phase (40 x 17 MB matrices,
- * 2 threads, 150-200 interleaved rounds each); with an 8 KB L2 prefetch it was 0.96-0.97 in the
- * slow phase (fast phase not measured).  So the AVX2 loop, the steadier of the two. */
+ * has AVX-512: a 16-lane version won in one bandwidth phase of the test VM and lost in the
+ * other (docs/kernels.md), so the AVX2 loop, the steadier of the two. */
 static void f32_rows(const float *x, const float *w, const float *bias, float *y, int64_t n0,
                      int64_t n1, int64_t K) {
     for (int64_t n = n0; n < n1; n++) y[n] = f32_row(x, w + n * K, K) + (bias ? bias[n] : 0.0f);
@@ -221,16 +213,14 @@ static void f32_rows(const float *x, const float *w, const float *bias, float *y
 
 #if FVK_HAVE_512
 /* M = 2..8 with AVX-512: 16-lane tiles over one weight row (two for M = 7, 8: registers; four
- * where x spills L1, see f32_range512), each thread on its own contiguous row range.  2-core
- * Zen 5 VM, 2 threads, A/B in one process (with dynamic chunks then): M = 4 AVX2 4-row tiles
- * 30.6 GB/s, AVX-512 4-row tiles 34-38, one-row tiles 43 (M = 1: 46). */
+ * where x spills L1, see f32_range512), each thread on its own contiguous row range; one-row
+ * tiles beat multi-row ones (docs/kernels.md). */
 F32_TILE_FN(f32_tile512, static inline __attribute__((always_inline, target("avx512f"))), __m512,
             16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, 1)
 
 /* MM rows of x against ONE weight row, two accumulators per x row (even / odd 16-float
  * blocks): the one-accumulator tile's loop-carried FMA latency (4 cycles per 64 bytes of W per
- * chain) had capped M = 2..6 at ~9 cycles per 64 bytes, i.e. ~50 GB/s on 2 cores: compute-bound
- * below the memory speed of the VM's fast phase. */
+ * chain) made M = 2..6 compute-bound below memory speed. */
 static inline __attribute__((always_inline, target("avx512f"))) void
 f32_tile512k2(const float *x, const float *w, const float *bias, float *y, int64_t n, int64_t K,
               int64_t N, const int MM, const int NB) {
@@ -264,8 +254,7 @@ __attribute__((target("avx512f"))) static void f32_range512(const float *x, cons
                                                              int64_t n0, int64_t n1) {
     if (M * K * (int64_t)sizeof(float) > 32768) {
         /* x no longer fits L1 (e.g. down_proj's K = 4864 at M >= 2): four weight rows per x
-         * load, so each x vector streamed from L2 feeds four FMAs.  Cache-resident 896 x 4864 at
-         * M = 4, 2 threads: 58 GB/s with the one-row tile, 116 with this (M = 2: 89 -> 141). */
+         * load, so each x vector streamed from L2 feeds four FMAs (gain: docs/kernels.md). */
         switch (M) {
             F32_RANGE(f32_tile512, 2, 4)
             F32_RANGE(f32_tile512, 3, 4)
@@ -307,7 +296,7 @@ static void f32_range(const float *x, const float *w, const float *bias, float *
 
 /* y (M, N) = x (M, K) @ w (N, K)^T + bias; rows of x in blocks of 8, each block one parallel
  * region whose threads take contiguous row ranges of w (as at M = 1: one stream per thread,
- * which beat dynamic 256-row chunks by 5-8 % of the bandwidth in the VM's fast phase). */
+ * which beat dynamic 256-row chunks). */
 void fvk_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t M,
                     int64_t N, int64_t K, int nt) {
     for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
@@ -468,13 +457,10 @@ INL void i8q_tile(const int16_t *xs, const float *dx, const int8_t *w, const flo
 /* M = 1 on CPUs with AVX-512 BW + VNNI (e.g. Zen 4/5, Ice Lake and later): one weight row at
  * a time, 64 columns per step as two 32-lane int16 halves and `vpdpwssd` (int16 pairs
  * multiplied and summed into int32 in one instruction) — a third of the AVX2 tile's vector
- * instructions, which had made this path compute-bound at ~36 GB/s of int8 weights on 2 Zen 5
- * cores (above that, the weights stream at memory speed).  Same integer block sums as the AVX2
- * tile, so the same error bound; only the float accumulation order differs.  Rows split
- * statically (one contiguous range per thread), as for fp32: the 0.5B shape's int8 layers
- * (one fused decode step, interleaved with a torch.sum probe) went from 0.53 to 0.64 of the
- * probe in the VM's fast phase and from 0.77 to 0.83 in its slow phase against dynamic
- * 256-row chunks; the int4 ones (i4q_gemv1_512) from 0.62 to 0.73 (slow phase). */
+ * instructions, which had made this path compute-bound below memory speed.  Same integer block
+ * sums as the AVX2 tile, so the same error bound; only the float accumulation order differs.
+ * Rows split statically (one contiguous range per thread), as for fp32, for the same reason;
+ * likewise i4q_gemv1_512 (docs/kernels.md). */
 #if FVK_HAVE_512
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
 i8q_gemv1_512(const int16_t *xs, const float *dx, const int8_t *w, const float *scales,
@@ -900,13 +886,10 @@ int fvk_linear_i4(const float *x, const uint8_t *w, const float *scales, const f
  * position -> attention over cache positions [0, lim[m]] (GQA, fp32 softmax) -> o_proj ->
  * residual -> RMSNorm -> gate/up -> SiLU * up -> down -> residual.  The projections are the
  * GEMV kernels above (fp32 / int8 / int4, per linear).  What this saves is not bandwidth but
- * the ~40 framework ops per layer between the GEMVs (~10 ms per token on the 0.5B shape).
+ * the ~40 framework ops per layer between the GEMVs.
  * For up to 8 rows with fp32 projections q/k/v run as one parallel region and gate/up + SiLU as
- * another (f32_cat, f32_gateup): 5 regions per layer instead of 8.  Measured on the
- * 0.5B shape (one plan call at ~300 positions against a 512 MB torch.sum probe, interleaved,
- * 2 threads; ~50 / ~80 GB/s phases of the VM): dynamic-chunk GEMVs + scalar expf (before)
- * 0.91 / 0.80 of the probe, static GEMVs 0.92-0.95 / 0.85-0.86, plus the fused regions and the
- * vectorised SiLU / softmax 0.96-0.98 / 0.90-0.92. */
+ * another (f32_cat, f32_gateup): 5 regions per layer instead of 8, since each fork / join costs
+ * (history: docs/kernels.md). */
 typedef struct {
     int32_t kind; /* 0 fp32 (N, K); 1 int8 (N, K) + scales (N,); 2 int4 nibbles + scales, zb */
     int32_t act_q;
@@ -1032,10 +1015,8 @@ INL __m256 dot8(const float *q, const float *K, int64_t hd) {
 
 /* out (hd) = softmax(q . K[0..len) * scale) @ V[0..len); sc: len floats of scratch.  For
  * hd % 8 == 0 (every Qwen2 shape): scores 8 keys at a time (dot8), exp256, and the output one
- * 8-float block at a time over all values (four accumulators, no store per key).  With the
- * vectorised exp already in, this took attention from 0.54 to 0.49 ms per token (0.5B shape,
- * ~300 positions, 2 threads): it is not the bottleneck, the 24 layers' fork / join and cache
- * misses on the K / V rows are. */
+ * 8-float block at a time over all values (four accumulators, no store per key).  Attention
+ * math is not the bottleneck; the layers' fork / join and cache misses on the K / V rows are. */
 static void attend(const float *q, const float *K, const float *V, float *out, float *sc,
                    int64_t len, int64_t hd, float scale) {
     float mx = -INFINITY;
@@ -1100,8 +1081,8 @@ static void attend(const float *q, const float *K, const float *V, float *out, f
  * go; lim[m]: it attends cache positions 0..lim[m].  cs, sn: RoPE cos / sin, (M, hd) rows per
  * decode row, or with rope_table (max_len, hd) tables indexed by pos[m].  tok (nullable): fill
  * x first with rows tok[m] of emb (vocab, H).  final_norm (nullable): apply the model's final
- * RMSNorm to x at the end.  (Both save a torch op per step whose dispatch, with the caches cold
- * after streaming the weights, cost 0.06 and 0.19 ms on the 0.5B shape.)  scratch: at least
+ * RMSNorm to x at the end.  (Both save a torch op per step whose dispatch is slow with the
+ * caches cold after streaming the weights.)  scratch: at least
  * fvk_decode_scratch(...) floats.  Returns 0, -1 (bad shape or token id), -2 (OOM). */
 int64_t fvk_decode_scratch(int64_t M, int64_t H, int64_t heads, int64_t kvh, int64_t hd,
                            int64_t inter, int64_t max_len) {

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import prefill
 
 KERNEL_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -32,6 +33,8 @@ class _QuantLinear(nn.Module):
         return self.scales.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if prefill.takes_gemm(self, x):  # many rows: a GEMM, not the decode kernels
+            return prefill.quant_matmul(self, x)
         m = kernels.rows_for_kernel(x, self.in_features, max_m=None)
         if m:  # the decode hot path: fp32, contiguous, fastvlm.kernels on (checked cheaply)
             plan = self._plan()

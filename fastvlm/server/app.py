@@ -62,6 +62,8 @@ class ServerConfig:
     trust_pickle: bool = False
     engine: str = "fast"  # "fast" = continuous batching, "reference" = the slow oracle decoder
     backend: str = "auto"  # fastvlm.load's backend: auto or a name in backends.BACKENDS
+    vision_dtype: str = "fp32"  # CPU compute dtypes (fastvlm.fast_cpu)
+    prefill_dtype: str | None = None
     slots: int | None = None  # requests the engine decodes together (None: its default)
     served_model_name: str | None = None
     host: str = "127.0.0.1"
@@ -200,6 +202,8 @@ def create_app(cfg: ServerConfig | None = None, vlm=None):
                 engine=cfg.engine,
                 engine_options={"slots": cfg.slots} if cfg.slots else None,
                 backend=cfg.backend,
+                vision_dtype=cfg.vision_dtype,
+                prefill_dtype=cfg.prefill_dtype,
             )
             state["service"] = make_service(model)
             log_ready(state["service"])
@@ -413,6 +417,8 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         trust_pickle=a.trust_pickle,
         engine=a.engine,
         backend=check_backend(a.backend),
+        vision_dtype=a.vision_dtype,
+        prefill_dtype=a.prefill_dtype,
         slots=a.slots,
         served_model_name=a.served_model_name,
         host=a.host,

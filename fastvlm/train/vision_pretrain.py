@@ -2,12 +2,12 @@
 
 Why: trained end to end from scratch, the tiny FastViTHD of the demo model learns colours, sizes
 and counts from the captions but not shape *kinds*: with the language loss as its only signal it
-settles on features that pool colour and area (a linear probe on its features finds kinds at
-~0.3, chance 0.17) and the captions' kind words stay at chance. The same tower trained directly to
-classify kinds learns them (single-shape probe on fresh images: 0.24 → 0.68 test accuracy in 400
-steps of 32 on a CPU). So, as real VLMs start from a pre-trained image encoder, the demo model's
-vision tower is first trained alone to say which kinds, colours and sizes a scene contains, then
-`fastvlm train --init-vision` starts the VLM from it.
+settles on features that pool colour and area (a linear probe on its features finds kinds
+barely above chance) and the captions' kind words stay at chance. The same tower trained directly
+to classify kinds learns them (the probe runs are in dev/demo_model/README.md). So, as real VLMs
+start from a pre-trained image encoder, the demo model's vision tower is first trained alone to
+say which kinds, colours and sizes a scene contains, then `fastvlm train --init-vision` starts the
+VLM from it.
 
 Design decisions:
 * Targets: one multi-hot vector per image, kinds ∪ colours ∪ sizes present (6 + 6 + 2), binary
