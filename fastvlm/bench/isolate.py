@@ -120,7 +120,7 @@ def run_isolated(a, quants: list[str]) -> int:
                 r["load_peak_rss_mb"] = res["info"]["load_peak_rss_mb"]
             runs += res["runs"]
             info = info or res["info"]
-    info.update(source=source, isolated=True, skipped=skipped, folder=str(folder))
+    info.update(source=source, isolated=True, skipped=skipped, folder=folder.name)
     refs: list[dict[str, Any]] = []
     failed = None
     if a.compare == "transformers" and runs:
