@@ -373,9 +373,10 @@ def load_model(
 
 
 def _read_converted(read, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
-    """(tensor, stored dtype), floats of a big tensor converted to `dtype` row chunk by row
-    chunk, so the stored copy (e.g. bf16) and the converted one are never both whole."""
-    if len(shape) < 1 or math.prod(shape) * 4 <= CHUNK_BYTES:
+    """(tensor, stored dtype), floats converted to `dtype` row chunk by row chunk: the stored
+    copy (e.g. bf16) and the converted one are never both whole, and every read buffer is at
+    most one chunk, so the freed buffers are reused instead of leaving heap holes."""
+    if len(shape) < 1:
         t = read()
         return t, t.dtype
     src = _stored_dtype(read)
