@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from . import fast_cpu, hub
-from .backends import open_backend
+from .backends import choose_backend, open_backend
 from .backends.base import Backend, Generation
 from .backends.torch import ENGINES
 from .device import DTYPES, resolve_device, resolve_dtype
 from .engine.generate import Chunk, Stats, text_chunks
 from .engine.sampling import SamplingParams
+from .errors import ConfigError
 from .images import ImageInput
 from .processing import Processor
 from .tokenization import load_tokenizer
@@ -278,6 +279,7 @@ def load(
     backend_options: dict[str, Any] | None = None,
     vision_dtype: str = "fp32",
     prefill_dtype: str | None = None,
+    quant: str | dict[str, Any] | None = None,
 ) -> FastVLM:
     """Load a FastVLM from a Hugging Face repo id or a local folder (None → embedded tiny model).
 
@@ -293,11 +295,20 @@ def load(
     bf16): compute dtype of the vision tower / the prompt's GEMMs for an fp32 model on CPU
     (`fastvlm.fast_cpu`); fp32 keeps exact outputs. `prefill_dtype=None`: fp32 for float
     layers, bf16 (where native) for int8 / int4 layers.
+    `quant` ("int8", "int4", "llm=int4-g64,projector=int8", ...; torch backend) quantizes a
+    float checkpoint while loading it, tensor by tensor (the float model is never in memory).
     """
     fast_cpu.resolve(vision_dtype, "vision_dtype")  # a bad name fails on every backend
     if prefill_dtype is not None:
         fast_cpu.resolve(prefill_dtype, "prefill_dtype")
+    if quant is not None:
+        backend_options = {**(backend_options or {}), "quant": quant}
     folder = hub.resolve(model, download=download)
+    if quant is not None and choose_backend(Path(folder), backend) != "torch":
+        raise ConfigError(
+            "quant= quantizes a PyTorch checkpoint while loading it; an ONNX export is "
+            "quantized when exported (fastvlm export onnx --precision llm=int4)"
+        )
     tok = load_tokenizer(folder)
     be = open_backend(
         folder,

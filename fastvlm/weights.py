@@ -20,15 +20,16 @@ refused unless the caller opts in with `trust_pickle=True`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import FastVLMConfig, VisionConfig, from_apple_dict, from_hf_dict
@@ -45,6 +46,8 @@ from .mlx_format import (
 )
 from .model.fastvlm import FastVLMModel
 from .quant.apply import finalize, prepare_for_load
+from .quant.stream import CHUNK_BYTES, normalize_quant, plan_streamed
+from .safetensors_rows import iter_entries, peek_keys_and_shapes, rows_of
 
 JUNK = (
     re.compile(r"(^|\.)num_batches_tracked$"),
@@ -234,34 +237,6 @@ def weight_files(folder: Path, trust_pickle: bool = False) -> list[Path]:
     raise CheckpointError(f"{folder} has no weights (*.safetensors)")
 
 
-def iter_tensors(files: list[Path], device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    for f in files:
-        if f.suffix != ".safetensors":
-            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            yield from sd.items()
-            continue
-        try:
-            with safe_open(str(f), framework="pt", device=device) as h:
-                for k in h.keys():
-                    yield k, h.get_tensor(k)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
-
-
-def peek_keys_and_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for f in files:
-        if f.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    out[k] = tuple(h.get_slice(k).get_shape())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {f.name}: {e} (corrupt or truncated file?)") from e
-    return out
-
-
 def load_model(
     folder: Path,
     *,
@@ -270,20 +245,33 @@ def load_model(
     trust_pickle: bool = False,
     image_size: int | None = None,
     config: FastVLMConfig | None = None,
+    quant: str | dict[str, Any] | None = None,
+    repack: bool = True,
 ):
-    """Build a FastVLMModel from a checkpoint folder: meta init, strict key check, assign."""
+    """Build a FastVLMModel from a checkpoint folder: meta init, strict key check, assign.
+
+    `quant` (a `fastvlm.quant` spec: "int8", "int4", "llm=int4-g64,projector=int8", ...) loads a
+    float checkpoint straight into quantized Linears, tensor by tensor and a few thousand rows at
+    a time (`quant/stream.py`): the float weights of those layers are never all in memory.
+    The result equals loading in float then `quantize_model(model, quant)`; its per-component
+    sizes are in `model.quant_summary`. `repack=False` keeps the portable quantized form (for
+    saving)."""
     folder = Path(folder)
     cfg = config or load_config(folder, image_size)
     files = weight_files(folder, trust_pickle)
     shapes = peek_keys_and_shapes(files)
-    keymap, tensors = _source(folder, files, shapes, cfg, _load_device(device))
+    keymap, entries = _source(folder, files, shapes, cfg)
     # The embedding row count is the checkpoint's (vocab rows are padded differently per format).
     for k, shape in shapes.items():
         if keymap.to_internal(k) == "language_model.embed_tokens.weight":
             cfg.text.vocab_size = shape[0]
     with torch.device("meta"):
         model = FastVLMModel(cfg)
-    if cfg.quantization:  # swap in empty quantized Linears so the key sets match
+    stored_tied = cfg.text.tie_word_embeddings
+    plan = None
+    if normalize_quant(quant) is not None:  # quantize while reading (never the float model)
+        plan = plan_streamed(model, quant)
+    elif cfg.quantization:  # swap in empty quantized Linears so the key sets match
         prepare_for_load(model, cfg.quantization)
     expected = dict(model.state_dict())
     tied = cfg.text.tie_word_embeddings
@@ -291,11 +279,23 @@ def load_model(
         expected.pop("lm_head.weight", None)
     state: dict[str, torch.Tensor] = {}
     unexpected, stored_head, numel_by_dtype = [], None, Counter()
-    for k, t in tensors:
+    for k, shape, read in entries:
         ik = keymap.to_internal(k)
         if ik is None:
             continue
-        numel_by_dtype[t.dtype] += t.numel()
+        if plan is not None:
+            if stored_tied and ik == "lm_head.weight":
+                continue  # a tied head is quantized from the embedding (reference behaviour)
+            head = plan.head_from_embedding and ik == "language_model.embed_tokens.weight"
+            if plan.wants(ik) or head:
+                if not head:  # the embedding itself is counted below, read as float
+                    numel_by_dtype[_stored_dtype(read)] += math.prod(shape)
+                state.update(plan.quantize("lm_head.weight" if head else ik, shape, read,
+                                           dtype, device))  # fmt: skip
+                if not head:
+                    continue
+        t, stored = _read_converted(read, shape, dtype)
+        numel_by_dtype[stored] += t.numel()
         if tied and ik == "lm_head.weight":
             stored_head = t
             continue
@@ -331,22 +331,44 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.source_dtype = dominant_dtype(numel_by_dtype)  # what `--save-dtype auto` writes
-    if cfg.quantization:  # repack the portable int8/int4 tensors for this device's kernel
+    if plan is not None:
+        model.quant_summary = plan.summary
+    if cfg.quantization and repack:  # repack the portable int8/int4 tensors for the kernel
         finalize(model)
     return model.eval()
 
 
-def _load_device(device) -> str:
-    return str(torch.device(device)) if str(device) != "mps" else "cpu"
-
-
-def _source(folder: Path, files: list[Path], keys, cfg: FastVLMConfig, dev: str = "cpu"):
-    """(KeyMap, (key, tensor) iterator) for a folder: MLX-layout folders (mlx-vlm conversions,
-    `llava_qwen2` config) are dequantized and transposed to torch layout by mlx_format."""
+def _source(folder: Path, files: list[Path], keys, cfg: FastVLMConfig):
+    """(KeyMap, (key, shape, read) entries) for a folder: MLX-layout folders (mlx-vlm
+    conversions, `llava_qwen2` config) are dequantized and transposed to torch layout by
+    mlx_format; everything else is read lazily, row ranges at a time (`iter_entries`)."""
     check_not_app_bundle(folder, keys)
     if is_mlx_layout(keys):
-        return KeyMap("mlx", cfg.vision), iter_mlx_tensors(files, read_json(folder / "config.json"))
-    return KeyMap(cfg.format, cfg.vision), iter_tensors(files, dev)
+        tensors = iter_mlx_tensors(files, read_json(folder / "config.json"))
+        entries = ((k, tuple(t.shape), rows_of(t)) for k, t in tensors)
+        return KeyMap("mlx", cfg.vision), entries
+    return KeyMap(cfg.format, cfg.vision), iter_entries(files)
+
+
+def _read_converted(read, shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.dtype]:
+    """(tensor, stored dtype), floats converted to `dtype` row chunk by row chunk: the stored
+    copy (e.g. bf16) and the converted one are never both whole, and every read buffer is at
+    most one chunk, so the freed buffers are reused instead of leaving heap holes."""
+    if len(shape) < 1:
+        t = read()
+        return t, t.dtype
+    src = _stored_dtype(read)
+    if not src.is_floating_point or src == dtype:
+        return read(), src
+    out = torch.empty(shape, dtype=dtype)
+    step = max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))
+    for r0 in range(0, shape[0], step):
+        out[r0 : r0 + step] = read(r0, min(shape[0], r0 + step))
+    return out, src
+
+
+def _stored_dtype(read) -> torch.dtype:
+    return read(0, 1).dtype
 
 
 def _short(keys: list[str], n: int = 5) -> str:
@@ -426,12 +448,12 @@ def convert_checkpoint(
             "checkpoint to MLX (add --q-bits 4|8 for MLX quantization)"
         )
     files = weight_files(src, trust_pickle)
-    keymap, tensors = _source(src, files, peek_keys_and_shapes(files), cfg)
+    keymap, entries = _source(src, files, peek_keys_and_shapes(files), cfg)
     state: dict[str, torch.Tensor] = {}
-    for k, t in tensors:
+    for k, _shape, read in entries:
         ik = keymap.to_internal(k)
         if ik is not None:
-            state[ik] = t
+            state[ik] = read()
     cfg.text.vocab_size = state["language_model.embed_tokens.weight"].shape[0]
     with torch.device("meta"):
         expected = set(FastVLMModel(cfg).state_dict())

@@ -29,7 +29,8 @@ from ..mlx_format import (
     is_mlx_layout,
     read_config,
 )
-from ..weights import convert_checkpoint, load_config, peek_keys_and_shapes, weight_files
+from ..safetensors_rows import peek_keys_and_shapes
+from ..weights import convert_checkpoint, load_config, weight_files
 
 UNSUPPORTED = "not supported on the mlx backend: "
 

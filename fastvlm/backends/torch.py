@@ -153,15 +153,18 @@ def open_torch(
     engine_options: dict[str, Any] | None = None,
     vision_dtype: str = "fp32",
     prefill_dtype: str | None = None,
+    quant: str | dict[str, Any] | None = None,
 ) -> TorchBackend:
     """A checkpoint folder (either format) on PyTorch. `vision_dtype` / `prefill_dtype`: CPU
-    compute dtypes (`fastvlm.fast_cpu`)."""
+    compute dtypes (`fastvlm.fast_cpu`); `quant` quantizes while loading."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     cfg = load_config(folder, image_size)
-    net = load_model(folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg)
+    net = load_model(
+        folder, device=dev, dtype=dt, trust_pickle=trust_pickle, config=cfg, quant=quant
+    )
     prepare_for_device(net, dev, vision_dtype=vision_dtype, prefill_dtype=prefill_dtype)
     eos_ids, vocab_limit = generation_limits(cfg.text.eos_token_id, tokenizer)
     return TorchBackend(

@@ -19,13 +19,17 @@ from ..api import load
 from ..cli.args import add_compute_dtype_args
 from ..compress.importance import magnitude_scores
 from ..compress.prune import Ratios, plan, prune_model
+from ..config import shape as config_shape
 from ..device import prepare_for_device, resolve_device, resolve_dtype
 from ..engine.allocator import tune_malloc
 from ..errors import ConfigError
 from ..fast_cpu import describe, prepare_cpu
+from ..model.fastvlm import FastVLMModel
 from ..processing import Processor
 from .hf import bench_transformers, transformers_worker
+from .isolate import available_mb, run_isolated
 from .measure import measure_bandwidth
+from .memory import rss_mb
 from .mlx import bench_mlx, bench_mlx_vlm, mlx_vlm_worker
 from .ort import bench_onnxruntime
 from .report import ratios, report
@@ -108,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--agreement", type=int, default=None, help="greedy-agreement images (trained models)"
     )
+    p.add_argument(
+        "--interleave",
+        type=int,
+        default=8,
+        help="probe memory bandwidth every N steps of an extra timed decode (mbu_interleaved; "
+        "0: off)",
+    )
+    p.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each --quant in its own process, loaded from a checkpoint folder (--shape: a "
+        "cached random-weight folder) with streamed quantization: peak RSS per precision "
+        "(default: on for --shape 1.5b / 7b)",
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write the JSON here")
     return p
 
@@ -135,6 +154,15 @@ def pruned(base, ratio: float):
     return prune_model(base, plan(base, magnitude_scores(base), Ratios(mlp=ratio, heads=ratio)))
 
 
+BIG_SHAPES = ("1.5b", "7b")  # never built as an fp32 model in this process (see isolate.py)
+
+
+def _fp32_mb(shape: str) -> float:
+    with torch.device("meta"):
+        m = FastVLMModel(config_shape(shape))
+    return sum(p.numel() for p in m.parameters()) * 4 / 2**20
+
+
 def _quant_list(text: str) -> list[str]:
     sep = ";" if ";" in text or "=" in text else ","
     return [q.strip() for q in text.split(sep) if q.strip()]
@@ -156,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     from ..quant import quantize_model
 
+    if a.isolate is None:
+        a.isolate = a.shape in BIG_SHAPES
+    if a.isolate:  # the parent holds no model: each precision runs in its own process
+        a.concurrency = sorted({int(x) for x in a.concurrency.split(",")} | {1})
+        return run_isolated(a, _quant_list(a.quant))
     malloc_tuned = tune_malloc()  # before any big allocation; transformers shares it (same run)
 
     dev = resolve_device(a.device)
@@ -164,18 +197,30 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = sorted({int(x) for x in a.concurrency.split(",")} | {1})
     a.concurrency = concurrency
     sizes = [int(x) for x in a.image_size.split(",")] if a.image_size else []
+    quants = _quant_list(a.quant)
+    floats = ("fp32", "none", "float32", prec)
+    # Without a float run, a --model bench never builds the float model (honest peak RSS).
+    first_q = None if not quants or any(q in floats for q in quants) else quants[0]
     t0 = time.perf_counter()
     if a.shape:
+        first_q = None
+        need = _fp32_mb(a.shape)
+        if need > 0.8 * available_mb():
+            raise ConfigError(
+                f"--shape {a.shape} as an fp32 model needs ~{need:,.0f} MB, more than this "
+                "machine has available: run it with --isolate (streamed int8/int4 loads)"
+            )
         base = build_shape(a.shape, sizes[0] if sizes else 1024).to(dev, dtype)
         prepare_for_device(base, dev, vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype)
         processor = Processor(base.config, None)
         source = f"shape {a.shape} (random weights)"
     else:
-        # the torch weights (auto could pick mlx on a Mac); an export folder still routes to ORT
+        # the torch weights (auto could pick mlx on a Mac; an export folder still routes to
+        # ORT); a quantized run loads straight into int8/int4 (streamed), never the float model
         vlm = load(
             a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
             backend="onnxruntime" if _is_export(a.model) else "torch",
-            vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype,
+            vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype, quant=first_q,
         )  # fmt: skip
         if vlm.backend.name != "torch":  # bench loads the torch weights itself
             raise ConfigError(
@@ -198,19 +243,27 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%d"),
         "load_s": load_s,
+        "load_peak_rss_mb": rss_mb()[1],  # the process after loading (before any activation)
         "malloc_tuned": malloc_tuned,
         "compute_dtypes": describe(base) if dev.type == "cpu" else None,
     }
     bw = measure_bandwidth(dev)
     info["bandwidth_gb_s"] = bw
     runs: list[dict[str, Any]] = []
-    quants = _quant_list(a.quant)
     backends = [b.strip() for b in a.backend.split(",") if b.strip()]
     if set(backends) - {"torch", "onnxruntime", "mlx"}:
         raise SystemExit(f"unknown backend in {a.backend!r}: use torch, onnxruntime and/or mlx")
     for q in quants if "torch" in backends else []:
-        if q in ("fp32", "none", "float32", prec):
+        if q in floats:
             model, label = base, f"fastvlm {prec}"
+        elif q == first_q:
+            model, label = base, f"fastvlm {q}"
+        elif a.model:
+            model = load(
+                a.model, device=dev, dtype=dtype, image_size=sizes[0] if sizes else None,
+                vision_dtype=a.vision_dtype, prefill_dtype=a.prefill_dtype, quant=q,
+            ).model  # fmt: skip
+            label = f"fastvlm {q}"
         else:
             model = copy.deepcopy(base)
             quantize_model(model, q)
@@ -219,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
             label = f"fastvlm {q}"
         print(f"[bench] {label} ...", file=sys.stderr, flush=True)
         r = bench_engine(model, processor, a, label, bw)
-        if model is base:
+        if model is base and first_q is None:
             r.update(
                 bench_vision_batches(
                     base, [int(x) for x in a.vision_batch.split(",")], base.config.vision.image_size
                 )
             )
-        elif a.agreement or (a.agreement is None and not a.shape):
+        elif first_q is None and (a.agreement or (a.agreement is None and not a.shape)):
             r["greedy_agreement_vs_fp32"] = greedy_agreement(
                 base, model, processor, a.agreement or 20, 24
             )
@@ -250,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
     for size in sizes[1:]:  # the same weights at another resolution: fewer image tokens
         model = at_resolution(base, size)
-        print(f"[bench] fastvlm {prec} @{size}px ...", file=sys.stderr, flush=True)
+        tag = first_q or prec
+        print(f"[bench] fastvlm {tag} @{size}px ...", file=sys.stderr, flush=True)
         a2 = argparse.Namespace(**{**vars(a), "concurrency": [1]})
         proc = Processor(model.config, processor.tokenizer)
-        runs.append(bench_engine(model, proc, a2, f"fastvlm {prec} @{size}", bw))
+        runs.append(bench_engine(model, proc, a2, f"fastvlm {tag} @{size}", bw))
     refs: list[dict[str, Any]] = []
     failed = None
     if a.compare == "transformers":

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device
 from ..engine.allocator import tune_malloc
-from ..weights import load_config, save_checkpoint
+from ..weights import convert_checkpoint, load_config, save_checkpoint
 from .measure import now, peak_rss_mb
 from .workload import prompt_ids
 
@@ -25,31 +26,45 @@ def bench_transformers(model, args) -> list[dict[str, Any]]:
     torchvision). Two runs: glibc's default allocator — transformers as its users run it — and
     with `tune_malloc()` (our allocator setting, which speeds up its vision tower as much as ours).
     """
-    import subprocess
-
-    results = []
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model.state_dict(), model.config, Path(tmp), fmt="hf")
         dev = model.lm_head.weight.device
-        spec = {
-            "max_tokens": args.max_tokens,
-            "threads": torch.get_num_threads(),
-            "device": str(dev),
-            "dtype": str(model.lm_head.weight.dtype).replace("torch.", ""),
-        }
-        (Path(tmp) / "bench_spec.json").write_text(json.dumps(spec))
-        root = str(Path(__file__).resolve().parents[2])  # the folder holding fastvlm/
-        for tuned in (False, True):
-            env = {**os.environ, "FASTVLM_MALLOC_TUNE": "1" if tuned else "0"}
-            env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            cmd = [args.transformers_python or sys.executable, "-m", "fastvlm.bench",
-                   "--transformers-worker", tmp]  # fmt: skip
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"transformers run failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r["name"] = "transformers" + (" +malloc" if tuned else "")
-            results.append(r)
+        dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
+        return _run_workers(Path(tmp), args, str(dev), dtype)
+
+
+def bench_transformers_folder(folder: Path, args, dtype: str) -> list[dict[str, Any]]:
+    """The same from a checkpoint folder (`--isolate`): converted to the transformers format
+    tensor for tensor (dtypes as stored; transformers loads them in `dtype`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        convert_checkpoint(folder, Path(tmp) / "hf", "hf")
+        dev = str(resolve_device(args.device))
+        return _run_workers(Path(tmp) / "hf", args, dev, dtype)
+
+
+def _run_workers(folder: Path, args, device: str, dtype: str) -> list[dict[str, Any]]:
+    import subprocess
+
+    results = []
+    spec = {
+        "max_tokens": args.max_tokens,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "dtype": dtype,
+    }
+    (folder / "bench_spec.json").write_text(json.dumps(spec))
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding fastvlm/
+    for tuned in (False, True):
+        env = {**os.environ, "FASTVLM_MALLOC_TUNE": "1" if tuned else "0"}
+        env["PYTHONPATH"] = root + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd = [args.transformers_python or sys.executable, "-m", "fastvlm.bench",
+               "--transformers-worker", str(folder)]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"transformers run failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r["name"] = "transformers" + (" +malloc" if tuned else "")
+        results.append(r)
     return results
 
 

@@ -3,12 +3,12 @@ must read (the roofline: bandwidth ÷ bytes per token)."""
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from contextlib import contextmanager
 
 import torch
+
+from . import rss
 
 
 def now(device: torch.device) -> float:
@@ -27,19 +27,18 @@ def timer(out: dict, key: str, device: torch.device):
 
 
 def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    """Peak resident set in MB (the bench's probe buffers left out: see rss.py)."""
+    return rss.peak_mb()
 
 
 def measure_bandwidth(device: torch.device, mb: int = 512, repeats: int = 7) -> float:
     """Best-of-N read bandwidth (GB/s) of a reduction over `mb` MB (far beyond the caches)."""
-    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32, device=device)
     best = float("inf")
-    for _ in range(repeats):
-        t0 = now(device)
-        x.sum()
-        best = min(best, now(device) - t0)
-    del x
+    with rss.probe_buffer(mb, device) as x:
+        for _ in range(repeats):
+            t0 = now(device)
+            x.sum()
+            best = min(best, now(device) - t0)
     return mb * 2**20 / best / 1e9
 
 

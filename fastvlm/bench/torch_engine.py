@@ -12,7 +12,8 @@ import torch
 from ..backends.torch import TorchBackend
 from ..engine.sampling import SamplingParams
 from ..tokenization import generation_limits
-from .measure import decode_bytes_per_token, measure_bandwidth, now, peak_rss_mb, timer
+from .measure import decode_bytes_per_token, measure_bandwidth, now, timer
+from .memory import BandwidthProbe, interleaved_decode, rss_mb, weight_mb
 from .workload import PROMPT_TEXT, prompt_ids, random_image
 
 
@@ -97,6 +98,11 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
         out["decode_tok_s_runs"] = [x.stats.decode_tps for x, _ in samples]
         out["ttft_s_runs"] = [x.stats.prefill_s for x, _ in samples]
         out["mbu_runs"] = [x.stats.decode_tps * bpt / (b * 1e9) for x, b in samples]
+    if getattr(args, "interleave", 8):  # the steadier MBU: probes between the decode steps
+        eng.reset_caches()
+        probe = BandwidthProbe(dev)
+        out.update(interleaved_decode(eng, ids, px, p, probe, bpt, args.interleave))
+        del probe
     for n in args.concurrency:
         if n > 1:
             for _ in range(3):  # until no graph was captured inside the measurement
@@ -106,7 +112,8 @@ def bench_engine(model, processor, args, label: str, bandwidth: float) -> dict[s
                     break
     if dev.type == "cpu":
         out["fused_decode"] = getattr(eng.runner.decoder, "plan", None) is not None  # the decode steps ran as one C call each
-    out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_rss_mb"] = rss_mb()[1]
+    out.update({f"weights_{k}_mb": v for k, v in weight_mb(model).items()})
     if dev.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         if eng.graphs is not None:

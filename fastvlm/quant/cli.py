@@ -1,5 +1,8 @@
 """`fastvlm quantize SRC DST`: quantize a float checkpoint and save it in our format.
 
+The checkpoint is quantized while it is read (`load_model(quant=...)`, tensor by tensor), so
+a 7B checkpoint quantizes in about the memory of its quantized weights.
+
 The unquantized parts (embedding, norms, biases, layers int4 cannot take) and the scales are
 saved in the source checkpoint's float dtype (`--save-dtype auto`), not the fp32 the model was
 loaded in, so the output is smaller than its source; the summary states the sizes on disk.
@@ -17,7 +20,6 @@ from ..errors import ConfigError, FastVLMError
 from ..hub import resolve
 from ..model_card import copy_source_files, write_card
 from ..weights import load_model, save_checkpoint
-from .apply import quantize_model
 from .scheme import GROUP_SIZES, PRESETS, parse_spec, spec_to_config
 
 
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", choices=SAVE_DTYPE_CHOICES, default="auto",
                    help=SAVE_DTYPE_HELP)  # fmt: skip
     p.add_argument("--trust-pickle", action="store_true", help="allow .bin/.pt pickle weights")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="accepted for compatibility (quantizing while loading prints no progress bar)")
     return p
 
 
@@ -57,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {dst} exists and is not empty; choose a new folder", file=sys.stderr)
         return 1
     src = Path(resolve(a.src))
-    model = load_model(src, trust_pickle=a.trust_pickle)
-    dtype = resolve_save_dtype(a.save_dtype, model)
-    summary = quantize_model(
-        model, spec_to_config(schemes), finalize_now=False, progress=not a.quiet
+    # Streamed: each float weight is quantized as it is read (never the whole float model).
+    model = load_model(
+        src, trust_pickle=a.trust_pickle, quant=spec_to_config(schemes), repack=False
     )
+    dtype = resolve_save_dtype(a.save_dtype, model)
+    summary = model.quant_summary
     save_checkpoint(model.state_dict(), model.config, dst, "fastvlm", dtype=dtype)
     copy_source_files(src, dst)
     write_card(dst, f"{dst.name} (quantized)", {

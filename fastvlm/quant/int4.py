@@ -27,15 +27,15 @@ def quantize_int4(
     n, k = w.shape
     assert k % group_size == 0, "in_features must be a multiple of the group size"
     g = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = torch.aminmax(g, dim=-1)  # one pass; in-place ops below (streamed 7B loads)
     if symmetric:
-        scales = (g.abs().amax(dim=-1) / 7.5).clamp_(min=1e-10)
+        scales = (torch.maximum(-lo, hi) / 7.5).clamp_(min=1e-10)
         zeros = torch.zeros_like(scales)
-        q = torch.round(g / scales[..., None]).clamp_(-8, 7) + 8
+        q = g.div(scales[..., None]).round_().clamp_(-8, 7).add_(8)
     else:
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scales = ((hi - lo) / 15.0).clamp_(min=1e-10)
         zeros = lo + 8 * scales
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15)
+        q = g.sub(lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15)
     return q.reshape(n, k).to(torch.uint8), scales, zeros
 
 

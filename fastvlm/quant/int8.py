@@ -16,9 +16,10 @@ HAS_INT8_KERNEL = hasattr(_aten, "_weight_int8pack_mm")
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float → int8 (N, K) in [-127, 127], fp32 scales (N,); |w - q*s| ≤ s/2."""
     w = w.detach().float()
-    scales = w.abs().amax(dim=1) / 127.0
+    lo, hi = torch.aminmax(w, dim=1)  # max |w| in one pass, no |w| copy
+    scales = torch.maximum(-lo, hi) / 127.0
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # all-zero rows: q = 0
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = w.div(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
