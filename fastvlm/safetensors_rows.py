@@ -26,6 +26,9 @@ DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
+    # MLX-quantized folders pack weights in U32; the rest is what safetensors can write
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 MAX_HEADER = 100 * 2**20
 
@@ -46,6 +49,8 @@ class SafetensorsRows:
             self._base = 8 + n
             self._meta = {}
             for k, v in header.items():
+                if v["dtype"] not in DTYPES:
+                    raise ValueError(f"tensor {k!r} has unsupported dtype {v['dtype']!r}")
                 dt, shape, (b, e) = DTYPES[v["dtype"]], tuple(v["shape"]), v["data_offsets"]
                 if e - b != math.prod(shape) * dt.itemsize or not 0 <= b <= e <= size - 8 - n:
                     raise ValueError(f"tensor {k!r} has inconsistent offsets")
