@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..config import FastVLMConfig
-from ..engine.generate import Stats, decode_loop
+from ..engine.generate import Stats, check_context, decode_loop
 from ..engine.sampling import SamplingParams, make_generator
 from ..errors import ConfigError
 from ..mlx_format import MLX_INSTALL
@@ -229,11 +229,7 @@ class MlxBackend:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("empty prompt")
-        if len(ids) + params.max_tokens > self.max_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"model's context of {self.max_len} tokens"
-            )
+        check_context(len(ids), params.max_tokens, self.max_len)
         n_slots = sum(1 for i in ids if i == self.config.image_token_id)
         n_images = 0 if pixels is None else int(pixels.shape[0])
         k = check_tokens_per_image(tokens_per_image, self.config.num_image_tokens)

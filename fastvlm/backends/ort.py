@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.generate import Stats, decode_loop
+from ..engine.generate import Stats, check_context, decode_loop
 from ..engine.sampling import SamplingParams, make_generator
 from ..errors import CheckpointError, ConfigError
 from ..export.onnx_community import VISION_FEATURES
@@ -33,7 +33,7 @@ from ..export.wrappers import kv_names
 from ..model.fastvlm import check_tokens_per_image
 from ..tokenization import generation_limits
 from ..weights import load_config
-from .step import StepGeneration
+from .step import StepGeneration, step_generation
 
 MANIFEST = "fastvlm_export.json"
 ONNX_FILES = {
@@ -190,12 +190,7 @@ def ort_generate_step(
     stats = stats if stats is not None else Stats()
     ids = np.asarray(torch.as_tensor(input_ids).reshape(-1).tolist(), np.int64)[None]
     t = ids.shape[1]
-    cfg = model.config.text
-    if t + params.max_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({t} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-            f"context of {cfg.max_position_embeddings} tokens"
-        )
+    check_context(t, params.max_tokens, model.config.text.max_position_embeddings)
     eos = set() if params.ignore_eos else set(eos_ids)
     gen = make_generator(params.seed, "cpu")
     t0 = time.perf_counter()
@@ -263,13 +258,9 @@ class OrtBackend:
     ) -> StepGeneration:
         params.validate()
         tpi = check_tokens_per_image(tokens_per_image, self.config.num_image_tokens)
-        eos = set() if params.ignore_eos else set(self.eos_ids)
-        return StepGeneration(
-            lambda stats: ort_generate_step(
-                self.model, ids, pixels, params, eos_ids=self.eos_ids,
-                vocab_limit=self.vocab_limit, stats=stats, tokens_per_image=tpi,
-            ),
-            eos,
+        return step_generation(
+            ort_generate_step, self.model, ids, pixels, params,
+            eos_ids=self.eos_ids, vocab_limit=self.vocab_limit, tokens_per_image=tpi,
         )  # fmt: skip
 
     def info(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container, Iterator
 
 from ..engine.generate import Stats
+from ..engine.sampling import SamplingParams
 
 
 class StepGeneration:
@@ -47,3 +48,18 @@ class StepGeneration:
                 self._tokens.close()
         if self.finish_reason is None:
             self.finish_reason = "stop" if last in self._eos else "length"
+
+
+def step_generation(
+    step_fn, model, ids, pixels, params: SamplingParams, *, eos_ids, vocab_limit,
+    tokens_per_image,
+) -> StepGeneration:  # fmt: skip
+    """A batch-1 decoder (`generate_step`, `ort_generate_step`: same signature) over one
+    request, as a `Generation`; EOS ends it unless `params.ignore_eos`."""
+    return StepGeneration(
+        lambda stats: step_fn(
+            model, ids, pixels, params, eos_ids=eos_ids, vocab_limit=vocab_limit, stats=stats,
+            tokens_per_image=tokens_per_image,
+        ),
+        set() if params.ignore_eos else set(eos_ids),
+    )

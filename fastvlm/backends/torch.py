@@ -20,7 +20,7 @@ from ..engine.generate import generate_step
 from ..engine.sampling import SamplingParams
 from ..tokenization import generation_limits
 from ..weights import load_config, load_model
-from .step import StepGeneration
+from .step import step_generation
 
 ENGINES = ("fast", "reference")
 
@@ -115,13 +115,9 @@ class TorchBackend:
         if self._use_engine(len(ids), params):
             return self.engine.submit(ids, pixels, params, tokens_per_image=tokens_per_image)
         px = None if pixels is None else pixels.to(self.torch_device)
-        eos = set() if params.ignore_eos else set(self.eos_ids)
-        return StepGeneration(
-            lambda stats: generate_step(
-                self.model, ids, px, params, eos_ids=self.eos_ids,
-                vocab_limit=self.vocab_limit, stats=stats, tokens_per_image=tokens_per_image,
-            ),
-            eos,
+        return step_generation(
+            generate_step, self.model, ids, px, params,
+            eos_ids=self.eos_ids, vocab_limit=self.vocab_limit, tokens_per_image=tokens_per_image,
         )  # fmt: skip
 
     def info(self) -> dict[str, Any]:

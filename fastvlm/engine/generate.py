@@ -56,6 +56,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    """Refuse a request whose prompt + max_tokens cannot fit the model's context."""
+    if prompt_tokens + max_tokens > context:
+        raise ValueError(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {context} tokens"
+        )
+
+
 @torch.inference_mode()
 def generate_step(
     model,
@@ -77,12 +86,7 @@ def generate_step(
     device = model.lm_head.weight.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
     t = ids.shape[1]
-    cfg = model.config.text
-    if t + params.max_tokens > cfg.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({t} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-            f"context of {cfg.max_position_embeddings} tokens"
-        )
+    check_context(t, params.max_tokens, model.config.text.max_position_embeddings)
     eos = set() if params.ignore_eos else set(eos_ids)
     gen = make_generator(params.seed, device)
     cache = KVCache.for_model(model, 1, t + params.max_tokens)
